@@ -1,0 +1,25 @@
+# Two commands for a newcomer:  `make demo`  and  `make test`.  Both create .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install demo test bench clean
+
+$(BIN)/mars: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch>=2.2,<=2.13.0" -e ".[test]"
+	touch $(BIN)/mars
+
+install: $(BIN)/mars
+
+demo: install
+	$(BIN)/mars demo --out runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Models: USS feature extractors, segmentation nets, CAM classifiers; see ``registry``."""
