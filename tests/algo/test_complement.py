@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mars_ray.algo.complement import certain_mask, complement_labels, ema_update, weighted_cross_entropy
+
+
+def test_complement_and_certain_mask_by_hand():
+    y_db = torch.tensor([[[0, 254], [255, 2]]])
+    pred = torch.tensor([[[1, 1], [1, 1]]])
+    assert complement_labels(y_db, pred).tolist() == [[[0, 1], [255, 2]]]
+    probs = torch.zeros(1, 3, 2, 2)
+    probs[0, :, 0, 1] = torch.tensor([0.5, 0.2, 0.3])  # the biased pixel: max fg prob 0.3
+    probs[0, :, 0, 0] = torch.tensor([0.1, 0.8, 0.1])
+    w = certain_mask(y_db, probs)
+    assert w.dtype.is_floating_point
+    assert torch.allclose(w, torch.tensor([[[1.0, 0.3], [1.0, 1.0]]]))
+    with pytest.raises(ValueError):
+        certain_mask(y_db, probs[:, :, :1])
+
+
+def test_eq7_hand_computed():
+    logits = torch.zeros(1, 2, 1, 3, requires_grad=True)  # uniform: CE = log 2 everywhere
+    target = torch.tensor([[[0, 1, 255]]])
+    weight = torch.tensor([[[1.0, 0.3, 0.9]]])
+    loss = weighted_cross_entropy(logits, target, weight)
+    assert loss.item() == pytest.approx((1.0 + 0.3) * math.log(2) / 2)  # 2 valid pixels
+    loss.backward()
+    assert logits.grad[0, :, 0, 2].abs().sum() == 0  # ignored pixel gets no gradient
+
+
+def test_eq7_pipeline_254_weighted_by_teacher():
+    y_db = torch.tensor([[[1, 254, 255]]])
+    probs = torch.tensor([[[0.2, 0.4, 0.5], [0.8, 0.6, 0.5]]]).reshape(1, 2, 1, 3)
+    target = complement_labels(y_db, probs.argmax(1))
+    w = certain_mask(y_db, probs)
+    logits = torch.log(torch.tensor([[[0.25, 0.5, 0.5], [0.75, 0.5, 0.5]]])).reshape(1, 2, 1, 3)
+    loss = weighted_cross_entropy(logits, target, w)
+    want = (-math.log(0.75) * 1.0 + -math.log(0.5) * 0.6) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_eq7_no_valid_pixel_and_errors():
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    loss = weighted_cross_entropy(logits, torch.full((1, 2, 2), 255), torch.ones(1, 2, 2))
+    assert loss.item() == 0 and loss.requires_grad
+    with pytest.raises(ValueError, match="complement"):
+        weighted_cross_entropy(logits, torch.full((1, 2, 2), 254), torch.ones(1, 2, 2))
+    with pytest.raises(ValueError):
+        weighted_cross_entropy(logits, torch.full((1, 2, 2), 3), torch.ones(1, 2, 2))
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+
+
+def test_ema_closed_form():
+    torch.manual_seed(0)
+    teacher, student = _net(), _net()
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        student[1].running_mean.fill_(2.0)
+        student[1].num_batches_tracked.fill_(7)
+    m, n = 0.9, 5
+    for _ in range(n):
+        ema_update(teacher, student, m)
+    s = student.state_dict()
+    for k, v in teacher.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, m**n * t0[k] + (1 - m**n) * s[k], atol=1e-6), k
+        else:
+            assert torch.equal(v, s[k]), k
+    for bad in (-0.1, 1.1):
+        with pytest.raises(ValueError):
+            ema_update(teacher, student, bad)
