@@ -23,7 +23,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-12
-_CHUNK_ROWS = 65536
+_CHUNK_ROWS = 4096  # float64 work blocks small enough to stay in cache
 
 
 def _check_2d(name: str, x: np.ndarray) -> np.ndarray:
@@ -37,6 +37,11 @@ def _normalise64(x: np.ndarray) -> np.ndarray:
     """Rows of x as float64 unit vectors (a zero row stays zero)."""
     x = x.astype(np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+
+
+def _inv_norms(x64: np.ndarray) -> np.ndarray:
+    """1 / ||row|| of a float64 ``[n, d]`` block (0 rows give 1/eps, harmless: their dot is 0)."""
+    return 1.0 / np.maximum(np.sqrt(np.einsum("nd,nd->n", x64, x64)), _EPS)
 
 
 class BackgroundMean:
@@ -61,9 +66,10 @@ class BackgroundMean:
         """Accumulate background centroids ``[M, d]`` (M may be 0)."""
         bg = _check_2d("bg", bg)
         self._check_dim(bg.shape[1])
-        if bg.shape[0]:
-            self._sum += _normalise64(bg).sum(axis=0)
-            self.count += int(bg.shape[0])
+        for s in range(0, bg.shape[0], _CHUNK_ROWS):
+            x = bg[s : s + _CHUNK_ROWS].astype(np.float64)
+            self._sum += _inv_norms(x) @ x
+        self.count += int(bg.shape[0])
 
     def merge(self, other: "BackgroundMean") -> "BackgroundMean":
         """Add another accumulator's centroids into this one; returns self."""
@@ -101,8 +107,9 @@ def bias_distance(fg: np.ndarray, bg_mean: np.ndarray) -> np.ndarray:
     if bg_mean.shape != (fg.shape[1],):
         raise ValueError(f"bg_mean must have shape [{fg.shape[1]}], got {bg_mean.shape}")
     out = np.empty(fg.shape[0], dtype=np.float64)
-    for s in range(0, fg.shape[0], _CHUNK_ROWS):  # float64 in bounded chunks
-        out[s : s + _CHUNK_ROWS] = (1.0 - _normalise64(fg[s : s + _CHUNK_ROWS]) @ bg_mean) / 2.0
+    for s in range(0, fg.shape[0], _CHUNK_ROWS):  # float64 in small blocks: bounded memory, cache-friendly
+        x = fg[s : s + _CHUNK_ROWS].astype(np.float64)
+        out[s : s + _CHUNK_ROWS] = (1.0 - (x @ bg_mean) * _inv_norms(x)) / 2.0
     return out
 
 
@@ -153,7 +160,12 @@ def top_alpha_mask(distances: np.ndarray, class_ids: np.ndarray, alpha: float) -
     mask = np.zeros(n, dtype=bool)
     if n == 0:
         return mask
-    order = np.lexsort((np.arange(n), -distances, class_ids))  # by class, distance desc, index asc
+    # by class, then distance descending, then index: two stable sorts (faster than np.lexsort)
+    order = np.argsort(-distances, kind="stable")
+    key = class_ids[order]
+    if key.min() >= np.iinfo(np.int16).min and key.max() <= np.iinfo(np.int16).max:
+        key = key.astype(np.int16)  # a stable sort of 16-bit ints is a radix sort
+    order = order[np.argsort(key, kind="stable")]
     sorted_cls = class_ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_cls[1:] != sorted_cls[:-1]])
     sizes = np.diff(np.r_[starts, n])
