@@ -100,7 +100,8 @@ class RegionClusters:
 
     ``class_id [m] int32`` (0 = background), ``is_bg [m] bool``, ``k [m] int32`` (index of the cluster
     within its region, 0..), ``count [m] int64`` (region pixels assigned to it), ``vector [m, d] float32``
-    (mean of the L2-normalised pixel features of the cluster).
+    (mean of the L2-normalised pixel features of the cluster), ``assignment [h, w] int32`` (the row
+    each pixel was assigned to; -1 for excluded pixels: 254/255).
     """
 
     class_id: np.ndarray
@@ -108,6 +109,7 @@ class RegionClusters:
     k: np.ndarray
     count: np.ndarray
     vector: np.ndarray
+    assignment: np.ndarray
 
     def __len__(self) -> int:
         return int(self.class_id.shape[0])
@@ -161,11 +163,13 @@ def cluster_regions(
     pix = features.reshape(d, -1).T  # [h*w, d]
     flat = label.reshape(-1)
     rows: list[tuple[int, int, int, np.ndarray]] = []
+    assignment = np.full(flat.shape, -1, dtype=np.int32)
     for c in np.unique(flat):
         c = int(c)
         if not (c == BACKGROUND or 1 <= c <= MAX_CLASSES):
             continue  # 254 biased, 255 ignore
-        x = _l2_normalise(pix[flat == c].astype(np.float32))
+        where = np.flatnonzero(flat == c)
+        x = _l2_normalise(pix[where].astype(np.float32))
         k = min(k_bg if c == BACKGROUND else k_fg, x.shape[0])
         if x.shape[0] > max_pixels:
             sub = np.random.default_rng((seed, c)).choice(x.shape[0], max_pixels, replace=False)
@@ -175,8 +179,11 @@ def cluster_regions(
         else:
             centroids, assign = kmeans(x, k, iters=iters, seed=seed)
         counts = np.bincount(assign, minlength=k)
+        row_of = np.full(k, -1, dtype=np.int32)
         for j in np.flatnonzero(counts):
+            row_of[j] = len(rows)
             rows.append((c, int(j), int(counts[j]), centroids[j]))
+        assignment[where] = row_of[assign]
 
     m = len(rows)
     # renumber k densely within each region after dropping empty clusters
@@ -188,4 +195,5 @@ def cluster_regions(
         k=np.array(dense_k, dtype=np.int32),
         count=np.array([r[2] for r in rows], dtype=np.int64),
         vector=np.stack([r[3] for r in rows]).astype(np.float32) if m else np.zeros((0, d), np.float32),
+        assignment=assignment.reshape(label.shape),
     )

@@ -1,1 +1,16 @@
-"""Models: USS feature extractors, segmentation nets, CAM classifiers; see ``registry``."""
+"""Models: USS feature extractors, segmentation nets, CAM classifiers; see ``registry``.
+
+``load_all()`` imports every model module so that the registries are filled.
+"""
+
+import importlib
+import importlib.util
+
+_MODULES = ("handcrafted", "vit", "small_cnn", "stego", "cam", "resnet", "deeplab")
+
+
+def load_all() -> None:
+    """Import each model family module (each registers its builders on import)."""
+    for name in _MODULES:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # TEMP until all families land
+            importlib.import_module(f"{__name__}.{name}")

@@ -1,0 +1,211 @@
+"""``mars`` command line: one subcommand per stage, ``mars run`` for all of them, ``mars demo``.
+
+The config object is built here (defaults → ``--config`` YAML → ``--set`` → explicit flags) and
+handed to the stages; nothing below this module parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mars_ray import config as C
+
+logger = logging.getLogger("mars_ray")
+
+STAGES = ("features", "select", "debias")
+
+
+def _stage_module(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(f"mars_ray.stages.{name}")
+
+
+# -- config from flags --------------------------------------------------------------------------
+
+
+def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+    p.add_argument("--data", help="dataset root (VOC-style layout); same as --set data.root=…")
+    p.add_argument("--pseudo-labels", help="folder of pseudo-label PNGs {id}.png from any WSSS method")
+    p.add_argument("--features-dir", help="folder of external USS features {id}.npy|npz|pt ([d, h, w])")
+    p.add_argument("--split", help="image split to debias (default: train)")
+    p.add_argument("--out", required=out_required, help="run folder; every stage writes RUN/<stage>/")
+    p.add_argument("--config", help="YAML config file (sections data, features, select, debias, ray, …)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. select.alpha=0.3")
+
+
+def config_from_args(args: argparse.Namespace) -> C.Config:
+    overrides: dict[str, Any] = C.parse_set(args.set)
+    flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
+             "data.features_dir": args.features_dir, "data.split": args.split}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    cfg = C.build(args.config, overrides)
+    if not cfg.data.root:
+        raise ValueError("no dataset: pass --data ROOT (or data.root in --config)")
+    return cfg
+
+
+def _prepare_run(args: argparse.Namespace) -> tuple[C.Config, Path]:
+    cfg = config_from_args(args)
+    run_dir = Path(args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    C.dump_yaml(cfg, run_dir / "config.yaml")
+    return cfg, run_dir
+
+
+def run_stages(cfg: C.Config, run_dir: Path, stages: Sequence[str]) -> dict[str, Path]:
+    """Run the named stages in order; each skips itself when its artifact is up to date."""
+    out = {}
+    for name in stages:
+        t0 = time.perf_counter()
+        out[name] = _stage_module(name).run(cfg, run_dir)
+        logger.info("stage %s done in %.1fs → %s", name, time.perf_counter() - t0, out[name])
+    return out
+
+
+# -- subcommands --------------------------------------------------------------------------------
+
+
+def cmd_make_dataset(args: argparse.Namespace) -> int:
+    from mars_ray.data.synthetic import make_biased_dataset
+
+    root = make_biased_dataset(args.root, n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed)
+    print(f"built-in biased dataset written to {root} (pseudo labels in {Path(root) / 'pseudo_labels'})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg, run_dir = _prepare_run(args)
+    stages = list(STAGES)
+    if args.until:
+        stages = stages[: stages.index(args.until) + 1]
+    run_stages(cfg, run_dir, stages)
+    print(f"done: {', '.join(stages)} → {run_dir}")
+    return 0
+
+
+def _cmd_stage(name: str) -> Callable[[argparse.Namespace], int]:
+    def cmd(args: argparse.Namespace) -> int:
+        cfg, run_dir = _prepare_run(args)
+        path = run_stages(cfg, run_dir, [name])[name]
+        print(f"{name}: {path}")
+        return 0
+
+    return cmd
+
+
+def cmd_evaluate_labels(args: argparse.Namespace) -> int:
+    from mars_ray.artifacts import atomic_write_json
+    from mars_ray.stages.evaluate_labels import evaluate, format_table
+
+    metrics = evaluate(args.data, args.labels, args.split, biased_as=args.biased_as)
+    out = Path(args.out) if args.out else Path(args.labels) / "metrics.json"
+    atomic_write_json(out, metrics)
+    print(format_table(metrics))
+    print(f"mIoU {100 * metrics['miou']:.1f}  FP {100 * metrics['fp']:.1f}  FN {100 * metrics['fn']:.1f}  → {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mars_ray.demo import run_demo
+
+    summary = run_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
+                       overrides=C.parse_set(args.set))
+    print(summary["table"])
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mars", description="MARS biased-object removal on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-dataset", help="write the built-in biased dataset")
+    p.add_argument("root")
+    p.add_argument("--n-train", type=int, default=60)
+    p.add_argument("--n-val", type=int, default=20)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_dataset)
+
+    p = sub.add_parser("run", help="run the pipeline stages in order")
+    _add_config_flags(p)
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    p.set_defaults(func=cmd_run)
+
+    for name, help_ in (
+        ("features", "USS features + per-image clustering → RUN/features/centroids.parquet"),
+        ("select", "debiased centroids (Eq 1–3) → RUN/select/centroids.npy + report.json"),
+        ("debias", "debiased labels (Eq 4–5) → RUN/debias/{id}.png"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        _add_config_flags(p)
+        p.set_defaults(func=_cmd_stage(name))
+
+    p = sub.add_parser("evaluate-labels", help="mIoU / FP / FN of a label folder against ground truth")
+    p.add_argument("--data", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--split", default="train")
+    p.add_argument("--biased-as", choices=("background", "ignore"), default="background")
+    p.add_argument("--out", help="metrics JSON (default LABELS/metrics.json)")
+    p.set_defaults(func=cmd_evaluate_labels)
+
+    p = sub.add_parser("demo", help="built-in dataset → debiased labels, with a before/after table")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--n-train", type=int, default=60)
+    p.add_argument("--n-val", type=int, default=20)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:  # noqa: BLE001 - user errors get one clear line, the rest a traceback
+        user = _user_error(e)
+        if user is None:
+            raise
+        print(f"mars: error: {user}", file=sys.stderr)
+        return 2
+    finally:
+        _shutdown_ray()
+
+
+def _user_error(e: BaseException) -> BaseException | None:
+    """The ``ValueError``/``FileNotFoundError`` behind ``e``, unwrapping Ray's task errors."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ValueError, FileNotFoundError)) and type(e).__module__ == "builtins":
+            return e
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+__all__ = ["main", "build_parser", "config_from_args", "run_stages", "STAGES"]

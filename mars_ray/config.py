@@ -1,0 +1,281 @@
+"""Frozen, typed run configuration: dataclass defaults → YAML file → ``--set a.b=c`` overrides.
+
+Unknown keys and wrong types are errors (``ValueError`` naming the key). The resolved config is
+written into the run folder (``RUN/config.yaml``); each stage hashes only its own *slice* so that a
+change of ``select.alpha`` does not invalidate the ``features`` artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images, ground truth and inputs live (``mars run --data/--pseudo-labels``)."""
+
+    root: str = ""
+    split: str = "train"
+    eval_split: str = "val"
+    pseudo_labels: str = ""  # folder of Y^b PNGs from any WSSS method; "" → RUN/wsss (built-in CAM)
+    features_dir: str = ""  # folder of external USS features {id}.npy|npz|pt; "" → features.extractor
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Stage ``features``: USS embeddings F and per-image, per-class K-means (Sec 3.2)."""
+
+    extractor: str = "texture"  # a name in mars_ray.models.registry.FEATURES
+    checkpoint: str = ""  # for learned extractors (e.g. "stego"): "" → RUN/uss/checkpoint.pt
+    k_fg: int = 2
+    k_bg: int = 2
+    max_pixels: int = 20000  # K-means is fitted on at most this many pixels of a region
+    kmeans_iters: int = 20
+    seed: int = 0
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Stage ``select``: Eq 1–3, top ⌈α·N_c⌉ farthest centroids per class → V^c."""
+
+    alpha: float = 0.40
+    chunk_rows: int = 65536  # rows of the centroid table per streamed batch
+
+
+@dataclass(frozen=True)
+class DebiasConfig:
+    """Stage ``debias``: Eq 4–5 with dense-CRF refinement and binarisation."""
+
+    threshold: float = 0.5
+    crf: bool = True
+    crf_iters: int = 10
+    crf_gauss_sxy: float = 3.0
+    crf_gauss_compat: float = 3.0
+    crf_bilateral_sxy: float = 50.0
+    crf_bilateral_srgb: float = 13.0
+    crf_bilateral_compat: float = 10.0
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    batch_size: int = 8
+
+    def crf_kwargs(self) -> dict[str, float] | None:
+        """Keyword arguments for ``algo.crf.dense_crf``; ``None`` when the CRF is off."""
+        if not self.crf:
+            return None
+        return {
+            "iters": self.crf_iters,
+            "gauss_sxy": self.crf_gauss_sxy,
+            "gauss_compat": self.crf_gauss_compat,
+            "bilateral_sxy": self.crf_bilateral_sxy,
+            "bilateral_srgb": self.crf_bilateral_srgb,
+            "bilateral_compat": self.crf_bilateral_compat,
+        }
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How to reach Ray: ``address`` "" starts a local instance (``auto`` joins a cluster)."""
+
+    address: str = ""
+    num_cpus: int = 0  # local only; 0 → all cores
+    object_store_mb: int = 0  # local only; 0 → Ray's default
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    debias: DebiasConfig = field(default_factory=DebiasConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}  # type: ignore[misc]
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def known_keys() -> list[str]:
+    """Every dotted key a config accepts, e.g. ``select.alpha``."""
+    out = []
+    for name, cls in _section_types().items():
+        out += [f"{name}.{f.name}" for f in fields(cls)]
+    return out
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert one value to the field's type; ``ValueError`` naming the key otherwise."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
+            return value.lower() in {"true", "yes", "1"}
+        raise ValueError(f"config key {key!r}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"config key {key!r}: expected a string, got {value!r}")
+        return str(value)
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        elem = typing.get_args(typ)[0]  # tuple[T, ...]
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r}: expected a list, got {value!r}")
+        return tuple(_coerce(key, v, elem) for v in value)
+    raise TypeError(f"unsupported config type {typ!r} for {key}")  # programming error
+
+
+def _apply(cfg: Config, key: str, value: Any) -> Config:
+    parts = key.split(".")
+    sections = _section_types()
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ValueError(f"unknown config key {key!r}; sections: {', '.join(sections)}")
+    section, name = parts
+    cls = sections[section]
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        names = ", ".join(f"{section}.{f.name}" for f in fields(cls))
+        raise ValueError(f"unknown config key {key!r}; {section} has: {names}")
+    new_section = replace(getattr(cfg, section), **{name: _coerce(key, value, hints[name])})
+    return replace(cfg, **{section: new_section})
+
+
+def merge(cfg: Config, updates: Mapping[str, Any], *, source: str = "overrides") -> Config:
+    """Apply a nested ``{section: {key: value}}`` or flat ``{"a.b": value}`` mapping."""
+    for key, value in flatten(updates).items():
+        try:
+            cfg = _apply(cfg, key, value)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    return cfg
+
+
+def flatten(updates: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; already-dotted keys pass through."""
+    out: dict[str, Any] = {}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c.d=x"]`` → ``{"a.b": 1, "c.d": "x"}`` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML; ``ValueError`` naming the file when it is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    data.pop("job", None)  # jobs/*.yaml may carry a free-form description block
+    return data
+
+
+def build(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults → YAML file → overrides, then validate."""
+    cfg = Config()
+    if config_file:
+        cfg = merge(cfg, load_yaml(config_file), source=str(config_file))
+    if overrides:
+        cfg = merge(cfg, overrides, source="--set")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that do not need the data (``ValueError`` naming the key)."""
+    if not 0.0 < cfg.select.alpha <= 1.0:
+        raise ValueError(f"select.alpha must be in (0, 1], got {cfg.select.alpha}")
+    for key in ("k_fg", "k_bg", "max_pixels", "kmeans_iters", "num_actors", "batch_size"):
+        if getattr(cfg.features, key) < 1:
+            raise ValueError(f"features.{key} must be >= 1, got {getattr(cfg.features, key)}")
+    for key in ("num_actors", "batch_size", "crf_iters"):
+        if getattr(cfg.debias, key) < 1:
+            raise ValueError(f"debias.{key} must be >= 1, got {getattr(cfg.debias, key)}")
+    if cfg.select.chunk_rows < 1:
+        raise ValueError(f"select.chunk_rows must be >= 1, got {cfg.select.chunk_rows}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples → lists), ready for YAML/JSON."""
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]  # type: ignore[return-value]
+    return cfg
+
+
+def dump_yaml(cfg: Config, path: str | Path) -> None:
+    from mars_ray.artifacts import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def slice_hash(*parts: Any) -> str:
+    """Stable short hash of config slices / fingerprints (JSON of their plain-dict form)."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "FeaturesConfig",
+    "SelectConfig",
+    "DebiasConfig",
+    "RayConfig",
+    "build",
+    "merge",
+    "parse_set",
+    "load_yaml",
+    "validate",
+    "to_dict",
+    "dump_yaml",
+    "slice_hash",
+    "known_keys",
+    "flatten",
+]

@@ -1,0 +1,148 @@
+"""USS pixel embeddings F for one image, whatever produced them (Sec 3.1).
+
+Two sources behind one interface, so the ``features`` and ``debias`` stages never care which:
+
+* a registered extractor (``mars_ray.models.registry.FEATURES``: the built-in ``texture`` filter bank,
+  a learned ``stego`` model, …) run on the image;
+* an external folder with one file per image id (``{id}.npy``, ``.npz`` or ``.pt``; ``[d, h, w]``)
+  written by any USS method.
+
+Either way F is upsampled bilinearly to the label's size, as STEGO and MARS do.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+
+logger = logging.getLogger(__name__)
+
+FEATURE_SUFFIXES = (".npy", ".npz", ".pt")
+
+
+def upsample(features: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[d, h, w]`` → ``[d, H, W]`` float32, bilinear (align_corners=False)."""
+    t = torch.as_tensor(np.asarray(features, dtype=np.float32) if isinstance(features, np.ndarray) else features)
+    t = t.float()
+    if tuple(t.shape[1:]) != tuple(size):
+        t = nnf.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0]
+    return t.numpy()
+
+
+def find_feature_file(folder: Path, image_id: str) -> Path:
+    for suffix in FEATURE_SUFFIXES:
+        p = folder / f"{image_id}{suffix}"
+        if p.is_file():
+            return p
+    raise FileNotFoundError(
+        f"{folder}: no feature file for image {image_id!r} (looked for {', '.join(image_id + s for s in FEATURE_SUFFIXES)})"
+    )
+
+
+def load_feature_file(path: Path) -> np.ndarray:
+    """Read one external feature file → float32 ``[d, h, w]``.
+
+    ``.npz`` takes the array named ``features`` (or the only array); ``.pt`` a tensor or a dict
+    with ``features``. Raises ``ValueError`` naming the file for a wrong rank or NaN/inf values.
+    """
+    path = Path(path)
+    try:
+        arr = _read_array(path)
+    except Exception as e:  # corrupt files fail in many ways (zip, pickle, OSError, ValueError)
+        if isinstance(e, ValueError) and str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: cannot read features ({type(e).__name__}: {e})") from None
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: features must have shape [d, h, w], got {tuple(arr.shape)}")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{path}: features contain NaN or inf")
+    return arr
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.keys())
+            key = "features" if "features" in names else (names[0] if len(names) == 1 else None)
+            if key is None:
+                raise ValueError(f"{path}: .npz holds {names}; name the array 'features'")
+            return z[key]
+    if path.suffix == ".pt":
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            if "features" not in obj:
+                raise ValueError(f"{path}: .pt dict has no 'features' entry (keys: {sorted(obj)[:10]})")
+            obj = obj["features"]
+        if not isinstance(obj, torch.Tensor):
+            raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
+        return obj.float().numpy()
+    raise ValueError(f"{path}: unknown feature file type (use {', '.join(FEATURE_SUFFIXES)})")
+
+
+class FeatureSource:
+    """Embeddings F ``[d, H, W]`` of one image, upsampled to ``(H, W)``.
+
+    ``features_dir`` non-empty → external files; otherwise the registry extractor ``extractor``
+    built with ``extractor_kwargs`` (e.g. ``{"checkpoint": path}``). ``dim`` is checked to stay the
+    same across images (``ValueError`` naming the file that differs).
+    """
+
+    def __init__(
+        self,
+        *,
+        extractor: str = "texture",
+        extractor_kwargs: dict[str, Any] | None = None,
+        features_dir: str | Path = "",
+        device: str = "cpu",
+    ) -> None:
+        self.features_dir = Path(features_dir) if features_dir else None
+        self.device = torch.device(device)
+        self.dim: int | None = None
+        self.model = None
+        if self.features_dir is None:
+            from mars_ray.models import load_all
+            from mars_ray.models.registry import FEATURES
+
+            load_all()
+            self.model = FEATURES.get(extractor, **(extractor_kwargs or {}))
+            if hasattr(self.model, "to"):
+                self.model = self.model.to(self.device)
+            if hasattr(self.model, "eval"):
+                self.model.eval()
+            self.dim = int(self.model.dim)
+        elif not self.features_dir.is_dir():
+            raise FileNotFoundError(f"{self.features_dir}: features folder does not exist")
+
+    def describe(self) -> str:
+        return f"external:{self.features_dir}" if self.features_dir else type(self.model).__name__
+
+    @torch.no_grad()
+    def __call__(self, image_id: str, image: np.ndarray) -> np.ndarray:
+        """``image`` uint8 ``[H, W, 3]`` → F float32 ``[d, H, W]``."""
+        h, w = image.shape[:2]
+        if self.features_dir is not None:
+            path = find_feature_file(self.features_dir, image_id)
+            feats: Any = load_feature_file(path)
+            where = str(path)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            x = x.permute(2, 0, 1)[None].float().div_(255.0)
+            feats = self.model(x)[0].float().cpu()
+            where = f"extractor output for {image_id}"
+        d = int(feats.shape[0])
+        if self.dim is None:
+            self.dim = d
+        elif d != self.dim:
+            raise ValueError(f"{where}: feature dimension {d} differs from the {self.dim} seen before")
+        fh, fw = feats.shape[1:]
+        if fh < 1 or fw < 1:
+            raise ValueError(f"{where}: empty feature map {fh}x{fw}")
+        return upsample(feats, (h, w))

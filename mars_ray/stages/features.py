@@ -1,0 +1,243 @@
+"""Stage ``features``: USS embeddings F + per-image, per-class K-means → centroid table (Sec 3.2).
+
+Ray Data shards the split's image ids over an actor pool; each actor loads its extractor once,
+reads image + pseudo label Y^b, computes F and clusters every region (K_fg per present class, K_bg
+on background). Output ``RUN/features/centroids.parquet`` (a Parquet dataset folder), one row a
+centroid:
+
+    image_id: string, class_id: int16, is_bg: bool, k: int16, count: int64,
+    gt_match: float32 (share of the centroid's pixels whose ground truth is its class; NaN without GT),
+    vector: fixed_size_list<float32>[d]
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from mars_ray import config as C
+from mars_ray.algo.clustering import cluster_regions
+from mars_ray.artifacts import StageDir, fingerprint_files, fingerprint_path
+from mars_ray.data.label_io import read_image, read_label
+from mars_ray.data.validate import check_label, check_label_folder
+from mars_ray.data.voc import VOCDataset
+from mars_ray.features import FeatureSource
+from mars_ray.stages.runtime import ensure_ray
+
+logger = logging.getLogger(__name__)
+
+TABLE = "centroids.parquet"
+
+
+def table_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("class_id", pa.int16()),
+            ("is_bg", pa.bool_()),
+            ("k", pa.int16()),
+            ("count", pa.int64()),
+            ("gt_match", pa.float32()),
+            ("vector", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+def feature_source_kwargs(cfg: C.Config, run_dir: Path) -> dict[str, Any]:
+    """How to build the ``FeatureSource`` for this run (shared by ``features`` and ``debias``)."""
+    if cfg.data.features_dir:
+        return {"features_dir": cfg.data.features_dir}
+    kwargs: dict[str, Any] = {}
+    checkpoint = cfg.features.checkpoint
+    if not checkpoint and cfg.features.extractor == "stego":
+        checkpoint = str(run_dir / "uss" / "checkpoint.pt")
+    if checkpoint:
+        kwargs["checkpoint"] = checkpoint
+    return {"extractor": cfg.features.extractor, "extractor_kwargs": kwargs}
+
+
+def feature_source_fingerprint(source_kwargs: dict[str, Any]) -> dict[str, str]:
+    """Input fingerprints of the feature source (external folder or extractor checkpoint)."""
+    if "features_dir" in source_kwargs:
+        return {"features_dir": fingerprint_path(source_kwargs["features_dir"])}
+    ckpt = source_kwargs.get("extractor_kwargs", {}).get("checkpoint", "")
+    return {"extractor": source_kwargs["extractor"], "checkpoint": fingerprint_path(ckpt) if ckpt else "none"}
+
+
+def pseudo_label_dir(cfg: C.Config, run_dir: Path) -> Path:
+    """Y^b folder: ``--pseudo-labels`` or the built-in CAM baseline's ``RUN/wsss``."""
+    return Path(cfg.data.pseudo_labels) if cfg.data.pseudo_labels else run_dir / "wsss"
+
+
+def gt_match(assignment: np.ndarray, class_ids: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Per centroid row, the share of its pixels whose ground truth equals its class id.
+
+    ``assignment`` ``[h, w]`` row index or -1, ``class_ids`` ``[m]``, ``gt`` ``[h, w]`` → ``[m]`` float32.
+    """
+    m = len(class_ids)
+    a = assignment.reshape(-1)
+    valid = a >= 0
+    rows = a[valid]
+    hits = gt.reshape(-1)[valid] == class_ids[rows]
+    total = np.bincount(rows, minlength=m)
+    match = np.bincount(rows, weights=hits, minlength=m)
+    return (match / np.maximum(total, 1)).astype(np.float32)
+
+
+class ClusterImages:
+    """Ray Data callable: a batch of image ids → centroid rows (``pyarrow.Table``)."""
+
+    def __init__(
+        self,
+        *,
+        root: str,
+        pseudo_dir: str,
+        source_kwargs: dict[str, Any],
+        k_fg: int,
+        k_bg: int,
+        max_pixels: int,
+        iters: int,
+        seed: int,
+        threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.dataset = VOCDataset(root)
+        self.pseudo_dir = Path(pseudo_dir)
+        self.source = FeatureSource(**source_kwargs)
+        self.kw = dict(k_fg=k_fg, k_bg=k_bg, max_pixels=max_pixels, iters=iters, seed=seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        tables = [self._one(str(i)) for i in batch["image_id"]]
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+    def _one(self, image_id: str) -> pa.Table:
+        image = read_image(self.dataset.image_path(image_id))
+        label_path = self.pseudo_dir / f"{image_id}.png"
+        label = read_label(label_path)
+        check_label(label, num_classes=self.dataset.num_classes, image_hw=image.shape[:2], path=label_path)
+        n_pixels = label.size
+        for key in ("k_fg", "k_bg"):
+            if self.kw[key] > n_pixels:
+                raise ValueError(
+                    f"{label_path}: features.{key}={self.kw[key]} exceeds the image's {n_pixels} pixels"
+                )
+        feats = self.source(image_id, image)
+        rc = cluster_regions(feats, label, **self.kw)
+        gt_path = self.dataset.gt_path(image_id)
+        if gt_path is not None and len(rc):
+            gt = read_label(gt_path)
+            match = gt_match(rc.assignment, rc.class_id, gt) if gt.shape == label.shape else None
+        else:
+            match = None
+        m = len(rc)
+        d = rc.vector.shape[1]
+        return pa.table(
+            {
+                "image_id": pa.array([image_id] * m, pa.string()),
+                "class_id": pa.array(rc.class_id.astype(np.int16)),
+                "is_bg": pa.array(rc.is_bg),
+                "k": pa.array(rc.k.astype(np.int16)),
+                "count": pa.array(rc.count.astype(np.int64)),
+                "gt_match": pa.array(match if match is not None else np.full(m, np.nan, np.float32)),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(rc.vector.reshape(-1)), d),
+            },
+            schema=table_schema(d),
+        )
+
+
+def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
+    """The ``features`` artifact folder and its key (config slice + input fingerprints)."""
+    dataset = VOCDataset(cfg.data.root)
+    ids = dataset.ids(cfg.data.split)
+    pseudo = pseudo_label_dir(cfg, run_dir)
+    source = feature_source_kwargs(cfg, run_dir)
+    slice_ = {
+        "data": {"root": str(Path(cfg.data.root).resolve()), "split": cfg.data.split},
+        "features": {k: v for k, v in C.to_dict(cfg.features).items() if k not in _EXECUTION_KEYS},
+        "source": source,
+    }
+    inputs = {
+        "dataset": dataset.fingerprint(cfg.data.split),
+        "pseudo_labels": fingerprint_files(pseudo / f"{i}.png" for i in ids),
+        **feature_source_fingerprint(source),
+    }
+    return StageDir(run_dir / "features", "features", C.slice_hash(slice_, inputs), slice_, inputs)
+
+
+_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "batch_size"}  # do not change the result
+
+
+def validate_inputs(cfg: C.Config, run_dir: Path) -> VOCDataset:
+    """Everything checkable before any output is touched (``ValueError`` naming the file)."""
+    dataset = VOCDataset(cfg.data.root)
+    check_label_folder(dataset, cfg.data.split, pseudo_label_dir(cfg, run_dir), name="pseudo label")
+    if cfg.data.features_dir:
+        from mars_ray.features import find_feature_file
+
+        folder = Path(cfg.data.features_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: features folder does not exist")
+        for i in dataset.ids(cfg.data.split):
+            find_feature_file(folder, i)
+    return dataset
+
+
+def run(cfg: C.Config, run_dir: Path) -> Path:
+    """Compute the centroid table; returns ``RUN/features`` (skipped when already complete)."""
+    run_dir = Path(run_dir)
+    dataset = validate_inputs(cfg, run_dir)
+    sd = stage_dir(cfg, run_dir)
+    if sd.is_complete():
+        logger.info("features: up to date in %s, skipping", sd.path)
+        return sd.path
+    sd.begin()
+    ensure_ray(cfg.ray)
+    ids = dataset.ids(cfg.data.split)
+    fc = cfg.features
+    n_blocks = max(1, min(len(ids), max(4 * fc.num_actors, len(ids) // 64)))
+    ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
+    ds = ds.map_batches(
+        ClusterImages,
+        fn_constructor_kwargs=dict(
+            root=str(dataset.root),
+            pseudo_dir=str(pseudo_label_dir(cfg, run_dir)),
+            source_kwargs=feature_source_kwargs(cfg, run_dir),
+            k_fg=fc.k_fg,
+            k_bg=fc.k_bg,
+            max_pixels=fc.max_pixels,
+            iters=fc.kmeans_iters,
+            seed=fc.seed,
+            threads=max(1, int(fc.cpus_per_actor)),
+        ),
+        compute=ray.data.ActorPoolStrategy(size=fc.num_actors),
+        num_cpus=fc.cpus_per_actor,
+        batch_size=fc.batch_size,
+        batch_format="numpy",
+    )
+    out = sd.path / TABLE
+    tmp = sd.path / f".{TABLE}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    stats = table_stats(out)
+    sd.finish({"table": TABLE, **stats})
+    logger.info("features: %d centroids (%d fg, %d bg) from %d images", stats["rows"], stats["fg_rows"], stats["bg_rows"], len(ids))
+    return sd.path
+
+
+def table_stats(path: Path) -> dict[str, int]:
+    import pyarrow.dataset as pads
+
+    data = pads.dataset(str(path), format="parquet")
+    t = data.to_table(columns=["is_bg"])
+    n_bg = int(np.asarray(t.column("is_bg")).sum()) if t.num_rows else 0
+    dim = data.schema.field("vector").type.list_size if "vector" in data.schema.names else 0
+    return {"rows": t.num_rows, "fg_rows": t.num_rows - n_bg, "bg_rows": n_bg, "dim": dim}

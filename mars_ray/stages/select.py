@@ -1,0 +1,202 @@
+"""Stage ``select``: a reduction actor streams the centroid table → debiased centroids V^c (Eq 1–3).
+
+The actor never holds the vectors of the whole table: three streamed passes over the Parquet
+dataset (column-projected, ``select.chunk_rows`` rows at a time) keep O(N) scalars + O(C·d):
+
+1. mean of the L2-normalised background centroids (Eq 1 in O(N·d));
+2. bias distance D of every foreground centroid; then the top ⌈α·N_c⌉ per class (Eq 2);
+3. per-class sums of the chosen vectors → V^c (Eq 3), and the chosen rows for the report.
+
+Outputs in ``RUN/select/``: ``centroids.npy`` ``[C+1, d]`` float32 (row c = V^c; row 0 and classes
+without centroids are zero), ``present.npy`` ``[C+1]`` bool, ``report.json`` (per class: centroid
+count, chosen count, distance summary, and where ground truth exists the *target ratio*: share of
+chosen centroids whose pixels are mostly the target object), ``chosen.parquet`` (one row a chosen
+centroid: image_id, class_id, k, count, distance, gt_match).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+
+from mars_ray import config as C
+from mars_ray.algo.centroids import BackgroundMean, bias_distance, class_sums, means_from_sums, top_alpha_mask
+from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, require_complete
+from mars_ray.data.voc import VOCDataset
+from mars_ray.stages import features as features_stage
+from mars_ray.stages.runtime import ensure_ray
+
+logger = logging.getLogger(__name__)
+
+TARGET_MATCH = 0.5  # a centroid "is the target object" when most of its pixels are GT of its class
+
+
+def _vectors(batch: pa.RecordBatch) -> np.ndarray:
+    col = batch.column("vector")
+    d = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+
+
+class CentroidSelector:
+    """The reduction: Eq 1–3 over a centroid table, streamed in chunks (pure pyarrow + numpy)."""
+
+    def __init__(self, table: str, *, num_classes: int, alpha: float, chunk_rows: int) -> None:
+        self.data = pads.dataset(table, format="parquet")
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.chunk_rows = chunk_rows
+
+    def _batches(self, columns: list[str], bg: bool) -> Iterator[pa.RecordBatch]:
+        flt = pc.field("is_bg") if bg else ~pc.field("is_bg")
+        yield from self.data.to_batches(columns=columns, filter=flt, batch_size=self.chunk_rows)
+
+    def run(self, chosen_path: str) -> dict[str, Any]:
+        # pass 1: Eq 1's background mean direction
+        acc = BackgroundMean()
+        for b in self._batches(["vector"], bg=True):
+            if b.num_rows:
+                acc.add(_vectors(b))
+        if acc.count == 0:
+            raise ValueError(f"{self.data.files[0] if self.data.files else 'centroid table'}: no background centroids")
+        bg_mean = acc.mean()
+        # pass 2: distances of every foreground centroid (O(N) scalars)
+        dists, classes, matches = [], [], []
+        for b in self._batches(["class_id", "gt_match", "vector"], bg=False):
+            if b.num_rows:
+                dists.append(bias_distance(_vectors(b), bg_mean))
+                classes.append(b.column("class_id").to_numpy(zero_copy_only=False))
+                matches.append(b.column("gt_match").to_numpy(zero_copy_only=False))
+        if not dists:
+            raise ValueError("centroid table has no foreground centroids")
+        distances = np.concatenate(dists)
+        class_ids = np.concatenate(classes).astype(np.int64)
+        gt_match = np.concatenate(matches).astype(np.float64)
+        bad = class_ids[(class_ids < 1) | (class_ids > self.num_classes)]
+        if bad.size:
+            raise ValueError(f"centroid table has class ids {sorted(set(bad.tolist()))[:10]} outside 1..{self.num_classes}")
+        chosen = top_alpha_mask(distances, class_ids, self.alpha)
+        # pass 3: Eq 3 sums + the chosen rows
+        sums = counts = None
+        start = 0
+        writer = None
+        for b in self._batches(["image_id", "class_id", "k", "count", "vector"], bg=False):
+            n = b.num_rows
+            if not n:
+                continue
+            sl = slice(start, start + n)
+            s, c = class_sums(_vectors(b), class_ids[sl], chosen[sl], self.num_classes)
+            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+            idx = np.flatnonzero(chosen[sl])
+            part = pa.table(
+                {
+                    "image_id": b.column("image_id").take(idx),
+                    "class_id": b.column("class_id").take(idx),
+                    "k": b.column("k").take(idx),
+                    "count": b.column("count").take(idx),
+                    "distance": pa.array(distances[sl][idx]),
+                    "gt_match": pa.array(gt_match[sl][idx].astype(np.float32)),
+                }
+            )
+            writer = writer or pq.ParquetWriter(chosen_path, part.schema)
+            writer.write_table(part)
+            start += n
+        if writer is not None:
+            writer.close()
+        centroids, present = means_from_sums(sums, counts)
+        return {
+            "centroids": centroids,
+            "present": present,
+            "report": self._report(distances, class_ids, chosen, gt_match, acc.count),
+        }
+
+    def _report(
+        self, distances: np.ndarray, class_ids: np.ndarray, chosen: np.ndarray, gt_match: np.ndarray, n_bg: int
+    ) -> dict[str, Any]:
+        has_gt = bool(np.isfinite(gt_match).any())
+        per_class: dict[int, dict[str, Any]] = {}
+        for c in np.unique(class_ids):
+            m = class_ids == c
+            d_all, d_sel = distances[m], distances[m & chosen]
+            entry: dict[str, Any] = {
+                "n_centroids": int(m.sum()),
+                "n_chosen": int((m & chosen).sum()),
+                "distance_mean": float(d_all.mean()),
+                "distance_min": float(d_all.min()),
+                "distance_max": float(d_all.max()),
+                "chosen_distance_min": float(d_sel.min()),
+                "chosen_distance_mean": float(d_sel.mean()),
+            }
+            if has_gt:
+                entry["target_ratio"] = _ratio(gt_match[m & chosen])
+                entry["target_ratio_not_chosen"] = _ratio(gt_match[m & ~chosen])
+            per_class[int(c)] = entry
+        report: dict[str, Any] = {
+            "alpha": self.alpha,
+            "n_background_centroids": int(n_bg),
+            "n_foreground_centroids": int(class_ids.size),
+            "n_chosen": int(chosen.sum()),
+            "per_class": per_class,
+        }
+        if has_gt:
+            report["target_ratio"] = _ratio(gt_match[chosen])
+            report["target_ratio_not_chosen"] = _ratio(gt_match[~chosen])
+            report["target_ratio_all"] = _ratio(gt_match)
+        return report
+
+
+def _ratio(match: np.ndarray) -> float | None:
+    match = match[np.isfinite(match)]
+    return float((match >= TARGET_MATCH).mean()) if match.size else None
+
+
+def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
+    upstream = require_complete(run_dir / "features", "features")
+    slice_ = {"select": {"alpha": cfg.select.alpha}}
+    inputs = {"features": upstream["key"]}
+    return StageDir(run_dir / "select", "select", C.slice_hash(slice_, inputs), slice_, inputs)
+
+
+def run(cfg: C.Config, run_dir: Path) -> Path:
+    """Select V^c from ``RUN/features``; returns ``RUN/select`` (skipped when already complete)."""
+    run_dir = Path(run_dir)
+    sd = stage_dir(cfg, run_dir)
+    if sd.is_complete():
+        logger.info("select: up to date in %s, skipping", sd.path)
+        return sd.path
+    dataset = VOCDataset(cfg.data.root)
+    sd.begin()
+    ensure_ray(cfg.ray)
+    table = run_dir / "features" / features_stage.TABLE
+    actor = ray.remote(num_cpus=1)(CentroidSelector).remote(
+        str(table), num_classes=dataset.num_classes, alpha=cfg.select.alpha, chunk_rows=cfg.select.chunk_rows
+    )
+    tmp_chosen = sd.path / ".chosen.parquet.tmp"
+    result = ray.get(actor.run.remote(str(tmp_chosen)))
+    ray.kill(actor)
+    tmp_chosen.replace(sd.path / "chosen.parquet")
+    report = result["report"]
+    report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
+    report["classes_without_centroids"] = [
+        dataset.classes[c] for c in range(1, dataset.num_classes + 1) if not result["present"][c]
+    ]
+    atomic_save_npy(sd.path / "centroids.npy", result["centroids"])
+    atomic_save_npy(sd.path / "present.npy", result["present"])
+    atomic_write_json(sd.path / "report.json", report)
+    sd.finish({"centroids": "centroids.npy", "present": "present.npy", "report": "report.json",
+               "n_chosen": report["n_chosen"], "target_ratio": report.get("target_ratio")})
+    ratio = report.get("target_ratio")
+    logger.info(
+        "select: chose %d of %d foreground centroids (alpha=%.2f)%s",
+        report["n_chosen"], report["n_foreground_centroids"], cfg.select.alpha,
+        "" if ratio is None or math.isnan(ratio) else f", target ratio {ratio:.1%}",
+    )
+    return sd.path
