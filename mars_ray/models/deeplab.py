@@ -281,7 +281,15 @@ def load_segmenter_checkpoint(
             f"segmenter checkpoint {path}: trained for num_classes={saved_classes} (incl. background), "
             f"expected {expect_num_classes}"
         )
-    model = SEGMENTERS.get(name, **kwargs)
+    if name not in SEGMENTERS:
+        raise ValueError(
+            f"segmenter checkpoint {path}: model {name!r} is not registered (import its module first); "
+            f"known: {', '.join(SEGMENTERS.names())}"
+        )
+    try:
+        model = SEGMENTERS.get(name, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"segmenter checkpoint {path}: {name!r} does not accept the saved kwargs {kwargs}: {e}") from e
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:

@@ -1,0 +1,436 @@
+"""Plain torch loops: training epoch, prediction, evaluation, and the MARS complementing step.
+
+No Ray here: a Ray Train worker (``stages/``) builds the model, optimiser and batches and calls
+these functions. A *step function* maps one batch to a dict of named terms; keys starting with
+``m_`` are detached metrics (floats or tensors) that are averaged and reported but never summed into
+the loss; every other term is a scalar loss tensor, and their sum is back-propagated.
+
+Batches are dicts. Training batches (from :class:`SegAugment` via Ray Data): ``"image"`` float
+``[B,3,H,W]`` in [0,1], ``"image_uint8"`` uint8 ``[B,H,W,3]``, ``"label"`` long ``[B,H,W]``
+(0 background, 1..C classes, 254 BIASED, 255 ignore). Evaluation batches: ``"image"`` and
+``"label"``, plus ``"id"`` (list of str) for :func:`predict_labels`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from mars_ray.algo.complement import certain_mask, complement_labels, weighted_cross_entropy
+from mars_ray.algo.metrics import ConfusionMatrix
+from mars_ray.labels import BIASED, IGNORE
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SegAugment",
+    "baseline_step",
+    "build_sgd",
+    "complement_step",
+    "evaluate",
+    "make_ema_teacher",
+    "poly_lr_lambda",
+    "predict_labels",
+    "predict_probs",
+    "train_one_epoch",
+]
+
+METRIC_PREFIX = "m_"
+StepFn = Callable[[Any], Mapping[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train_one_epoch(
+    step_fn: StepFn,
+    batches: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    *,
+    scheduler: Optional[Any] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    after_step: Optional[Callable[[int], None]] = None,
+    max_steps: Optional[int] = None,
+    log_every: int = 50,
+) -> Dict[str, float]:
+    """Run one pass over ``batches``: ``step_fn`` → sum of loss terms → backward → optimiser step.
+
+    ``step_fn(batch)`` returns named terms: scalar loss tensors (summed into the total) and metrics
+    whose key starts with ``m_`` (averaged only, reported without the prefix). With a ``scaler``
+    (enabled ``torch.amp.GradScaler``) ``step_fn`` runs under ``torch.autocast`` on the scaler's
+    device and the backward/step go through the scaler. ``scheduler.step()`` runs after every
+    iteration (poly LR is per iteration), then ``after_step(i)`` with the 0-based step index in this
+    epoch (the EMA teacher update goes there). At most ``max_steps`` batches are consumed.
+
+    Returns the mean of every term over the steps, ``loss`` (mean total), ``steps`` and
+    ``images_per_s`` (leading size of the batch's first tensor / wall time, data loading included).
+    Raises ``ValueError`` when a step returns no loss term or a metric name collides, and
+    ``FloatingPointError`` when the total loss is not finite.
+    """
+    sums: Dict[str, float] = defaultdict(float)
+    steps, images = 0, 0
+    amp = scaler is not None and scaler.is_enabled()
+    t0 = time.perf_counter()
+    for batch in batches:
+        if max_steps is not None and steps >= max_steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast(getattr(scaler, "_device", "cuda")) if amp else contextlib.nullcontext()
+        with autocast:
+            terms = step_fn(batch)
+        losses, metrics = _split_terms(terms)
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        if not bool(torch.isfinite(total)):
+            shown = {k: float(v.detach()) for k, v in losses.items()}
+            raise FloatingPointError(f"loss is not finite at step {steps}: {shown}")
+        if amp:
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            total.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        sums["loss"] += float(total.detach())
+        for k, v in losses.items():
+            sums[k] += float(v.detach())
+        for k, v in metrics.items():
+            sums[k] += float(v.detach()) if isinstance(v, Tensor) else float(v)
+        images += _batch_size(batch)
+        if after_step is not None:
+            after_step(steps)
+        steps += 1
+        if log_every > 0 and steps % log_every == 0:
+            lr = optimizer.param_groups[0]["lr"]
+            shown = " ".join(f"{k}={v / steps:.4f}" for k, v in sums.items())
+            logger.info("step %d lr=%.3g %s", steps, lr, shown)
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    out = {k: v / steps for k, v in sums.items()} if steps else {"loss": math.nan}
+    out["steps"] = float(steps)
+    out["images_per_s"] = images / elapsed if steps else 0.0
+    return out
+
+
+def _split_terms(terms: Mapping[str, Any]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+    losses: Dict[str, Tensor] = {}
+    metrics: Dict[str, Any] = {}
+    for k, v in terms.items():
+        if k.startswith(METRIC_PREFIX):
+            metrics[k[len(METRIC_PREFIX) :]] = v
+        elif isinstance(v, Tensor) and v.numel() == 1:
+            losses[k] = v.reshape(())
+        else:
+            raise ValueError(f"step term {k!r} must be a scalar tensor (or use the {METRIC_PREFIX!r} prefix for metrics)")
+    if not losses:
+        raise ValueError(f"step_fn returned no loss term (keys: {sorted(terms)})")
+    clash = set(metrics) & (set(losses) | {"loss", "steps", "images_per_s"})
+    if clash:
+        raise ValueError(f"metric names {sorted(clash)} collide with loss terms or reserved keys")
+    return losses, metrics
+
+
+def _batch_size(batch: Any) -> int:
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+    for v in values:
+        if isinstance(v, (Tensor, np.ndarray)) and v.ndim > 0:
+            return int(v.shape[0])
+    return 0
+
+
+def poly_lr_lambda(max_iters: int, power: float = 0.9) -> Callable[[int], float]:
+    """Factor ``(1 - it / max_iters) ** power`` (0 from ``max_iters`` on) for ``LambdaLR``, stepped per iteration."""
+    if max_iters <= 0:
+        raise ValueError(f"max_iters must be positive, got {max_iters}")
+
+    def factor(it: int) -> float:
+        return (1.0 - min(it, max_iters) / max_iters) ** power
+
+    return factor
+
+
+def build_sgd(
+    param_groups: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 4e-5
+) -> torch.optim.SGD:
+    """SGD over ``param_groups`` (e.g. ``model.param_groups(lr)``; groups' own ``lr`` wins over ``lr``)."""
+    return torch.optim.SGD(list(param_groups), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+# ------------------------------------------------------------------------------------------- prediction
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module, image: Tensor, *, scales: Sequence[float] = (1.0,), flip: bool = False
+) -> Tensor:
+    """Softmax ``[B,K,H,W]`` (float32) of ``model`` on ``image [B,3,H,W]``, averaged over scales and flips.
+
+    Each scale resizes the input bilinearly and the logits back to ``H×W``; ``flip`` adds the
+    horizontally flipped input (its output flipped back). The model's train/eval mode is left as is.
+    """
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive factors, got {scales}")
+    h, w = image.shape[-2:]
+    parts: List[Tensor] = []
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        x = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            logits = model(x.flip(-1) if flipped else x).float()
+            if flipped:
+                logits = logits.flip(-1)
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            parts.append(logits.softmax(dim=1))
+    return torch.stack(parts).mean(dim=0)
+
+
+def _image_uint8(batch: Mapping[str, Any]) -> Tensor:
+    """``[B,H,W,3]`` uint8 for the CRF: the batch's ``image_uint8`` or ``image`` ×255."""
+    if "image_uint8" in batch:
+        return torch.as_tensor(batch["image_uint8"])
+    return (torch.as_tensor(batch["image"]).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _crf_refine(probs: Tensor, images: Tensor, crf: Dict[str, Any], only: Optional[Tensor] = None) -> Tensor:
+    """Dense-CRF each image's ``probs [B,K,H,W]`` with ``images [B,H,W,3]`` uint8; ``only[b]`` False skips one."""
+    from mars_ray.algo.crf import dense_crf
+
+    out = probs.clone()
+    imgs = images.cpu().numpy()
+    for b in range(probs.shape[0]):
+        if only is not None and not bool(only[b]):
+            continue
+        refined = dense_crf(imgs[b], probs[b].float().cpu().numpy(), **crf)
+        out[b] = torch.from_numpy(refined).to(out.device, out.dtype)
+    return out
+
+
+def _predict_batch(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    num_classes: Optional[int],
+    scales: Sequence[float],
+    flip: bool,
+    crf: Optional[Dict[str, Any]],
+) -> Tensor:
+    image = torch.as_tensor(batch["image"]).to(_model_device(model), torch.float32)
+    probs = predict_probs(model, image, scales=scales, flip=flip)
+    if num_classes is not None and probs.shape[1] != num_classes:
+        raise ValueError(f"model outputs {probs.shape[1]} classes but num_classes={num_classes} (incl. background)")
+    if crf is not None:
+        probs = _crf_refine(probs, _image_uint8(batch), crf)
+    return probs
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    num_classes: int,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crf: Optional[Dict[str, Any]] = None,
+) -> ConfusionMatrix:
+    """Confusion matrix of ``model``'s argmax over ``batches`` (``image [B,3,H,W]``, ``label [B,H,W]``, 255 ignored).
+
+    ``num_classes`` counts the background. ``crf`` (kwargs of ``algo.crf.dense_crf``) refines each
+    image's averaged probabilities before the argmax. The model runs in eval mode; its mode is restored.
+    """
+    cm = ConfusionMatrix(num_classes)
+    with _eval_mode(model):
+        for batch in batches:
+            probs = _predict_batch(model, batch, num_classes, scales, flip, crf)
+            cm.update(probs.argmax(dim=1).cpu(), torch.as_tensor(batch["label"]).cpu())
+    return cm
+
+
+def predict_labels(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crf: Optional[Dict[str, Any]] = None,
+) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yield ``(id, pred uint8 [H,W])`` per image of ``batches`` (``"id"`` list of str, ``"image" [B,3,H,W]``)."""
+    with _eval_mode(model):
+        for batch in batches:
+            ids = list(batch["id"])
+            preds = _predict_batch(model, batch, None, scales, flip, crf).argmax(dim=1).to(torch.uint8).cpu().numpy()
+            if len(ids) != preds.shape[0]:
+                raise ValueError(f"batch has {len(ids)} ids for {preds.shape[0]} images")
+            yield from zip(ids, preds)
+
+
+# ------------------------------------------------------------------------------------------- MARS steps
+
+
+def _move(batch: Mapping[str, Any], key: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    if key not in batch:
+        raise ValueError(f"batch has no {key!r} (keys: {sorted(batch)})")
+    return torch.as_tensor(batch[key]).to(device=device, dtype=dtype, non_blocking=True)
+
+
+def make_ema_teacher(student: nn.Module) -> nn.Module:
+    """Deep copy of ``student`` (a DDP wrapper is unwrapped) in eval mode with gradients off."""
+    teacher = copy.deepcopy(getattr(student, "module", student))
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def complement_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    batch: Mapping[str, Any],
+    *,
+    num_classes: int,
+    crf: Optional[Dict[str, Any]],
+    use_wce: bool = True,
+) -> Dict[str, Any]:
+    """MARS complementing (Sec. 3.4): teacher fills BIASED pixels, loss is Eq. 7's weighted CE.
+
+    ``batch``: ``image [B,3,H,W]`` in [0,1], ``label [B,H,W]`` Y^db (254 biased, 255 ignore),
+    ``image_uint8 [B,H,W,3]`` (for the CRF; derived from ``image`` if absent). The teacher (kept in
+    eval mode, no grad) predicts softmax probs; with ``crf`` (``dense_crf`` kwargs) each image that
+    has BIASED pixels is CRF-refined and the refined argmax fills Y^co. The certain mask W (Eq. 6)
+    is the teacher's max foreground softmax probability *before* the CRF (the network's confidence;
+    CRF marginals are near-binary). ``use_wce=False`` trains plain CE on Y^co (ablation).
+
+    Returns ``{"wce" | "ce": loss, "m_biased_frac": share of labelled (non-255) pixels that are
+    BIASED, "m_mean_w": mean W over labelled pixels}``.
+    """
+    device = _model_device(student)
+    image = _move(batch, "image", device, torch.float32)
+    y_db = _move(batch, "label", device, torch.long)
+    teacher.eval()
+    teacher_probs = predict_probs(teacher, image)  # [B, C+1, H, W]
+    if teacher_probs.shape[1] != num_classes:
+        raise ValueError(f"teacher outputs {teacher_probs.shape[1]} classes but num_classes={num_classes}")
+    biased = y_db == BIASED
+    fill_probs = teacher_probs
+    if crf is not None and bool(biased.any()):
+        fill_probs = _crf_refine(teacher_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1))
+    y_co = complement_labels(y_db, fill_probs.argmax(dim=1))
+    weight = certain_mask(y_db, teacher_probs) if use_wce else torch.ones_like(y_db, dtype=torch.float32)
+    logits = student(image)
+    loss = weighted_cross_entropy(logits, y_co, weight, ignore_index=IGNORE)
+    labelled = y_db != IGNORE
+    n_lab = labelled.sum().clamp(min=1)
+    return {
+        "wce" if use_wce else "ce": loss,
+        "m_biased_frac": float(biased.sum() / n_lab),
+        "m_mean_w": float((weight * labelled).sum() / n_lab),
+    }
+
+
+def baseline_step(model: nn.Module, batch: Mapping[str, Any]) -> Dict[str, Tensor]:
+    """Plain CE on Y^b: ``{"ce": loss}``; 255 is ignored and so is 254 should it appear."""
+    device = _model_device(model)
+    image = _move(batch, "image", device, torch.float32)
+    target = _move(batch, "label", device, torch.long)
+    target = torch.where(target == BIASED, torch.full_like(target, IGNORE), target)
+    logits = model(image)
+    if not bool((target != IGNORE).any()):
+        return {"ce": logits.sum() * 0.0}
+    return {"ce": F.cross_entropy(logits, target, ignore_index=IGNORE)}
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+_MEAN_RGB = (124, 116, 104)  # ImageNet mean ×255: padding becomes 0 after normalisation
+
+
+class SegAugment:
+    """Random scale → pad → random crop → horizontal flip on ``(image uint8 [H,W,3], label uint8 [H,W])``.
+
+    The image is resized bilinearly and the label with nearest neighbour; padding fills the image
+    with the ImageNet mean colour and the label with 255. ``__call__`` returns torch tensors
+    ``{"image": float32 [3,h,w] in [0,1], "image_uint8": uint8 [h,w,3], "label": int64 [h,w]}``;
+    :meth:`numpy` returns the same as numpy arrays (for Ray Data ``map``). ``seed`` seeds this
+    instance's generator (each Ray Data actor should get its own seed).
+    """
+
+    def __init__(
+        self,
+        crop_size: int | Tuple[int, int],
+        scale_range: Tuple[float, float] = (0.5, 2.0),
+        flip: bool = True,
+        seed: Optional[int] = None,
+    ) -> None:
+        ch, cw = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        if ch <= 0 or cw <= 0:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
+        self.crop = (int(ch), int(cw))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.flip = flip
+        self.rng = np.random.default_rng(seed)
+
+    def numpy(self, image: np.ndarray, label: np.ndarray) -> Dict[str, np.ndarray]:
+        """Augment one pair → ``{"image_uint8": [h,w,3] uint8, "label": [h,w] uint8}`` (numpy)."""
+        image, label = np.asarray(image), np.asarray(label)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        if label.ndim != 2 or label.shape != image.shape[:2]:
+            raise ValueError(f"label must be [H, W] matching image {image.shape[:2]}, got {label.shape}")
+        h, w = label.shape
+        s = self.rng.uniform(*self.scale_range)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        if (nh, nw) != (h, w):
+            image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+            label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize((nw, nh), Image.Resampling.NEAREST))
+        ch, cw = self.crop
+        ph, pw = max(ch - nh, 0), max(cw - nw, 0)
+        if ph or pw:
+            padded = np.empty((nh + ph, nw + pw, 3), np.uint8)
+            padded[:] = np.array(_MEAN_RGB, np.uint8)
+            padded[:nh, :nw] = image
+            plab = np.full((nh + ph, nw + pw), IGNORE, np.uint8)
+            plab[:nh, :nw] = label
+            image, label = padded, plab
+        y = int(self.rng.integers(0, image.shape[0] - ch + 1))
+        x = int(self.rng.integers(0, image.shape[1] - cw + 1))
+        image, label = image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
+        if self.flip and self.rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return {"image_uint8": np.ascontiguousarray(image), "label": np.ascontiguousarray(label, dtype=np.uint8)}
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> Dict[str, Tensor]:
+        out = self.numpy(image, label)
+        img = torch.from_numpy(out["image_uint8"])
+        return {
+            "image": img.permute(2, 0, 1).float().div_(255.0),
+            "image_uint8": img,
+            "label": torch.from_numpy(out["label"]).long(),
+        }
