@@ -201,11 +201,10 @@ def _user_error(e: BaseException) -> BaseException | None:
 
 
 def _shutdown_ray() -> None:
-    if "ray" in sys.modules:
-        import ray
+    if "mars_ray.stages.runtime" in sys.modules:
+        from mars_ray.stages.runtime import shutdown_if_started
 
-        if ray.is_initialized():
-            ray.shutdown()
+        shutdown_if_started()
 
 
 __all__ = ["main", "build_parser", "config_from_args", "run_stages", "STAGES"]

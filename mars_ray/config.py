@@ -83,6 +83,92 @@ class DebiasConfig:
 
 
 @dataclass(frozen=True)
+class WsssConfig:
+    """Stage ``wsss`` (built-in CAM baseline, situation c): classifier on Ray Train → Y^b PNGs."""
+
+    classifier: str = "cam_small"  # a name in CLASSIFIERS
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    crop_size: int = 96
+    cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    cam_flip: bool = True
+    bg_threshold: float = 0.15
+    crf: bool = False
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class UssConfig:
+    """Stage ``uss`` (learned USS, situation b): STEGO-style head on a frozen backbone, Ray Train."""
+
+    backbone: str = "small_cnn"  # a name in BACKBONES (vit_small_8, vit_base_8, …, small_cnn)
+    backbone_weights: str = ""  # local DINO checkpoint for ViT backbones; "" → self-supervised small_cnn
+    ssl_epochs: int = 20  # self-supervised pretraining of small_cnn on the dataset (0 = skip)
+    epochs: int = 20
+    dim: int = 70
+    batch_size: int = 16
+    lr: float = 5e-4
+    crop_size: int = 96
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage ``train`` (Sec 3.4 complementing): EMA teacher, CRF fill, certain mask, WCE on Ray Train.
+
+    Defaults are CPU-sized for the built-in dataset; ``jobs/voc.yaml`` holds the paper's settings
+    (DeepLabV3+ ResNet-101, crop 512, batch 16, lr 1e-3, wd 4e-5, EMA 0.999).
+    """
+
+    model: str = "deeplab_tiny"  # a name in SEGMENTERS
+    pretrained_backbone: str = ""  # local ImageNet weights for ResNet backbones
+    output_stride: int = 8
+    baseline: bool = False  # train on Y^b with plain CE (the paper's baseline) instead of MARS
+    labels: str = ""  # training labels; "" → RUN/debias (MARS) or the pseudo labels (baseline)
+    crop_size: int = 64
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    poly_power: float = 0.9
+    epochs: int = 30
+    ema_momentum: float = 0.99
+    teacher_crf: bool = True
+    amp: bool = True  # mixed precision where CUDA is available
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    checkpoint_every: int = 1  # epochs
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Stage ``evaluate``: predictions on a split (multi-scale + flip, optional CRF) → metrics."""
+
+    checkpoint: str = ""  # "" → RUN/train/model.pt
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crf: bool = False
+    num_actors: int = 1
+    cpus_per_actor: float = 1.0
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """How to reach Ray: ``address`` "" starts a local instance (``auto`` joins a cluster)."""
 
@@ -97,6 +183,10 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     debias: DebiasConfig = field(default_factory=DebiasConfig)
+    wsss: WsssConfig = field(default_factory=WsssConfig)
+    uss: UssConfig = field(default_factory=UssConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -267,6 +357,10 @@ __all__ = [
     "FeaturesConfig",
     "SelectConfig",
     "DebiasConfig",
+    "WsssConfig",
+    "UssConfig",
+    "TrainConfig",
+    "EvaluateConfig",
     "RayConfig",
     "build",
     "merge",

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+from typing import Any, Callable
 
 import ray
 
 from mars_ray.config import RayConfig
 
 logger = logging.getLogger(__name__)
+
+_started_here = False
 
 
 def ensure_ray(cfg: RayConfig) -> None:
@@ -19,6 +23,7 @@ def ensure_ray(cfg: RayConfig) -> None:
     stats are switched off unless the environment says otherwise (RAY_NOTES.md). Under
     ``ray job submit`` the job's driver joins the cluster (``RAY_ADDRESS`` is set by Ray).
     """
+    global _started_here
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -33,3 +38,53 @@ def ensure_ray(cfg: RayConfig) -> None:
             kwargs["object_store_memory"] = cfg.object_store_mb * 1024 * 1024
     logger.info("ray.init(%s)", {k: v for k, v in kwargs.items() if v is not None})
     ray.init(**kwargs)
+    _started_here = True
+
+
+def shutdown_if_started() -> None:
+    """Stop Ray only when ``ensure_ray`` started it (a caller's own session is left alone)."""
+    global _started_here
+    if _started_here and ray.is_initialized():
+        ray.shutdown()
+    _started_here = False
+
+
+def fit_torch(
+    train_fn: Callable[[dict], None],
+    loop_config: dict[str, Any],
+    *,
+    name: str,
+    storage: Path,
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    max_failures: int,
+    datasets: dict[str, Any] | None = None,
+) -> "ray.train.Result":
+    """Run ``train_fn`` on a ``TorchTrainer`` (DDP over ``num_workers``; GPU when ``use_gpu``).
+
+    Resuming is Ray Train V2's: the same ``name`` under the same ``storage`` path continues from
+    the last reported checkpoint (``ray.train.get_checkpoint()`` inside ``train_fn``), and
+    ``FailureConfig(max_failures)`` restarts failed workers from it. ``storage`` is made absolute:
+    Train changes the working directory of its workers.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(Path(storage).resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets=datasets,
+    )
+    return trainer.fit()

@@ -92,3 +92,20 @@ def test_cluster_regions_errors():
         cluster_regions(features, label, k_bg=0)
     empty = cluster_regions(features, np.full((12, 10), 255, np.uint8))
     assert len(empty) == 0 and empty.vector.shape == (0, 6)
+
+
+def test_cluster_regions_assignment_maps_pixels_to_rows():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(4, 6, 7)).astype(np.float32)
+    label = np.zeros((6, 7), np.uint8)
+    label[:3] = 2
+    label[0, 0] = 255
+    label[5, 6] = 254
+    rc = cluster_regions(feats, label, k_fg=2, k_bg=2)
+    a = rc.assignment
+    assert a.shape == label.shape
+    assert a[0, 0] == -1 and a[5, 6] == -1
+    valid = a >= 0
+    # each pixel's row has the pixel's class, and counts agree with the map
+    assert np.all(rc.class_id[a[valid]] == label[valid])
+    assert np.array_equal(np.bincount(a[valid], minlength=len(rc)), rc.count)

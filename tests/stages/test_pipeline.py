@@ -1,0 +1,165 @@
+"""features → select → debias on a local Ray, checked against the pure algorithm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from mars_ray import config as C
+from mars_ray.algo.centroids import select_debiased_centroids
+from mars_ray.data.label_io import read_label, write_label
+from mars_ray.data.voc import VOCDataset
+from mars_ray.stages import debias, features, select
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+
+def _cfg(data: Path, **over) -> C.Config:
+    return C.build(overrides={"data.root": str(data), "data.pseudo_labels": str(data / "pseudo_labels"),
+                              "debias.crf": False, **over})
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data: Path, ray_local, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = _cfg(tiny_data)
+    for stage in (features, select, debias):
+        stage.run(cfg, run_dir)
+    return run_dir
+
+
+def _table(run_dir: Path):
+    return pads.dataset(str(run_dir / "features" / features.TABLE), format="parquet").to_table()
+
+
+def test_centroid_table(run: Path, tiny_data: Path):
+    t = _table(run)
+    assert t.column_names == ["image_id", "class_id", "is_bg", "k", "count", "gt_match", "vector"]
+    ds = VOCDataset(tiny_data)
+    ids = set(ds.ids("train"))
+    assert set(t.column("image_id").to_pylist()) <= ids
+    cls = np.asarray(t.column("class_id"))
+    k = np.asarray(t.column("k"))
+    is_bg = np.asarray(t.column("is_bg"))
+    assert np.array_equal(is_bg, cls == 0)
+    assert k[~is_bg].max() < 2 and k[is_bg].max() < 2  # K_fg = K_bg = 2
+    # every (image, class) of the pseudo labels has 1..K centroids whose counts sum to the region size
+    df = t.select(["image_id", "class_id", "count"]).to_pandas()
+    for image_id in list(ids)[:5]:
+        label = read_label(tiny_data / "pseudo_labels" / f"{image_id}.png")
+        for c in np.unique(label):
+            if c in (254, 255):
+                continue
+            rows = df[(df.image_id == image_id) & (df.class_id == c)]
+            assert 1 <= len(rows) <= 2
+            assert rows["count"].sum() == (label == c).sum()
+    gt_match = np.asarray(t.column("gt_match"))
+    assert np.all((gt_match >= 0) & (gt_match <= 1))  # the tiny dataset has ground truth
+
+
+def test_select_equals_in_memory_algorithm(run: Path, tiny_data: Path):
+    t = _table(run)
+    vec = t.column("vector").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
+    is_bg = np.asarray(t.column("is_bg"))
+    cls = np.asarray(t.column("class_id")).astype(np.int64)
+    ref = select_debiased_centroids(vec[~is_bg], cls[~is_bg], vec[is_bg], alpha=0.40,
+                                    num_classes=VOCDataset(tiny_data).num_classes)
+    got = np.load(run / "select" / "centroids.npy")
+    present = np.load(run / "select" / "present.npy")
+    np.testing.assert_array_equal(present, ref.present)
+    np.testing.assert_allclose(got, ref.centroids, rtol=1e-5, atol=1e-6)
+    report = json.loads((run / "select" / "report.json").read_text())
+    assert report["n_chosen"] == int(ref.chosen.sum())
+    assert report["alpha"] == pytest.approx(0.40)
+    for name, entry in report["per_class"].items():
+        assert entry["n_chosen"] == int(np.ceil(0.4 * entry["n_centroids"] - 1e-9))
+        assert 0.0 <= entry["target_ratio"] <= 1.0
+    chosen = pads.dataset(str(run / "select" / "chosen.parquet")).to_table()
+    assert chosen.num_rows == report["n_chosen"]
+
+
+def test_debiased_labels(run: Path, tiny_data: Path):
+    ids = VOCDataset(tiny_data).ids("train")
+    n_biased = 0
+    for image_id in ids:
+        y_b = read_label(tiny_data / "pseudo_labels" / f"{image_id}.png")
+        y_db = read_label(run / "debias" / f"{image_id}.png")
+        changed = y_b != y_db
+        # only foreground pixels of Y^b change, and only to BIASED (Eq 5)
+        assert np.all(y_db[changed] == 254)
+        assert np.all((y_b[changed] >= 1) & (y_b[changed] <= 253))
+        n_biased += int(changed.sum())
+    stats = json.loads((run / "debias" / "stats.json").read_text())
+    assert stats["images"] == len(ids) and stats["biased_pixels"] == n_biased > 0
+
+
+def test_rerun_skips_and_alpha_change_reuses_features(run: Path, tiny_data: Path):
+    before = {p: (p / "manifest.json").stat().st_mtime_ns for p in (run / "features", run / "select")}
+    cfg = _cfg(tiny_data)
+    features.run(cfg, run)
+    select.run(cfg, run)
+    assert {p: (p / "manifest.json").stat().st_mtime_ns for p in before} == before
+    # a new alpha leaves features alone and recomputes select
+    other = run.parent / "run_alpha"
+    shutil.copytree(run, other)
+    cfg2 = _cfg(tiny_data, **{"select.alpha": 0.8})
+    feat_m = (other / "features" / "manifest.json").read_text()
+    features.run(cfg2, other)
+    select.run(cfg2, other)
+    assert (other / "features" / "manifest.json").read_text() == feat_m
+    report = json.loads((other / "select" / "report.json").read_text())
+    assert report["alpha"] == pytest.approx(0.8)
+
+
+def test_debias_resumes_only_missing_ids(run: Path, tiny_data: Path):
+    other = run.parent / "run_resume"
+    shutil.copytree(run, other)
+    manifest = json.loads((other / "debias" / "manifest.json").read_text())
+    manifest["status"] = "running"  # as if the run had been killed
+    (other / "debias" / "manifest.json").write_text(json.dumps(manifest))
+    ids = VOCDataset(tiny_data).ids("train")
+    kept = other / "debias" / f"{ids[0]}.png"
+    mtime = kept.stat().st_mtime_ns
+    (other / "debias" / f"{ids[1]}.png").unlink()
+    debias.run(_cfg(tiny_data), other)
+    assert kept.stat().st_mtime_ns == mtime
+    assert (other / "debias" / f"{ids[1]}.png").is_file()
+    assert json.loads((other / "debias" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_bad_pseudo_labels_fail_before_outputs_change(run: Path, tiny_data: Path, tmp_path: Path):
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    bad = tmp_path / "pseudo"
+    shutil.copytree(tiny_data / "pseudo_labels", bad)
+    ids = VOCDataset(tiny_data).ids("train")
+    (bad / f"{ids[2]}.png").unlink()
+    snapshot = sorted(p.name for p in (other / "features").iterdir())
+    cfg = C.build(overrides={"data.root": str(tiny_data), "data.pseudo_labels": str(bad)})
+    with pytest.raises(ValueError, match=f"{ids[2]}.png"):
+        features.run(cfg, other)
+    assert sorted(p.name for p in (other / "features").iterdir()) == snapshot
+    # a label with a size mismatch is named too
+    (bad / f"{ids[2]}.png").write_bytes((tiny_data / "pseudo_labels" / f"{ids[2]}.png").read_bytes())
+    write_label(bad / f"{ids[3]}.png", np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match=f"{ids[3]}.png"):
+        features.run(cfg, other)
+    assert json.loads((other / "features" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_out_of_range_label_value_is_named(tiny_data: Path, ray_local, tmp_path: Path):
+    bad = tmp_path / "pseudo"
+    shutil.copytree(tiny_data / "pseudo_labels", bad)
+    ids = VOCDataset(tiny_data).ids("train")
+    label = read_label(bad / f"{ids[0]}.png").copy()
+    label[0, 0] = 77
+    write_label(bad / f"{ids[0]}.png", label)
+    cfg = C.build(overrides={"data.root": str(tiny_data), "data.pseudo_labels": str(bad)})
+    with pytest.raises(Exception) as err:
+        features.run(cfg, tmp_path / "run")
+    assert f"{ids[0]}.png" in str(err.value) and "77" in str(err.value)

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from mars_ray import config as C
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = C.build()
+    assert cfg.select.alpha == pytest.approx(0.40)
+    assert cfg.features.k_bg == 2 and cfg.features.k_fg == 2
+
+
+def test_yaml_then_set_then_types(tmp_path: Path):
+    f = tmp_path / "c.yaml"
+    f.write_text("select:\n  alpha: 0.3\nfeatures:\n  k_bg: 4\n")
+    cfg = C.build(f, C.parse_set(["select.alpha=0.7", "debias.crf=false"]))
+    assert cfg.select.alpha == pytest.approx(0.7)  # --set wins over the file
+    assert cfg.features.k_bg == 4
+    assert cfg.debias.crf is False
+    assert cfg.debias.crf_kwargs() is None
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("select.alpah=0.3", "unknown config key 'select.alpah'"),
+        ("nosection.x=1", "unknown config key 'nosection.x'"),
+        ("features.k_bg=two", "features.k_bg.*integer"),
+        ("debias.crf=maybe", "debias.crf.*true/false"),
+        ("select.alpha=1.5", r"select.alpha must be in \(0, 1\]"),
+        ("select.alpha=0", r"select.alpha must be in \(0, 1\]"),
+        ("features.k_fg=0", "features.k_fg must be >= 1"),
+    ],
+)
+def test_bad_overrides_name_the_key(item: str, match: str):
+    with pytest.raises(ValueError, match=match):
+        C.build(overrides=C.parse_set([item]))
+
+
+def test_set_requires_key_value():
+    with pytest.raises(ValueError, match="key=value"):
+        C.parse_set(["select.alpha"])
+
+
+def test_bad_yaml_file_is_named(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        C.build(f)
+
+
+def test_dump_and_reload_round_trip(tmp_path: Path):
+    cfg = C.build(overrides={"select.alpha": 0.25, "data.root": "/x"})
+    C.dump_yaml(cfg, tmp_path / "config.yaml")
+    assert C.build(tmp_path / "config.yaml") == cfg
+
+
+def test_slice_hash_is_stable_and_sensitive():
+    a = C.slice_hash({"x": 1, "y": [1, 2]})
+    assert a == C.slice_hash({"y": [1, 2], "x": 1})
+    assert a != C.slice_hash({"x": 2, "y": [1, 2]})
