@@ -1,0 +1,137 @@
+"""Image and label-PNG I/O with clear errors.
+
+Label PNGs are single-channel: palette (``P``, the raw indices are the labels) or greyscale
+(``L``); values follow ``mars_ray.labels`` (0 background, 1..C classes, 254 biased, 255 ignore).
+``write_label`` writes a palette PNG with the VOC colour map, atomically (temporary file in the
+same folder, then ``os.replace``), so a killed run never leaves a half-written label.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mars_ray.labels import BIASED, IGNORE
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _voc_palette() -> np.ndarray:
+    """The PASCAL VOC colour map: ``uint8 [256, 3]``; 254 (biased) is magenta, 255 (ignore) white-ish."""
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    pal[BIASED] = (255, 0, 255)
+    pal[IGNORE] = (224, 224, 192)  # VOC's own boundary colour
+    return pal
+
+
+VOC_PALETTE: np.ndarray = _voc_palette()
+"""``uint8 [256, 3]`` VOC colour map; entries 254 and 255 are distinct visible colours."""
+
+
+def _open(path: PathLike) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    try:
+        return Image.open(p)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{p}: cannot read image: {e}") from e
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read any image PIL understands as ``uint8 [H, W, 3]`` RGB.
+
+    Raises ``FileNotFoundError`` if missing, ``ValueError`` naming the file if corrupt.
+    """
+    with _open(path) as im:
+        try:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"{path}: cannot decode image: {e}") from e
+
+
+def read_label(path: PathLike) -> np.ndarray:
+    """Read a single-channel label PNG as ``uint8 [H, W]``.
+
+    Mode ``P``: the raw palette indices (not the colours); ``L``: the grey values; ``I``/``I;16``:
+    accepted when every value fits in 0..255. RGB/RGBA and other modes raise ``ValueError``
+    naming the file; a corrupt file raises ``ValueError`` with PIL's reason.
+    """
+    with _open(path) as im:
+        mode = im.mode
+        if mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
+            raise ValueError(f"{path}: expected a single-channel (palette or L) label PNG, got {mode}")
+        try:
+            arr = np.asarray(im)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"{path}: cannot decode label: {e}") from e
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a single-channel label, got array of shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(
+                f"{path}: label mode {mode} has values outside 0..255 (min {arr.min()}, max {arr.max()})"
+            )
+        arr = arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def label_size(path: PathLike) -> tuple[int, int]:
+    """``(H, W)`` of an image or label file, read from the header only (no pixel decode)."""
+    with _open(path) as im:
+        w, h = im.size
+    return h, w
+
+
+def write_label(path: PathLike, label: np.ndarray, *, palette: bool = True) -> Path:
+    """Write ``label`` (``uint8 [H, W]``, or any integer array with values 0..255) as a PNG.
+
+    ``palette=True`` writes mode ``P`` with ``VOC_PALETTE``; otherwise mode ``L``. The file is
+    written to ``{path}.tmp-{pid}`` in the same folder and moved into place with ``os.replace``.
+    Raises ``ValueError`` for a non-2-D array or values outside 0..255. Returns the path.
+    """
+    p = Path(path)
+    arr = np.asarray(label)
+    if arr.ndim != 2:
+        raise ValueError(f"{p}: label must be 2-D [H, W], got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{p}: label must be an integer array, got {arr.dtype}")
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"{p}: label values must be in 0..255 (min {arr.min()}, max {arr.max()})")
+        arr = arr.astype(np.uint8)
+    im = _to_palette(arr) if palette else Image.fromarray(np.ascontiguousarray(arr))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
+
+
+def _to_palette(arr: np.ndarray) -> Image.Image:
+    """``uint8 [H, W]`` indices → mode ``P`` image with ``VOC_PALETTE`` (indices kept as-is)."""
+    im = Image.frombytes("P", (arr.shape[1], arr.shape[0]), np.ascontiguousarray(arr).tobytes())
+    im.putpalette(VOC_PALETTE.tobytes())
+    return im
+
+
+__all__ = ["VOC_PALETTE", "label_size", "read_image", "read_label", "write_label"]

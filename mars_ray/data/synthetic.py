@@ -1,0 +1,357 @@
+"""The built-in biased dataset: procedural textures with object/context co-occurrence.
+
+A small VOC-style dataset whose pseudo labels carry exactly the bias MARS removes: each object
+class always appears on its own *context* (boat on water, train on rails, cow on grass, plane on
+sky), and the "WSSS" pseudo label of an object also swallows most of that context. The contexts
+also appear without their objects (background-only images, and beside objects of other classes),
+so dataset-wide they are a background concept, as the sea is in PASCAL VOC.
+
+Everything is told apart by *texture* (orientation, frequency, structure), not by colour: an
+object and its context share a colour theme with per-instance jitter, so a colour threshold on
+the pseudo foreground cannot separate them.
+
+``make_biased_dataset`` writes::
+
+    root/JPEGImages/{id}.png                RGB uint8 [size, size, 3]
+    root/SegmentationClass/{id}.png         GT: 0 background, 1..4 objects (255 ring if asked)
+    root/pseudo_labels/{id}.png             biased pseudo labels (train and val)
+    root/ImageSets/Segmentation/{train,val}.txt
+    root/classes.txt                        background, boat, train, cow, plane
+    root/image_labels.json                  {id: [class ids]}
+
+Generation is deterministic from ``seed`` (byte-identical PNGs on a rerun).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from mars_ray.data.label_io import write_label
+from mars_ray.labels import IGNORE
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SYNTHETIC_CLASSES: list[str] = ["background", "boat", "train", "cow", "plane"]
+"""Class names of the built-in dataset, background first (ids 0..4)."""
+
+PSEUDO_DIR = "pseudo_labels"
+"""Sub-folder of the dataset root that holds the biased pseudo labels."""
+
+
+# --------------------------------------------------------------------------------------------
+# Procedural textures: each returns float32 [H, W] roughly in [-1, 1].
+# --------------------------------------------------------------------------------------------
+def _coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return y, x
+
+
+def _smooth_noise(h: int, w: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian-blurred white noise ``[H, W]``."""
+    n = ndimage.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), sigma, mode="wrap")
+    return (n - n.mean()) / (n.std() + 1e-6)
+
+
+def _stripes(h: int, w: int, rng: np.random.Generator, *, theta: float, lam: float,
+             wobble: float = 0.0, square: bool = False) -> np.ndarray:
+    """Parallel stripes varying along direction ``theta`` (radians) with wavelength ``lam`` px."""
+    y, x = _coords(h, w)
+    theta = theta + rng.normal(0.0, math.radians(6))
+    lam = lam * rng.uniform(0.9, 1.1)
+    u = x * math.cos(theta) + y * math.sin(theta)
+    phase = rng.uniform(0, 2 * math.pi)
+    if wobble:
+        phase = phase + wobble * _smooth_noise(h, w, lam * 1.5, rng)
+    s = np.sin(2 * math.pi * u / lam + phase)
+    return np.tanh(3 * s) if square else s
+
+
+def _bandpass(h: int, w: int, rng: np.random.Generator, *, lam: float) -> np.ndarray:
+    """Isotropic band-pass noise with dominant wavelength about ``lam`` px."""
+    lam = lam * rng.uniform(0.9, 1.1)
+    n = rng.standard_normal((h, w)).astype(np.float32)
+    s1 = lam / 6.0
+    b = ndimage.gaussian_filter(n, s1, mode="wrap") - ndimage.gaussian_filter(n, 2 * s1, mode="wrap")
+    return np.clip(b / (b.std() + 1e-6) / 2.0, -1, 1)
+
+
+def _lattice(h: int, w: int, rng: np.random.Generator, *, theta: float, lam: float) -> np.ndarray:
+    """Blobs on a lattice whose axes run along ``theta`` and ``theta + 90°`` (a hide pattern)."""
+    a = _stripes(h, w, rng, theta=theta, lam=lam)
+    b = _stripes(h, w, rng, theta=theta + math.pi / 2, lam=lam)
+    return np.tanh(2.0 * (a + b))
+
+
+def _grid(h: int, w: int, rng: np.random.Generator, *, lam: float) -> np.ndarray:
+    """Brick-like grid of thin dark lines on a flat field."""
+    y, x = _coords(h, w)
+    lam = lam * rng.uniform(0.9, 1.1)
+    oy, ox = rng.uniform(0, lam, 2)
+    row = np.floor((y + oy) / lam)
+    xs = x + ox + (row % 2) * lam
+    lines = (np.abs(((y + oy) % lam) - lam / 2) > lam / 2 - 1) | (np.abs((xs % (2 * lam)) - lam) > lam - 1)
+    return np.where(lines, -1.0, 0.4).astype(np.float32)
+
+
+def _smooth(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """An almost flat field: a faint low-frequency gradient."""
+    return 0.25 * _smooth_noise(h, w, max(h, w) / 5.0, rng)
+
+
+@dataclass(frozen=True)
+class _Texture:
+    name: str
+    make: Callable[[int, int, np.random.Generator], np.ndarray]
+    amplitude: float  # luminance swing of the pattern (0..1 scale)
+
+
+_D45, _D90, _D135 = math.radians(45), math.radians(90), math.radians(135)
+
+# Objects (never in the background): diagonal stripes and blotches, a spectral region that no
+# context or generic background texture occupies.
+_OBJECT_TEX: dict[int, _Texture] = {
+    1: _Texture("boat-hull", lambda h, w, r: _stripes(h, w, r, theta=_D45, lam=5.0), 0.22),
+    2: _Texture("train-body", lambda h, w, r: _stripes(h, w, r, theta=_D135, lam=8.0, square=True), 0.20),
+    3: _Texture("cow-hide", lambda h, w, r: _lattice(h, w, r, theta=_D45, lam=9.0), 0.24),
+    4: _Texture("plane-fuselage", lambda h, w, r: _stripes(h, w, r, theta=_D135, lam=4.0), 0.20),
+}
+# Contexts: co-occur with their object class, and also appear alone as background; axis-aligned,
+# isotropic-fine or flat, like the generic background.
+_CONTEXT_TEX: dict[int, _Texture] = {
+    1: _Texture("water", lambda h, w, r: _stripes(h, w, r, theta=_D90, lam=10.0, wobble=1.0), 0.18),
+    2: _Texture("rails", lambda h, w, r: _stripes(h, w, r, theta=0.0, lam=6.0, square=True), 0.22),
+    3: _Texture("grass", lambda h, w, r: _bandpass(h, w, r, lam=3.0), 0.25),
+    4: _Texture("sky", _smooth, 0.10),
+}
+# Generic background textures.
+_GENERIC_TEX: list[_Texture] = [
+    _Texture("wall", lambda h, w, r: _stripes(h, w, r, theta=0.0, lam=14.0), 0.15),
+    _Texture("gravel", lambda h, w, r: _bandpass(h, w, r, lam=5.0), 0.18),
+    _Texture("brick", lambda h, w, r: _grid(h, w, r, lam=9.0), 0.20),
+    _Texture("haze", _smooth, 0.12),
+]
+
+# Colour theme per class, shared by the object and its context (jittered per instance).
+_THEME: dict[int, tuple[float, float, float]] = {
+    1: (0.30, 0.45, 0.65),  # boat / water: blue-grey
+    2: (0.50, 0.42, 0.36),  # train / rails: brown-grey
+    3: (0.42, 0.55, 0.30),  # cow / grass: olive
+    4: (0.62, 0.66, 0.74),  # plane / sky: pale grey-blue
+}
+_COLOUR_JITTER = 0.07  # std of the per-instance colour offset, per channel
+_PIXEL_NOISE = 0.015  # std of i.i.d. pixel noise
+
+
+def _paint(canvas: np.ndarray, mask: np.ndarray, tex: _Texture, colour: np.ndarray,
+           rng: np.random.Generator) -> None:
+    """Fill ``canvas[mask]`` (float [H, W, 3]) with ``tex`` modulating ``colour``."""
+    h, w = mask.shape
+    pat = tex.make(h, w, rng)
+    tint = 1.0 + rng.normal(0, 0.15, 3)  # the pattern shifts the colour a little, not just luminance
+    layer = colour[None, None, :] + tex.amplitude * pat[..., None] * tint[None, None, :]
+    canvas[mask] = layer[mask]
+
+
+def _theme_colour(cls: int, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(np.asarray(_THEME[cls]) + rng.normal(0, _COLOUR_JITTER, 3), 0.1, 0.9)
+
+
+def _blob(h: int, w: int, cy: float, cx: float, ry: float, rx: float, rng: np.random.Generator,
+          warp: float = 0.25) -> np.ndarray:
+    """A wobbly ellipse mask ``bool [H, W]`` centred at (cy, cx) with semi-axes (ry, rx)."""
+    y, x = _coords(h, w)
+    rot = rng.uniform(0, math.pi)
+    dy, dx = y - cy, x - cx
+    u = dx * math.cos(rot) + dy * math.sin(rot)
+    v = -dx * math.sin(rot) + dy * math.cos(rot)
+    r = np.sqrt((u / rx) ** 2 + (v / ry) ** 2)
+    return r < 1.0 + warp * _smooth_noise(h, w, max(h, w) / 10.0, rng)
+
+
+def _shape(h: int, w: int, cy: float, cx: float, size: float, rng: np.random.Generator) -> np.ndarray:
+    """An object silhouette ``bool [H, W]``: ellipse, rotated rectangle or random convex polygon."""
+    y, x = _coords(h, w)
+    kind = rng.integers(3)
+    rot = rng.uniform(0, math.pi)
+    dy, dx = y - cy, x - cx
+    u = dx * math.cos(rot) + dy * math.sin(rot)
+    v = -dx * math.sin(rot) + dy * math.cos(rot)
+    aspect = rng.uniform(0.6, 1.0)
+    a, b = size, size * aspect
+    if kind == 0:
+        return (u / a) ** 2 + (v / b) ** 2 < 1.0
+    if kind == 1:
+        return (np.abs(u) < a * 0.9) & (np.abs(v) < b * 0.9)
+    # convex polygon: intersection of half-planes tangent to a jittered circle
+    n = int(rng.integers(5, 9))
+    mask = np.ones((h, w), dtype=bool)
+    for k in range(n):
+        ang = 2 * math.pi * k / n + rng.uniform(-0.3, 0.3)
+        rad = rng.uniform(0.8, 1.05)
+        mask &= (u / a) * math.cos(ang) + (v / b) * math.sin(ang) < rad
+    return mask
+
+
+def _render(size: int, rng: np.random.Generator, *, background_only: bool
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """One sample: image ``uint8 [S, S, 3]``, GT ``uint8 [S, S]``, pseudo ``uint8 [S, S]``, classes."""
+    h = w = size
+    canvas = np.zeros((h, w, 3), dtype=np.float32)
+    # 1. generic background: a Voronoi layout of 2-3 generic textures
+    n_cells = int(rng.integers(2, 4))
+    seeds = rng.uniform(0, size, (n_cells, 2))
+    y, x = _coords(h, w)
+    warp = 0.08 * size * _smooth_noise(h, w, size / 6.0, rng)
+    d = np.stack([np.hypot(y - sy + warp, x - sx) for sy, sx in seeds])
+    cell = d.argmin(0)
+    for c, tex_i in enumerate(rng.choice(len(_GENERIC_TEX), n_cells, replace=False)):
+        _paint(canvas, cell == c, _GENERIC_TEX[tex_i], rng.uniform(0.25, 0.75, 3), rng)
+
+    gt = np.zeros((h, w), dtype=np.uint8)
+    pseudo = np.zeros((h, w), dtype=np.uint8)
+    classes = list(SYNTHETIC_CLASSES[1:])
+    n_cls = len(classes)
+
+    # 2. instances: a context region with an object on it
+    n_inst = 0 if background_only else int(rng.choice([1, 1, 2]))
+    inst_cls = [int(c) for c in rng.choice(np.arange(1, n_cls + 1), n_inst, replace=False)]
+    # 3. lone contexts (no object): 1-2 in background-only images, 0-1 elsewhere
+    n_lone = int(rng.integers(1, 3)) if background_only else int(rng.random() < 0.8)
+    lone_pool = [c for c in range(1, n_cls + 1) if c not in inst_cls]
+    lone_cls = [int(c) for c in rng.choice(lone_pool, n_lone, replace=False)]
+
+    # centres: spread the regions over the image so they overlap little
+    n_regions = n_inst + n_lone
+    slots = rng.permutation(4)[:n_regions]
+    centres = [((0.3 + 0.4 * (s // 2)) * size + rng.uniform(-0.08, 0.08) * size,
+                (0.3 + 0.4 * (s % 2)) * size + rng.uniform(-0.08, 0.08) * size) for s in slots]
+    if n_regions == 1:
+        centres = [(size * rng.uniform(0.4, 0.6), size * rng.uniform(0.4, 0.6))]
+
+    objects: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for (cy, cx), cls in zip(centres, inst_cls + lone_cls):
+        big = 1.0 if n_regions == 1 else 0.8
+        ry, rx = size * rng.uniform(0.24, 0.32) * big, size * rng.uniform(0.26, 0.34) * big
+        ctx = _blob(h, w, cy, cx, ry, rx, rng)
+        _paint(canvas, ctx, _CONTEXT_TEX[cls], _theme_colour(cls, rng), rng)
+        if cls in inst_cls:
+            oy = cy + rng.uniform(-0.06, 0.06) * size
+            ox = cx + rng.uniform(-0.06, 0.06) * size
+            obj = _shape(h, w, oy, ox, size * rng.uniform(0.17, 0.23) * big, rng)
+            objects.append((cls, ctx, obj))
+
+    # objects go on top of all contexts
+    for cls, ctx, obj in objects:
+        _paint(canvas, obj, _OBJECT_TEX[cls], _theme_colour(cls, rng), rng)
+        gt[obj] = cls
+
+    # 4. the biased pseudo label: noisy object mask plus most of its context, as the object class
+    for cls, ctx, obj in objects:
+        it = int(rng.integers(0, 3))
+        noisy = obj
+        if it:
+            op = ndimage.binary_dilation if rng.random() < 0.6 else ndimage.binary_erosion
+            noisy = op(obj, iterations=it)
+        keep = _smooth_noise(h, w, size / 12.0, rng) > rng.uniform(-1.4, -0.8)  # drop ~10-20 % in holes
+        pseudo[noisy | (ctx & keep)] = cls
+    for cls, _, obj in objects:  # an object occluding an earlier context stays its own class
+        pseudo[ndimage.binary_erosion(obj, iterations=1)] = cls
+
+    img = canvas + rng.normal(0, _PIXEL_NOISE, canvas.shape).astype(np.float32)
+    img = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+    present = sorted({c for c, _, _ in objects})
+    return img, gt, pseudo, present
+
+
+def _boundary_ring(gt: np.ndarray, width: int) -> np.ndarray:
+    """GT with a ``width``-px ignore ring (255) around every object, VOC style."""
+    if width <= 0:
+        return gt
+    fg = gt > 0
+    edges = np.zeros_like(fg)
+    for c in np.unique(gt[fg]):
+        m = gt == c
+        edges |= ndimage.binary_dilation(m, iterations=width) & ~ndimage.binary_erosion(m, iterations=width)
+    out = gt.copy()
+    out[edges] = IGNORE
+    return out
+
+
+def _write_png_rgb(path: Path, img: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(img, mode="RGB").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def make_biased_dataset(
+    root: PathLike,
+    *,
+    n_train: int = 60,
+    n_val: int = 20,
+    size: int = 96,
+    seed: int = 0,
+    n_background_only: float = 0.25,
+    boundary: int = 0,
+) -> Path:
+    """Write the built-in biased dataset to ``root`` and return ``root``.
+
+    ``n_train``/``n_val``: images per split (ids ``train_0000``…, ``val_0000``…); ``size``: square
+    image side in px (>= 32); ``n_background_only``: fraction of train images with contexts but no
+    object (their image-level label list is empty); ``boundary``: width of a 255 ignore ring around
+    GT objects (0 = none). Pseudo labels are written for both splits. Deterministic from ``seed``.
+    Raises ``ValueError`` for out-of-range arguments.
+    """
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"make_biased_dataset: n_train and n_val must be >= 1, got {n_train}, {n_val}")
+    if size < 32:
+        raise ValueError(f"make_biased_dataset: size must be >= 32 px, got {size}")
+    if not 0.0 <= n_background_only < 1.0:
+        raise ValueError(
+            f"make_biased_dataset: n_background_only must be in [0, 1), got {n_background_only}"
+        )
+    r = Path(root)
+    dirs = {k: r / k for k in ("JPEGImages", "SegmentationClass", PSEUDO_DIR, "ImageSets/Segmentation")}
+    for p in dirs.values():
+        p.mkdir(parents=True, exist_ok=True)
+
+    labels: dict[str, list[int]] = {}
+    for split_i, (split, n) in enumerate((("train", n_train), ("val", n_val))):
+        n_bg = int(round(n * n_background_only)) if split == "train" else 0
+        order = np.random.default_rng([seed, split_i, 7]).permutation(n)
+        bg_only = set(order[:n_bg].tolist())
+        ids = []
+        for i in range(n):
+            image_id = f"{split}_{i:04d}"
+            rng = np.random.default_rng([seed, split_i, i])
+            img, gt, pseudo, present = _render(size, rng, background_only=i in bg_only)
+            _write_png_rgb(dirs["JPEGImages"] / f"{image_id}.png", img)
+            write_label(dirs["SegmentationClass"] / f"{image_id}.png", _boundary_ring(gt, boundary))
+            write_label(dirs[PSEUDO_DIR] / f"{image_id}.png", pseudo)
+            labels[image_id] = present
+            ids.append(image_id)
+        _write_text(dirs["ImageSets/Segmentation"] / f"{split}.txt", "\n".join(ids) + "\n")
+    _write_text(r / "classes.txt", "\n".join(SYNTHETIC_CLASSES) + "\n")
+    _write_text(r / "image_labels.json", json.dumps(labels, indent=0, sort_keys=True) + "\n")
+    logger.info("built-in biased dataset: %d train + %d val images at %s", n_train, n_val, r)
+    return r
+
+
+__all__ = ["PSEUDO_DIR", "SYNTHETIC_CLASSES", "make_biased_dataset"]
