@@ -79,6 +79,14 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_coco(args: argparse.Namespace) -> int:
+    from mars_ray.data.coco import convert_coco
+
+    ds = convert_coco(args.src, args.dst, link=not args.copy)
+    print(f"{ds.root}: {len(ds.ids('train'))} train, {len(ds.ids('val'))} val images, {ds.num_classes} classes")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, run_dir = _prepare_run(args)
     stages = list(STAGES)
@@ -135,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_dataset)
+
+    p = sub.add_parser("convert-coco", help="WSSS COCO 2014 layout (train2014/, val2014/, SegmentationClass/) → VOC-style")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--copy", action="store_true", help="copy files instead of symlinking them")
+    p.set_defaults(func=cmd_convert_coco)
 
     p = sub.add_parser("run", help="run the pipeline stages in order")
     _add_config_flags(p)

@@ -1,0 +1,55 @@
+"""The documented CLI end to end on the built-in dataset, on a local Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mars_ray.cli import main
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def test_run_then_evaluate_labels(tiny_data: Path, ray_local, tmp_path: Path, capsys):
+    run = tmp_path / "run"
+    rc = main(["run", "--data", str(tiny_data), "--pseudo-labels", str(tiny_data / "pseudo_labels"),
+               "--out", str(run), "--until", "debias", "--set", "debias.crf=false", "select.alpha=0.5"])
+    assert rc == 0
+    assert (run / "features" / "centroids.parquet").is_dir()
+    assert (run / "select" / "centroids.npy").is_file() and (run / "select" / "report.json").is_file()
+    assert len(list((run / "debias").glob("*.png"))) == 16
+    assert "alpha: 0.5" in (run / "config.yaml").read_text()
+    rc = main(["evaluate-labels", "--data", str(tiny_data), "--labels", str(run / "debias"), "--split", "train"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "background" in out
+    metrics = json.loads((run / "debias" / "metrics.json").read_text())
+    assert 0 <= metrics["miou"] <= 1 and set(metrics["per_class"]) >= {"background"}
+    # ray_local is still up: the CLI only stops a Ray it started itself
+    assert ray_local.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "select.alpha=1.5"], "select.alpha must be in (0, 1]"),
+        (["--set", "features.k_bgg=3"], "unknown config key 'features.k_bgg'"),
+        (["--split", "nosuchsplit"], "nosuchsplit.txt"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_data: Path, tmp_path: Path, capsys, extra, message):
+    rc = main(["run", "--data", str(tiny_data), "--pseudo-labels", str(tiny_data / "pseudo_labels"),
+               "--out", str(tmp_path / "run"), *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_and_module_entry_points():
+    out = subprocess.run([sys.executable, "-m", "mars_ray", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for cmd in ("make-dataset", "run", "features", "select", "debias", "evaluate-labels", "demo"):
+        assert cmd in out.stdout
