@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +143,7 @@ class TextureExtractor(nn.Module):
 
 
 @FEATURES.register("texture")
-def build_texture_extractor(**kw: float) -> TextureExtractor:
+def build_texture_extractor(**kw: Any) -> TextureExtractor:
     """Builder for the weight-free texture extractor; keyword arguments go to ``TextureExtractor``."""
     return TextureExtractor(**kw).eval()
 
