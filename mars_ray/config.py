@@ -63,7 +63,7 @@ class DebiasConfig:
     crf_gauss_compat: float = 3.0
     crf_bilateral_sxy: float = 50.0
     crf_bilateral_srgb: float = 13.0
-    crf_bilateral_compat: float = 10.0
+    crf_bilateral_compat: float = 4.0  # DeepLab-v2 CRF weight; 10 over-smooths textured objects
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     batch_size: int = 8
@@ -146,6 +146,14 @@ class TrainConfig:
     epochs: int = 30
     ema_momentum: float = 0.99
     teacher_crf: bool = True
+    crf_iters: int = 10  # dense CRF of the teacher's fill (Y^co); same kernels as debias.crf_*
+    crf_gauss_sxy: float = 3.0
+    crf_gauss_compat: float = 3.0
+    crf_bilateral_sxy: float = 50.0
+    crf_bilateral_srgb: float = 13.0
+    crf_bilateral_compat: float = 4.0  # DeepLab-v2 CRF weight; 10 over-smooths textured objects
+    init_checkpoint: str = ""  # optional segmenter checkpoint (same model and classes) to start from
+    val_every: int = 1  # epochs between val mIoU on data.eval_split (0 = never)
     amp: bool = True  # mixed precision where CUDA is available
     num_workers: int = 1
     use_gpu: bool = False
@@ -153,6 +161,19 @@ class TrainConfig:
     max_failures: int = 0
     checkpoint_every: int = 1  # epochs
     seed: int = 0
+
+    def crf_kwargs(self) -> dict[str, float] | None:
+        """``algo.crf.dense_crf`` kwargs for the teacher's fill; ``None`` when ``teacher_crf`` is off."""
+        if not self.teacher_crf:
+            return None
+        return {
+            "iters": self.crf_iters,
+            "gauss_sxy": self.crf_gauss_sxy,
+            "gauss_compat": self.crf_gauss_compat,
+            "bilateral_sxy": self.crf_bilateral_sxy,
+            "bilateral_srgb": self.crf_bilateral_srgb,
+            "bilateral_compat": self.crf_bilateral_compat,
+        }
 
 
 @dataclass(frozen=True)
@@ -162,9 +183,10 @@ class EvaluateConfig:
     checkpoint: str = ""  # "" → RUN/train/model.pt
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    crf: bool = False
+    crf: bool = False  # dense CRF with dense_crf's defaults (the debias.crf_* kernels)
     num_actors: int = 1
     cpus_per_actor: float = 1.0
+    use_gpu: bool = False  # one GPU per actor
     batch_size: int = 4
 
 
