@@ -18,9 +18,10 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -113,11 +114,17 @@ class StageDir:
         m = self.read_manifest()
         return bool(m and m.get("key") == self.key and m.get("status") == "complete")
 
+    @property
+    def previous_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.prev")
+
     def begin(self) -> bool:
         """Prepare the folder; returns True when resuming an interrupted run with the same key.
 
-        A folder written with another key is cleared first (its manifest says what made it). Call
-        only after the inputs were validated, so that bad input never destroys earlier results.
+        A finished folder written with another key is moved aside (``.<stage>.prev``) rather than
+        deleted: ``finish`` drops it, ``restore`` (called by ``guard`` when the stage raises) puts
+        it back, so bad input never destroys earlier results. An unfinished folder of another
+        key is cleared.
         """
         m = self.read_manifest()
         resuming = bool(m and m.get("key") == self.key and m.get("status") == "running")
@@ -126,13 +133,35 @@ class StageDir:
                 raise ValueError(
                     f"{self.path} exists, is not empty and has no {MANIFEST}: refusing to overwrite it"
                 )
-            shutil.rmtree(self.path)
+            shutil.rmtree(self.previous_path, ignore_errors=True)
+            if m is not None and m.get("status") == "complete":
+                self.path.rename(self.previous_path)
+            else:
+                shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._write("running", outputs={})
         return resuming
 
+    def restore(self) -> None:
+        """Undo ``begin`` after a failure: bring back the finished artifact it moved aside."""
+        if self.previous_path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.previous_path.rename(self.path)
+            logger.info("%s: restored the previous %s artifact after the failure", self.path, self.stage)
+
+    @contextmanager
+    def guard(self) -> Iterator[bool]:
+        """``with sd.guard() as resuming:`` = ``begin``, then ``restore`` if the body raises."""
+        resuming = self.begin()
+        try:
+            yield resuming
+        except BaseException:
+            self.restore()
+            raise
+
     def finish(self, outputs: Mapping[str, Any]) -> None:
         self._write("complete", outputs=outputs)
+        shutil.rmtree(self.previous_path, ignore_errors=True)
 
     def _write(self, status: str, outputs: Mapping[str, Any]) -> None:
         prev = self.read_manifest() or {}

@@ -56,3 +56,20 @@ def test_fingerprint_changes_with_content(tmp_path: Path):
     (tmp_path / "f.txt").write_text("ab")
     assert fingerprint_path(tmp_path) != a
     assert fingerprint_path("") == "none"
+
+
+def test_failure_restores_the_previous_artifact(tmp_path: Path):
+    sd = _sd(tmp_path / "stage", "k1")
+    sd.begin()
+    (sd.path / "result.txt").write_text("old")
+    sd.finish({})
+    sd2 = _sd(sd.path, "k2")
+    with pytest.raises(RuntimeError):
+        with sd2.guard():
+            (sd.path / "result.txt").write_text("half")
+            raise RuntimeError("bad input found mid-stage")
+    assert (sd.path / "result.txt").read_text() == "old"
+    assert sd.is_complete() and not sd2.previous_path.exists()
+    with sd2.guard():
+        sd2.finish({})
+    assert sd2.is_complete() and not sd2.previous_path.exists()

@@ -131,43 +131,43 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
     if sd.is_complete():
         logger.info("debias: up to date in %s, skipping", sd.path)
         return sd.path
-    resuming = sd.begin()
-    ensure_ray(cfg.ray)
-    ids = dataset.ids(cfg.data.split)
-    d = cfg.debias
-    n_blocks = max(1, min(len(ids), max(4 * d.num_actors, len(ids) // 64)))
-    ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
-    ds = ds.map_batches(
-        DebiasImages,
-        fn_constructor_kwargs=dict(
-            root=str(dataset.root),
-            pseudo_dir=str(features_stage.pseudo_label_dir(cfg, run_dir)),
-            out_dir=str(sd.path),
-            select_dir=str(run_dir / "select"),
-            source_kwargs=features_stage.feature_source_kwargs(cfg, run_dir),
-            threshold=d.threshold,
-            crf=d.crf_kwargs(),
-            skip_existing=resuming,
-            threads=max(1, int(d.cpus_per_actor)),
-        ),
-        compute=ray.data.ActorPoolStrategy(size=d.num_actors),
-        num_cpus=d.cpus_per_actor,
-        batch_size=d.batch_size,
-        batch_format="numpy",
-    )
-    n_images = n_fg = n_biased = 0
-    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        n_images += len(batch["image_id"])
-        n_fg += int(batch["n_fg"].sum())
-        n_biased += int(batch["n_biased"].sum())
-    stats = {
-        "images": n_images,
-        "foreground_pixels": n_fg,
-        "biased_pixels": n_biased,
-        "biased_fraction": n_biased / n_fg if n_fg else 0.0,
-        "resumed": resuming,
-    }
-    atomic_write_json(sd.path / "stats.json", stats)
-    sd.finish(stats)
+    with sd.guard() as resuming:
+        ensure_ray(cfg.ray)
+        ids = dataset.ids(cfg.data.split)
+        d = cfg.debias
+        n_blocks = max(1, min(len(ids), max(4 * d.num_actors, len(ids) // 64)))
+        ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
+        ds = ds.map_batches(
+            DebiasImages,
+            fn_constructor_kwargs=dict(
+                root=str(dataset.root),
+                pseudo_dir=str(features_stage.pseudo_label_dir(cfg, run_dir)),
+                out_dir=str(sd.path),
+                select_dir=str(run_dir / "select"),
+                source_kwargs=features_stage.feature_source_kwargs(cfg, run_dir),
+                threshold=d.threshold,
+                crf=d.crf_kwargs(),
+                skip_existing=resuming,
+                threads=max(1, int(d.cpus_per_actor)),
+            ),
+            compute=ray.data.ActorPoolStrategy(size=d.num_actors),
+            num_cpus=d.cpus_per_actor,
+            batch_size=d.batch_size,
+            batch_format="numpy",
+        )
+        n_images = n_fg = n_biased = 0
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            n_images += len(batch["image_id"])
+            n_fg += int(batch["n_fg"].sum())
+            n_biased += int(batch["n_biased"].sum())
+        stats = {
+            "images": n_images,
+            "foreground_pixels": n_fg,
+            "biased_pixels": n_biased,
+            "biased_fraction": n_biased / n_fg if n_fg else 0.0,
+            "resumed": resuming,
+        }
+        atomic_write_json(sd.path / "stats.json", stats)
+        sd.finish(stats)
     logger.info("debias: %d images, %.1f%% of pseudo-label foreground marked biased", n_images, 100 * stats["biased_fraction"])
     return sd.path

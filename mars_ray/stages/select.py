@@ -173,26 +173,26 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
         logger.info("select: up to date in %s, skipping", sd.path)
         return sd.path
     dataset = VOCDataset(cfg.data.root)
-    sd.begin()
-    ensure_ray(cfg.ray)
-    table = run_dir / "features" / features_stage.TABLE
-    actor = ray.remote(num_cpus=1)(CentroidSelector).remote(
-        str(table), num_classes=dataset.num_classes, alpha=cfg.select.alpha, chunk_rows=cfg.select.chunk_rows
-    )
-    tmp_chosen = sd.path / ".chosen.parquet.tmp"
-    result = ray.get(actor.run.remote(str(tmp_chosen)))
-    ray.kill(actor)
-    tmp_chosen.replace(sd.path / "chosen.parquet")
-    report = result["report"]
-    report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
-    report["classes_without_centroids"] = [
-        dataset.classes[c] for c in range(1, dataset.num_classes + 1) if not result["present"][c]
-    ]
-    atomic_save_npy(sd.path / "centroids.npy", result["centroids"])
-    atomic_save_npy(sd.path / "present.npy", result["present"])
-    atomic_write_json(sd.path / "report.json", report)
-    sd.finish({"centroids": "centroids.npy", "present": "present.npy", "report": "report.json",
-               "n_chosen": report["n_chosen"], "target_ratio": report.get("target_ratio")})
+    with sd.guard():
+        ensure_ray(cfg.ray)
+        table = run_dir / "features" / features_stage.TABLE
+        actor = ray.remote(num_cpus=1)(CentroidSelector).remote(
+            str(table), num_classes=dataset.num_classes, alpha=cfg.select.alpha, chunk_rows=cfg.select.chunk_rows
+        )
+        tmp_chosen = sd.path / ".chosen.parquet.tmp"
+        result = ray.get(actor.run.remote(str(tmp_chosen)))
+        ray.kill(actor)
+        tmp_chosen.replace(sd.path / "chosen.parquet")
+        report = result["report"]
+        report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
+        report["classes_without_centroids"] = [
+            dataset.classes[c] for c in range(1, dataset.num_classes + 1) if not result["present"][c]
+        ]
+        atomic_save_npy(sd.path / "centroids.npy", result["centroids"])
+        atomic_save_npy(sd.path / "present.npy", result["present"])
+        atomic_write_json(sd.path / "report.json", report)
+        sd.finish({"centroids": "centroids.npy", "present": "present.npy", "report": "report.json",
+                   "n_chosen": report["n_chosen"], "target_ratio": report.get("target_ratio")})
     ratio = report.get("target_ratio")
     logger.info(
         "select: chose %d of %d foreground centroids (alpha=%.2f)%s",

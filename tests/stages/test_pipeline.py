@@ -152,7 +152,10 @@ def test_bad_pseudo_labels_fail_before_outputs_change(run: Path, tiny_data: Path
     assert json.loads((other / "features" / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_out_of_range_label_value_is_named(tiny_data: Path, ray_local, tmp_path: Path):
+def test_out_of_range_label_value_is_named_and_old_artifact_kept(run: Path, tiny_data: Path, tmp_path: Path):
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    before = (other / "features" / "manifest.json").read_text()
     bad = tmp_path / "pseudo"
     shutil.copytree(tiny_data / "pseudo_labels", bad)
     ids = VOCDataset(tiny_data).ids("train")
@@ -161,5 +164,9 @@ def test_out_of_range_label_value_is_named(tiny_data: Path, ray_local, tmp_path:
     write_label(bad / f"{ids[0]}.png", label)
     cfg = C.build(overrides={"data.root": str(tiny_data), "data.pseudo_labels": str(bad)})
     with pytest.raises(Exception) as err:
-        features.run(cfg, tmp_path / "run")
+        features.run(cfg, other)
     assert f"{ids[0]}.png" in str(err.value) and "77" in str(err.value)
+    # the value error surfaced inside a Ray worker, after the stage began: the finished
+    # artifact of the earlier inputs is back in place, untouched
+    assert (other / "features" / "manifest.json").read_text() == before
+    assert (other / "features" / features.TABLE).is_dir()
