@@ -4,7 +4,6 @@
 """
 
 import importlib
-import importlib.util
 
 _MODULES = ("handcrafted", "vit", "small_cnn", "stego", "cam", "resnet", "deeplab")
 
@@ -12,5 +11,4 @@ _MODULES = ("handcrafted", "vit", "small_cnn", "stego", "cam", "resnet", "deepla
 def load_all() -> None:
     """Import each model family module (each registers its builders on import)."""
     for name in _MODULES:
-        if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # TEMP until all families land
-            importlib.import_module(f"{__name__}.{name}")
+        importlib.import_module(f"{__name__}.{name}")
