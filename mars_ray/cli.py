@@ -18,6 +18,7 @@ from mars_ray import config as C
 logger = logging.getLogger("mars_ray")
 
 STAGES = ("features", "select", "debias")
+PRE_STAGES = ("wsss", "uss")  # built-in WSSS / USS: run first by `mars run` when their inputs are not given
 
 
 def _stage_module(name: str) -> Any:
@@ -33,25 +34,52 @@ def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True) 
     p.add_argument("--data", help="dataset root (VOC-style layout); same as --set data.root=…")
     p.add_argument("--pseudo-labels", help="folder of pseudo-label PNGs {id}.png from any WSSS method")
     p.add_argument("--features-dir", help="folder of external USS features {id}.npy|npz|pt ([d, h, w])")
+    p.add_argument("--uss", action="store_true",
+                   help="use the built-in learned USS (features.extractor=stego; `mars run` trains it first)")
     p.add_argument("--split", help="image split to debias (default: train)")
     p.add_argument("--out", required=out_required, help="run folder; every stage writes RUN/<stage>/")
     p.add_argument("--config", help="YAML config file (sections data, features, select, debias, ray, …)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. select.alpha=0.3")
 
 
-def config_from_args(args: argparse.Namespace) -> C.Config:
+def config_from_args(args: argparse.Namespace, *, build_missing: bool = False) -> C.Config:
+    """Defaults → ``--config`` → ``--set`` → flags. ``--uss`` means ``features.extractor=stego``.
+
+    ``build_missing`` (``mars run``): with neither pseudo labels nor features given and no extractor
+    chosen (``features.extractor`` in neither ``--set`` nor ``--config``), the run builds both —
+    CAM pseudo labels (``wsss``) and the learned USS (``features.extractor=stego``, ``uss``).
+    """
     overrides: dict[str, Any] = C.parse_set(args.set)
     flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
              "data.features_dir": args.features_dir, "data.split": args.split}
     overrides.update({k: v for k, v in flags.items() if v is not None})
+    if getattr(args, "uss", False):
+        overrides["features.extractor"] = "stego"
     cfg = C.build(args.config, overrides)
     if not cfg.data.root:
         raise ValueError("no dataset: pass --data ROOT (or data.root in --config)")
+    chosen = "features.extractor" in overrides or (
+        bool(args.config) and "features.extractor" in C.flatten(C.load_yaml(args.config)))
+    if build_missing and not cfg.data.pseudo_labels and not cfg.data.features_dir and not chosen:
+        cfg = C.merge(cfg, {"features.extractor": "stego"})
     return cfg
 
 
-def _prepare_run(args: argparse.Namespace) -> tuple[C.Config, Path]:
-    cfg = config_from_args(args)
+def plan_stages(cfg: C.Config, until: str | None = None) -> list[str]:
+    """The stages ``mars run`` runs: ``wsss`` when no pseudo labels are given, ``uss`` when the
+    features come from the learned ``stego`` extractor without a checkpoint, then ``STAGES``."""
+    stages = [] if cfg.data.pseudo_labels else ["wsss"]
+    if not cfg.data.features_dir and cfg.features.extractor == "stego" and not cfg.features.checkpoint:
+        stages.append("uss")
+    stages += list(STAGES)
+    if until:
+        order = list(PRE_STAGES + STAGES)
+        stages = [s for s in stages if order.index(s) <= order.index(until)]
+    return stages
+
+
+def _prepare_run(args: argparse.Namespace, *, build_missing: bool = False) -> tuple[C.Config, Path]:
+    cfg = config_from_args(args, build_missing=build_missing)
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump_yaml(cfg, run_dir / "config.yaml")
@@ -88,10 +116,8 @@ def cmd_convert_coco(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg, run_dir = _prepare_run(args)
-    stages = list(STAGES)
-    if args.until:
-        stages = stages[: stages.index(args.until) + 1]
+    cfg, run_dir = _prepare_run(args, build_missing=True)
+    stages = plan_stages(cfg, args.until)
     run_stages(cfg, run_dir, stages)
     print(f"done: {', '.join(stages)} → {run_dir}")
     return 0
@@ -152,10 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the pipeline stages in order")
     _add_config_flags(p)
-    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    p.add_argument("--until", choices=PRE_STAGES + STAGES, help="stop after this stage")
     p.set_defaults(func=cmd_run)
 
     for name, help_ in (
+        ("wsss", "CAM classifier on Ray Train → pseudo labels RUN/wsss/{id}.png (no pseudo labels of your own)"),
+        ("uss", "STEGO-style USS on Ray Train, no labels → RUN/uss/checkpoint.pt (features.extractor=stego)"),
         ("features", "USS features + per-image clustering → RUN/features/centroids.parquet"),
         ("select", "debiased centroids (Eq 1–3) → RUN/select/centroids.npy + report.json"),
         ("debias", "debiased labels (Eq 4–5) → RUN/debias/{id}.png"),
@@ -221,4 +249,4 @@ def _shutdown_ray() -> None:
         shutdown_if_started()
 
 
-__all__ = ["main", "build_parser", "config_from_args", "run_stages", "STAGES"]
+__all__ = ["main", "build_parser", "config_from_args", "plan_stages", "run_stages", "STAGES", "PRE_STAGES"]

@@ -87,19 +87,23 @@ class WsssConfig:
     """Stage ``wsss`` (built-in CAM baseline, situation c): classifier on Ray Train → Y^b PNGs."""
 
     classifier: str = "cam_small"  # a name in CLASSIFIERS
-    epochs: int = 15
+    epochs: int = 50  # cam_small from scratch: an under-trained classifier spreads its CAMs everywhere
     batch_size: int = 16
-    lr: float = 0.01
+    lr: float = 0.05  # SGD, momentum 0.9, poly schedule
     weight_decay: float = 1e-4
     crop_size: int = 96
     cam_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     cam_flip: bool = True
-    bg_threshold: float = 0.15
+    bg_threshold: float = 0.3
     crf: bool = False
+    cam_eval_split: bool = True  # also write CAM pseudo labels for data.eval_split (when it exists)
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    num_actors: int = 1  # CAM inference: Ray Data actor pool
+    cpus_per_actor: float = 1.0
+    cam_batch_size: int = 8
     seed: int = 0
 
 
@@ -114,7 +118,10 @@ class UssConfig:
     dim: int = 70
     batch_size: int = 16
     lr: float = 5e-4
+    ssl_lr: float = 3e-3  # Adam, self-supervised small_cnn pretraining
     crop_size: int = 96
+    knn: int = 7  # k-NN partners per image, from pooled backbone features over the whole split
+    n_samples: int = 11  # STEGO samples an n x n grid of points per image for the correspondence loss
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
