@@ -80,6 +80,9 @@ def plan_stages(cfg: C.Config, until: str | None = None) -> list[str]:
 
 def _prepare_run(args: argparse.Namespace, *, build_missing: bool = False) -> tuple[C.Config, Path]:
     cfg = config_from_args(args, build_missing=build_missing)
+    if "://" in str(args.out):
+        raise ValueError(f"--out {args.out}: object-store URIs are not supported for run folders; "
+                         "use a shared POSIX filesystem (README, 'On a cluster')")
     run_dir = Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump_yaml(cfg, run_dir / "config.yaml")
@@ -145,6 +148,27 @@ def cmd_evaluate_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mars_ray.tune import run_sweep
+
+    overrides: dict[str, Any] = C.parse_set(args.set)
+    flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
+             "data.features_dir": args.features_dir, "data.split": args.split}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if getattr(args, "uss", False):
+        overrides["features.extractor"] = "stego"
+    summary = run_sweep(args.space, args.out, config_file=args.config, overrides=overrides,
+                        tracking_uri=args.tracking_uri, experiment=args.experiment, smoke=args.smoke_test,
+                        cache=not args.no_cache, verbose=0 if args.quiet else 1)
+    print(summary["table"])
+    best = summary["best"]
+    print(f"best {summary['objective']['metric']} = {best[summary['objective']['metric']]:.4f} at "
+          + ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("trial_id", summary['objective']['metric'])))
+    print(f"{summary['trials']} trials ({summary['failed']} failed) in {summary['wall_s']}s; "
+          f"best config → {summary['best_config']}; MLflow: {summary['tracking_uri']}")
+    return 1 if summary["failed"] else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mars_ray.demo import run_demo
 
@@ -199,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--biased-as", choices=("background", "ignore"), default="background")
     p.add_argument("--out", help="metrics JSON (default LABELS/metrics.json)")
     p.set_defaults(func=cmd_evaluate_labels)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over a tune_spaces/*.yaml space, tracked in MLflow")
+    p.add_argument("--space", required=True, help="search space YAML (tune_spaces/alpha_kbg.yaml, …)")
+    _add_config_flags(p)
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///RUN/mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name (default mars-tune-<space>)")
+    p.add_argument("--smoke-test", action="store_true", help="the space's small smoke grid")
+    p.add_argument("--no-cache", action="store_true", help="recompute features in every trial (for measuring)")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="built-in dataset → debiased labels, with a before/after table")
     p.add_argument("--out", default="runs/demo")

@@ -42,6 +42,9 @@ class FeaturesConfig:
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     batch_size: int = 8
+    # content-addressed cache: "" = off; else the artifact lives in CACHE/features-<key>/ (computed
+    # once under a file lock) and RUN/features links to it. `mars tune` sets RUN/cache.
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)

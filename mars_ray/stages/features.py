@@ -8,11 +8,16 @@ centroid:
     image_id: string, class_id: int16, is_bg: bool, k: int16, count: int64,
     gt_match: float32 (share of the centroid's pixels whose ground truth is its class; NaN without GT),
     vector: fixed_size_list<float32>[d]
+
+With ``features.cache_dir`` set the artifact is content-addressed: it is computed once into
+``CACHE/features-<key>/`` (under an exclusive file lock) and ``RUN/features`` is a symlink to it,
+so runs that differ only downstream (e.g. Tune trials differing in α) share one clustering.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ import torch
 
 from mars_ray import config as C
 from mars_ray.algo.clustering import cluster_regions
-from mars_ray.artifacts import StageDir, fingerprint_files, fingerprint_path
+from mars_ray.artifacts import StageDir, fingerprint_files, fingerprint_path, read_manifest
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.validate import check_label, check_label_folder
 from mars_ray.data.voc import VOCDataset
@@ -171,7 +176,7 @@ def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
     return StageDir(run_dir / "features", "features", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
-_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "batch_size"}  # do not change the result
+_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "batch_size", "cache_dir"}  # do not change the result
 
 
 def validate_inputs(cfg: C.Config, run_dir: Path) -> VOCDataset:
@@ -194,43 +199,97 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     dataset = validate_inputs(cfg, run_dir)
     sd = stage_dir(cfg, run_dir)
+    if cfg.features.cache_dir:
+        return _run_cached(cfg, run_dir, dataset, sd)
     if sd.is_complete():
         logger.info("features: up to date in %s, skipping", sd.path)
         return sd.path
-    sd.begin()
-    ensure_ray(cfg.ray)
-    ids = dataset.ids(cfg.data.split)
-    fc = cfg.features
-    n_blocks = max(1, min(len(ids), max(4 * fc.num_actors, len(ids) // 64)))
-    ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
-    ds = ds.map_batches(
-        ClusterImages,
-        fn_constructor_kwargs=dict(
-            root=str(dataset.root),
-            pseudo_dir=str(pseudo_label_dir(cfg, run_dir)),
-            source_kwargs=feature_source_kwargs(cfg, run_dir),
-            k_fg=fc.k_fg,
-            k_bg=fc.k_bg,
-            max_pixels=fc.max_pixels,
-            iters=fc.kmeans_iters,
-            seed=fc.seed,
-            threads=max(1, int(fc.cpus_per_actor)),
-        ),
-        compute=ray.data.ActorPoolStrategy(size=fc.num_actors),
-        num_cpus=fc.cpus_per_actor,
-        batch_size=fc.batch_size,
-        batch_format="numpy",
-    )
-    out = sd.path / TABLE
-    tmp = sd.path / f".{TABLE}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    stats = table_stats(out)
-    sd.finish({"table": TABLE, **stats})
-    logger.info("features: %d centroids (%d fg, %d bg) from %d images", stats["rows"], stats["fg_rows"], stats["bg_rows"], len(ids))
+    if sd.path.is_symlink():  # a link into a cache from an earlier cached run: compute here instead
+        sd.path.unlink()
+    _compute(cfg, run_dir, dataset, sd)
     return sd.path
+
+
+def cache_path(cfg: C.Config, run_dir: Path) -> Path | None:
+    """``CACHE/features-<key>`` for this config and inputs (``None`` when the cache is off)."""
+    if not cfg.features.cache_dir:
+        return None
+    return Path(cfg.features.cache_dir) / f"features-{stage_dir(cfg, Path(run_dir)).key}"
+
+
+def _run_cached(cfg: C.Config, run_dir: Path, dataset: VOCDataset, sd: StageDir) -> Path:
+    """Content-addressed artifact: compute ``CACHE/features-<key>`` once, link ``RUN/features`` to it.
+
+    An exclusive ``fcntl`` lock per key makes concurrent runs (Tune trials sharing K_bg) wait for
+    the one computing it and then find it complete; different keys proceed in parallel. The key
+    is the same as without the cache, so select/debias manifests do not see the difference.
+    """
+    import fcntl
+
+    cache = Path(cfg.features.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / f"features-{sd.key}"
+    with open(cache / f".features-{sd.key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        csd = StageDir(target, sd.stage, sd.key, sd.config, sd.inputs)
+        if csd.is_complete():
+            logger.info("features: cached in %s, reusing", target)
+        else:
+            _compute(cfg, run_dir, dataset, csd)
+    _link(sd.path, target)
+    return sd.path
+
+
+def _link(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` atomically (replacing an older link or a finished stage folder)."""
+    if link.is_symlink() and Path(os.readlink(link)) == target.resolve():
+        return
+    if link.is_dir() and not link.is_symlink():
+        if read_manifest(link) is None and any(link.iterdir()):
+            raise ValueError(f"{link} exists, is not empty and has no manifest.json: refusing to replace it")
+        shutil.rmtree(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.resolve(), target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def _compute(cfg: C.Config, run_dir: Path, dataset: VOCDataset, sd: StageDir) -> None:
+    """Cluster every image of the split into ``sd.path`` (Ray Data actor pool) and finish the manifest."""
+    with sd.guard():
+        ensure_ray(cfg.ray)
+        ids = dataset.ids(cfg.data.split)
+        fc = cfg.features
+        n_blocks = max(1, min(len(ids), max(4 * fc.num_actors, len(ids) // 64)))
+        ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
+        ds = ds.map_batches(
+            ClusterImages,
+            fn_constructor_kwargs=dict(
+                root=str(dataset.root),
+                pseudo_dir=str(pseudo_label_dir(cfg, run_dir)),
+                source_kwargs=feature_source_kwargs(cfg, run_dir),
+                k_fg=fc.k_fg,
+                k_bg=fc.k_bg,
+                max_pixels=fc.max_pixels,
+                iters=fc.kmeans_iters,
+                seed=fc.seed,
+                threads=max(1, int(fc.cpus_per_actor)),
+            ),
+            compute=ray.data.ActorPoolStrategy(size=fc.num_actors),
+            num_cpus=fc.cpus_per_actor,
+            batch_size=fc.batch_size,
+            batch_format="numpy",
+        )
+        out = sd.path / TABLE
+        tmp = sd.path / f".{TABLE}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds.write_parquet(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        stats = table_stats(out)
+        sd.finish({"table": TABLE, **stats})
+    logger.info("features: %d centroids (%d fg, %d bg) from %d images", stats["rows"], stats["fg_rows"], stats["bg_rows"], len(ids))
 
 
 def table_stats(path: Path) -> dict[str, int]:
