@@ -508,7 +508,7 @@ def _finish(space: Space, base: C.Config, run_dir: Path, results: Any, uri: str,
                  space.metric: best_row[space.metric]},
         "results": str(out_dir / "results.csv"), "best_config": str(out_dir / "best.yaml"),
         "heatmap": str(heatmap) if heatmap else None, "tracking_uri": uri, "experiment": exp_name,
-        "table": format_table([row for row, _ in rows], searched, space.metric),
+        "table": format_table([row for row, _ in rows], searched, space.metric, space.mode),
     }
     atomic_write_json(out_dir / "summary.json", summary)
     try:
@@ -533,10 +533,24 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _axes(searched: list[str]) -> tuple[str, str] | None:
+MAX_GRID = 12  # beyond this many distinct values per axis, a table/heatmap turns into a list/scatter
+
+
+def _axes(searched: list[str], rows: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+    """The two keys to tabulate over (α × K_bg when both are searched), or ``None``."""
     if "select.alpha" in searched and "features.k_bg" in searched:
-        return "select.alpha", "features.k_bg"
-    return (searched[0], searched[1]) if len(searched) >= 2 else None
+        axes = ("select.alpha", "features.k_bg")
+    elif len(searched) >= 2:
+        axes = (searched[0], searched[1])
+    else:
+        return None
+    if rows is not None and any(len({str(r[k]) for r in rows}) > MAX_GRID for k in axes):
+        return None
+    return axes
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _pivot(rows: list[dict[str, Any]], x: str, y: str, metric: str) -> tuple[list, list, list[list[float]]]:
@@ -550,20 +564,22 @@ def _pivot(rows: list[dict[str, Any]], x: str, y: str, metric: str) -> tuple[lis
     return xs, ys, grid
 
 
-def format_table(rows: list[dict[str, Any]], searched: list[str], metric: str) -> str:
+def format_table(rows: list[dict[str, Any]], searched: list[str], metric: str, mode: str = "max") -> str:
     """Objective over the two main searched keys as text (rows: second key, columns: first key)."""
     ok = [r for r in rows if r["status"] == "ok" and _finite(r.get(metric))]
-    axes = _axes(searched)
     if not ok:
         return "no finished trials"
-    if axes is None:
-        k = searched[0]
-        return "\n".join([f"{k:>16} {metric:>14}"] + [f"{r[k]!s:>16} {r[metric]:14.4f}" for r in sorted(ok, key=lambda r: r[k])])
+    axes = _axes(searched, ok)
+    if axes is None:  # one key, or continuous domains: one line a trial
+        lines = ["".join(f"{k:>20}" for k in searched) + f"{metric:>16}"]
+        for r in sorted(ok, key=lambda r: r[metric], reverse=mode == "max"):
+            lines.append("".join(f"{_fmt(r[k]):>20}" for k in searched) + f"{100 * r[metric]:16.2f}")
+        return "\n".join(lines)
     x, y = axes
     xs, ys, grid = _pivot(ok, x, y, metric)
-    lines = [f"{metric} ({y} ↓ / {x} →)", f"{'':>8}" + "".join(f"{a!s:>8}" for a in xs)]
+    lines = [f"{metric} in % ({y} ↓ / {x} →)", f"{'':>8}" + "".join(f"{_fmt(a):>8}" for a in xs)]
     for b, vals in zip(ys, grid):
-        lines.append(f"{b!s:>8}" + "".join("       -" if math.isnan(v) else f"{100 * v:8.2f}" for v in vals))
+        lines.append(f"{_fmt(b):>8}" + "".join("       -" if math.isnan(v) else f"{100 * v:8.2f}" for v in vals))
     return "\n".join(lines)
 
 
@@ -575,14 +591,14 @@ def _heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    axes = _axes(searched)
+    axes = _axes(searched, rows)
     metric = space.metric
-    if axes is not None and all(isinstance(r[axes[0]], (int, float)) for r in rows):
+    if axes is not None:
         x, y = axes
         xs, ys, grid = _pivot(rows, x, y, metric)
         im = ax.imshow(grid, cmap="viridis" if space.mode == "max" else "viridis_r", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(xs)), [f"{v:g}" if isinstance(v, float) else str(v) for v in xs])
-        ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+        ax.set_xticks(range(len(xs)), [_fmt(v) for v in xs])
+        ax.set_yticks(range(len(ys)), [_fmt(v) for v in ys])
         for i, vals in enumerate(grid):
             for j, v in enumerate(vals):
                 if not math.isnan(v):
@@ -595,7 +611,9 @@ def _heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path
         pts = sorted((r[k], r[metric]) for r in rows if isinstance(r[k], (int, float)))
         if not pts:
             return None
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if len(searched) == 1 else "")
+        if space.params[k].get("loguniform"):
+            ax.set_xscale("log")
         ax.set_xlabel(k)
         ax.set_ylabel(metric)
     ax.set_title(f"{space.name}: {metric} ({space.mode})")
