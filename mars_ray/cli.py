@@ -17,7 +17,7 @@ from mars_ray import config as C
 
 logger = logging.getLogger("mars_ray")
 
-STAGES = ("features", "select", "debias")
+STAGES = ("features", "select", "debias", "train", "evaluate")
 PRE_STAGES = ("wsss", "uss")  # built-in WSSS / USS: run first by `mars run` when their inputs are not given
 
 
@@ -30,13 +30,14 @@ def _stage_module(name: str) -> Any:
 # -- config from flags --------------------------------------------------------------------------
 
 
-def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True,
+                      split_help: str = "image split to debias (default: train)") -> None:
     p.add_argument("--data", help="dataset root (VOC-style layout); same as --set data.root=…")
     p.add_argument("--pseudo-labels", help="folder of pseudo-label PNGs {id}.png from any WSSS method")
     p.add_argument("--features-dir", help="folder of external USS features {id}.npy|npz|pt ([d, h, w])")
     p.add_argument("--uss", action="store_true",
                    help="use the built-in learned USS (features.extractor=stego; `mars run` trains it first)")
-    p.add_argument("--split", help="image split to debias (default: train)")
+    p.add_argument("--split", help=split_help)
     p.add_argument("--out", required=out_required, help="run folder; every stage writes RUN/<stage>/")
     p.add_argument("--config", help="YAML config file (sections data, features, select, debias, ray, …)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. select.alpha=0.3")
@@ -136,6 +137,24 @@ def _cmd_stage(name: str) -> Callable[[argparse.Namespace], int]:
     return cmd
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.baseline:
+        args.set = [*args.set, "train.baseline=true"]
+    return _cmd_stage("train")(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    extra = {"data.eval_split": args.split, "evaluate.checkpoint": args.checkpoint,
+             "train.baseline": "true" if args.baseline else None}
+    args.split = None  # --split names the evaluated split here, not data.split
+    args.set = [*args.set, *(f"{k}={v}" for k, v in extra.items() if v)]
+    cfg, run_dir = _prepare_run(args)
+    path = run_stages(cfg, run_dir, ["evaluate"])["evaluate"]
+    print((path / "table.txt").read_text().rstrip())
+    print(f"evaluate: {path / 'metrics.json'}")
+    return 0
+
+
 def cmd_evaluate_labels(args: argparse.Namespace) -> int:
     from mars_ray.artifacts import atomic_write_json
     from mars_ray.stages.evaluate_labels import evaluate, format_table
@@ -215,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _add_config_flags(p)
         p.set_defaults(func=_cmd_stage(name))
+
+    p = sub.add_parser("train", help="MARS complementing on Ray Train (EMA teacher, CRF fill, W, WCE) → RUN/train/model.pt")
+    _add_config_flags(p)
+    p.add_argument("--baseline", action="store_true",
+                   help="the paper's baseline: plain CE on the pseudo labels Y^b → RUN/train_baseline (train.baseline=true)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="multi-scale (+flip, CRF) predictions of a checkpoint → RUN/evaluate/metrics.json")
+    _add_config_flags(p, split_help="split to evaluate (default: val; sets data.eval_split)")
+    p.add_argument("--checkpoint", help="segmenter checkpoint (default RUN/train/model.pt; evaluate.checkpoint)")
+    p.add_argument("--baseline", action="store_true",
+                   help="evaluate RUN/train_baseline/model.pt into RUN/evaluate_baseline (train.baseline=true)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluate-labels", help="mIoU / FP / FN of a label folder against ground truth")
     p.add_argument("--data", required=True)

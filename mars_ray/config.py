@@ -154,7 +154,7 @@ class TrainConfig:
     weight_decay: float = 4e-5
     poly_power: float = 0.9
     epochs: int = 30
-    ema_momentum: float = 0.99
+    ema_momentum: float = 0.9  # CPU demo: ~240 steps; 0.99 left the teacher at all-background (paper: 0.999)
     teacher_crf: bool = True
     crf_iters: int = 10  # dense CRF of the teacher's fill (Y^co); same kernels as debias.crf_*
     crf_gauss_sxy: float = 3.0
@@ -169,7 +169,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
-    checkpoint_every: int = 1  # epochs
+    checkpoint_every: int = 5  # epochs (and always after the last)
     seed: int = 0
 
     def crf_kwargs(self) -> dict[str, float] | None:

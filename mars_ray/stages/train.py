@@ -1,0 +1,509 @@
+"""Stage ``train``: MARS complementing (Sec 3.4) — or the paper's baseline — on Ray Train.
+
+MARS (default): a segmenter (``train.model`` in SEGMENTERS) learns from the debiased labels Y^db
+(``RUN/debias/{id}.png`` or ``train.labels``). An EMA teacher (mean teacher, updated after every
+step) predicts on the same batch; its dense-CRF-refined argmax fills the BIASED (254) pixels → Y^co,
+the certain mask W (Eq 6) weights those pixels by the teacher's foreground confidence, and the
+student minimises the weighted CE (Eq 7) — ``engine.complement_step``. The final model is the teacher.
+
+Baseline (``train.baseline=true``, ``mars train --baseline``): the same network, schedule and data
+pipeline on the pseudo labels Y^b (``data.pseudo_labels`` / ``RUN/wsss`` or ``train.labels``) with
+plain CE (``engine.baseline_step``); the final model is the student. It writes ``RUN/train_baseline/``
+and ``RUN/predict_baseline/``, so both models live in one run folder and ``mars evaluate`` compares
+them (``--set train.baseline=true`` evaluates the baseline).
+
+Ray Train: ``TorchTrainer`` over ``train.num_workers`` (DDP via ``prepare_model``; GPU with
+``train.use_gpu``, mixed precision with ``train.amp`` where CUDA is available). The (image, label)
+rows are a Ray Data dataset, materialised before the trainer starts (RAY_NOTES: on small machines
+a lazy read blocks behind the workers' CPUs); every worker streams its shard each epoch and runs
+``SegAugment`` (scale, crop, flip) itself. Rank 0 reports a checkpoint (student, teacher, optimiser,
+scheduler, epoch, global step, history) every ``train.checkpoint_every`` epochs and after the last.
+
+Resuming: Ray Train's run name is fixed per folder (``mars`` / ``baseline``) under ``RUN/train/ray``,
+so a killed run resumes from its last checkpoint, and ``FailureConfig(train.max_failures)`` restarts
+failed workers from it. ``train.epochs`` is not part of the stage key: raising it continues a
+finished run from its last checkpoint (the step counter and the poly schedule continue; the schedule
+is re-spread over the new total), lowering it retrains from scratch.
+
+Outputs (``RUN/train/``): ``model.pt`` (final teacher, ``save_segmenter_checkpoint`` with extra
+classes/epoch/step), ``history.csv`` (per epoch: step, loss terms, val mIoU on ``data.eval_split``,
+images/s, seconds), ``curves.png``, ``ray/`` (Ray Train storage), ``manifest.json``; plus
+``RUN/complement/{id}.png`` (Y^co of the train split from the final teacher; MARS only) and
+``RUN/predict/{eval_split}/{id}.png`` (single-scale predictions).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import torch
+
+from mars_ray import config as C
+from mars_ray.algo.complement import ema_update
+from mars_ray.artifacts import StageDir, atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint_path
+from mars_ray.artifacts import read_manifest, require_complete
+from mars_ray.data.label_io import label_size, read_image, read_label
+from mars_ray.data.validate import check_label, check_label_folder
+from mars_ray.data.voc import VOCDataset
+from mars_ray.engine import SegAugment, baseline_step, build_sgd, complement_step, evaluate, make_ema_teacher
+from mars_ray.engine import poly_lr_lambda, train_one_epoch
+from mars_ray.models.deeplab import load_segmenter_checkpoint, save_segmenter_checkpoint
+from mars_ray.models.registry import SEGMENTERS
+from mars_ray.stages import evaluate as evaluate_stage
+from mars_ray.stages import features as features_stage
+from mars_ray.stages.runtime import ensure_ray, fit_torch
+
+logger = logging.getLogger(__name__)
+
+STATE = "state.pt"
+HISTORY_FIELDS = ("epoch", "step", "loss", "ce", "wce", "biased_frac", "mean_w", "lr", "val_miou",
+                  "images_per_s", "time")
+# do not change the trained weights' meaning: left out of the stage key
+_EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every", "amp",
+                   "val_every", "epochs"}
+
+
+# ------------------------------------------------------------------------------------------ folders
+
+
+def out_names(cfg: C.Config) -> dict[str, str]:
+    """Folder names under RUN for this variant (MARS or baseline)."""
+    if cfg.train.baseline:
+        return {"train": "train_baseline", "predict": "predict_baseline", "complement": ""}
+    return {"train": "train", "predict": "predict", "complement": "complement"}
+
+
+def labels_dir(cfg: C.Config, run_dir: Path) -> Path:
+    """Training labels: ``train.labels``, else Y^b (baseline) or ``RUN/debias`` (MARS)."""
+    if cfg.train.labels:
+        return Path(cfg.train.labels)
+    if cfg.train.baseline:
+        return features_stage.pseudo_label_dir(cfg, run_dir)
+    return Path(run_dir) / "debias"
+
+
+def _model_kwargs(cfg: C.Config, num_classes: int) -> dict[str, Any]:
+    kw: dict[str, Any] = {"num_classes": num_classes, "output_stride": cfg.train.output_stride}
+    if cfg.train.pretrained_backbone:
+        kw["pretrained_backbone"] = cfg.train.pretrained_backbone
+    return kw
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _check_numbers(t: C.TrainConfig) -> None:
+    for key in ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.batch_size % t.num_workers:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} is not divisible by train.num_workers={t.num_workers}: "
+            "every worker takes batch_size / num_workers images per step"
+        )
+    if not 0 < t.scale_min <= t.scale_max:
+        raise ValueError(f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}")
+    if not 0.0 <= t.ema_momentum <= 1.0:
+        raise ValueError(f"train.ema_momentum must be in [0, 1], got {t.ema_momentum}")
+    if t.lr <= 0:
+        raise ValueError(f"train.lr must be positive, got {t.lr}")
+    if t.model not in SEGMENTERS:
+        raise ValueError(f"train.model={t.model!r} is not a segmenter; known: {', '.join(SEGMENTERS.names())}")
+
+
+def validate_inputs(cfg: C.Config, run_dir: Path) -> tuple[VOCDataset, Path]:
+    """Every check that needs no training, before any output is touched; returns (dataset, labels folder).
+
+    Raises ``ValueError`` naming the key or file: batch not divisible across workers, a crop larger
+    than every (scaled) image, a labels folder missing ids, an ``init_checkpoint`` of another
+    model or class count; ``FileNotFoundError`` when the debias stage has not run.
+    """
+    t = cfg.train
+    _check_numbers(t)
+    dataset = VOCDataset(cfg.data.root)
+    labels = labels_dir(cfg, run_dir)
+    if not t.labels and not t.baseline:
+        require_complete(labels, "debias")
+    check_label_folder(dataset, cfg.data.split, labels, name="training label")
+    ids = dataset.ids(cfg.data.split)
+    if len(ids) < t.num_workers:
+        raise ValueError(f"split {cfg.data.split!r} has {len(ids)} images, fewer than train.num_workers={t.num_workers}")
+    largest = max(max(label_size(labels / f"{i}.png")) for i in ids)
+    if t.crop_size > largest * t.scale_max:
+        raise ValueError(
+            f"train.crop_size={t.crop_size} is larger than every training image even at train.scale_max="
+            f"{t.scale_max} (largest side {largest} px → {largest * t.scale_max:g} px): crops would be mostly padding"
+        )
+    if t.init_checkpoint:
+        load_segmenter_checkpoint(t.init_checkpoint, expect_name=t.model, expect_num_classes=dataset.num_classes + 1)
+    return dataset, labels
+
+
+def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
+    """``RUN/train`` (or ``RUN/train_baseline``) and its key: config slice minus execution knobs + inputs."""
+    run_dir = Path(run_dir)
+    dataset = VOCDataset(cfg.data.root)
+    labels = labels_dir(cfg, run_dir)
+    t = cfg.train
+    slice_ = {
+        "train": {k: v for k, v in C.to_dict(t).items() if k not in _EXECUTION_KEYS},
+        "data": {"root": str(Path(cfg.data.root).resolve()), "split": cfg.data.split, "eval_split": cfg.data.eval_split},
+    }
+    if not t.labels and not t.baseline:
+        label_fp = "debias:" + str(require_complete(labels, "debias")["key"])
+    else:
+        label_fp = fingerprint_files_of(labels, dataset.ids(cfg.data.split))
+    inputs = {
+        "labels": label_fp,
+        "dataset": dataset.fingerprint(cfg.data.split),
+        "init_checkpoint": fingerprint_path(t.init_checkpoint) if t.init_checkpoint else "none",
+    }
+    return StageDir(run_dir / out_names(cfg)["train"], "train", C.slice_hash(slice_, inputs),
+                    {**slice_, "epochs": t.epochs}, inputs)
+
+
+def fingerprint_files_of(folder: Path, ids: list[str]) -> str:
+    from mars_ray.artifacts import fingerprint_files
+
+    return fingerprint_files(Path(folder) / f"{i}.png" for i in ids)
+
+
+# ------------------------------------------------------------------------------------------ Ray Train worker
+
+
+class _LoadPair:
+    """Ray Data callable: ids → (image uint8 [H,W,3], label uint8 [H,W]) rows, labels checked."""
+
+    def __init__(self, root: str, labels: str) -> None:
+        self.dataset = VOCDataset(root)
+        self.labels = Path(labels)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        images, labels = [], []
+        for image_id in batch["image_id"]:
+            image = read_image(self.dataset.image_path(str(image_id)))
+            path = self.labels / f"{image_id}.png"
+            label = read_label(path)
+            check_label(label, num_classes=self.dataset.num_classes, image_hw=image.shape[:2], path=path)
+            images.append(image)
+            labels.append(label)
+        return {"image_id": batch["image_id"], "image": images, "label": labels}
+
+
+def _augmented_batches(shard: Any, augment: SegAugment, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's shard for one epoch: shuffled, augmented, stacked → engine training batches."""
+    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                local_shuffle_buffer_size=max(64, 4 * batch_size), local_shuffle_seed=seed):
+        pairs = [augment.numpy(np.asarray(img), np.asarray(lab)) for img, lab in zip(b["image"], b["label"])]
+        img = torch.from_numpy(np.stack([p["image_uint8"] for p in pairs]))
+        yield {"image": img.permute(0, 3, 1, 2).float().div_(255.0), "image_uint8": img,
+               "label": torch.from_numpy(np.stack([p["label"] for p in pairs])).long()}
+
+
+def _val_miou(model: torch.nn.Module, root: str, ids: list[str], num_classes: int) -> float:
+    """Single-scale mIoU of ``model`` on ``ids`` (read from disk; rank 0 only)."""
+    dataset = VOCDataset(root)
+    device = next(model.parameters()).device
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for i in ids:
+            image = torch.from_numpy(read_image(dataset.image_path(i))).permute(2, 0, 1)[None].float().div_(255.0)
+            yield {"image": image.to(device), "label": torch.from_numpy(read_label(dataset.gt_path(i)).copy())[None]}
+
+    return float(evaluate(model, batches(), num_classes).compute()["miou"])
+
+
+def _reduce_mean(stats: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over DDP workers (identity on one worker)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    keys = sorted(k for k in stats if k != "images_per_s")
+    t = torch.tensor([stats[k] for k in keys] + [stats.get("images_per_s", 0.0)], dtype=torch.float64)
+    dist.all_reduce(t)
+    out = {k: float(v) / dist.get_world_size() for k, v in zip(keys, t[:-1])}
+    out["images_per_s"] = float(t[-1])  # summed: images per second of the whole group
+    return out
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function: unpack the loop config and run :func:`fit`."""
+    fit(**config)
+
+
+def fit(
+    *,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    num_classes: int,
+    baseline: bool,
+    init_checkpoint: str,
+    crop_size: int,
+    scale_range: tuple[float, float],
+    batch_size: int,
+    n_train: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    poly_power: float,
+    epochs: int,
+    ema_momentum: float,
+    crf: dict[str, float] | None,
+    amp: bool,
+    checkpoint_every: int,
+    val_every: int,
+    root: str,
+    val_ids: list[str],
+    seed: int,
+    threads: int,
+) -> None:
+    """The training loop on one Ray Train worker: model, optimiser, resume, then per epoch train → val → report.
+
+    ``batch_size`` is global (each of the ``world_size`` workers takes ``batch_size / world_size``);
+    ``n_train`` is the number of training rows (every worker gets ``n_train // world_size``).
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, threads))
+    torch.manual_seed(seed)  # identical initial weights on every worker (DDP also broadcasts them)
+    device = ray.train.torch.get_device()
+
+    student = SEGMENTERS.get(model_name, **model_kwargs)
+    if init_checkpoint:
+        init, _ = load_segmenter_checkpoint(init_checkpoint, expect_name=model_name, expect_num_classes=num_classes)
+        student.load_state_dict(init.state_dict())
+    teacher = make_ema_teacher(student).to(device)
+    student = ray.train.torch.prepare_model(student)
+    core = getattr(student, "module", student)
+    local_bs = batch_size // world
+    steps_per_epoch = math.ceil((n_train // world) / local_bs)
+    optimizer = build_sgd(core.param_groups(lr), lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(epochs * steps_per_epoch, poly_power))
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=True) if use_amp else None
+
+    start_epoch, step, history = 0, 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE, map_location=device, weights_only=False)
+        core.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
+        if rank == 0:
+            logger.info("resuming from epoch %d, step %d", start_epoch, step)
+
+    if baseline:
+        def step_fn(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+            return baseline_step(student, batch)
+    else:
+        def step_fn(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+            return complement_step(student, teacher, batch, num_classes=num_classes, crf=crf)
+
+    def after_step(_: int) -> None:
+        nonlocal step
+        step += 1
+        ema_update(teacher, core, ema_momentum)
+
+    shard = ray.train.get_dataset_shard("train")
+    final = core if baseline else teacher
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        student.train()
+        augment = SegAugment(crop_size, scale_range, flip=True, seed=seed * 100003 + epoch * 101 + rank)
+        batches = _augmented_batches(shard, augment, local_bs, seed=seed * 7919 + epoch * 31 + rank)
+        stats = _reduce_mean(train_one_epoch(step_fn, batches, optimizer, scheduler=scheduler, scaler=scaler,
+                                             after_step=after_step, log_every=0))
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], **stats}
+        row.pop("steps", None)
+        last = epoch + 1 == epochs
+        if rank == 0 and val_ids and val_every and ((epoch + 1) % val_every == 0 or last):
+            row["val_miou"] = _val_miou(final, root, val_ids, num_classes)
+        row["time"] = time.perf_counter() - t0
+        history.append(row)
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        if rank == 0 and ((epoch + 1) % checkpoint_every == 0 or last):
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save({"student": core.state_dict(), "teacher": teacher.state_dict(),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict() if scaler is not None else None,
+                            "epoch": epoch + 1, "step": step, "history": history}, Path(tmp) / STATE)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+# ------------------------------------------------------------------------------------------ driver outputs
+
+
+def write_history(history: list[dict[str, Any]], folder: Path) -> None:
+    """``history.csv`` (one row per epoch, empty where a term does not apply) and ``curves.png``."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
+    atomic_write_text(folder / "history.csv", buf.getvalue())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [r["loss"] for r in history], marker="o")
+    ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
+    val = [(r["epoch"], r["val_miou"]) for r in history if r.get("val_miou") is not None]
+    if val:
+        ax2.plot(*zip(*val), marker="o", color="tab:green")
+    ax2.set(xlabel="epoch", ylabel="val mIoU", title="val mIoU")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(folder / "curves.png", png.getvalue())
+
+
+def _training_dataset(dataset: VOCDataset, split: str, labels: Path) -> "ray.data.Dataset":
+    ids = dataset.ids(split)
+    n_blocks = max(1, min(len(ids), max(2, len(ids) // 64)))
+    ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
+    ds = ds.map_batches(_LoadPair, fn_constructor_kwargs={"root": str(dataset.root), "labels": str(labels)},
+                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=16, batch_format="numpy")
+    return ds.materialize()  # RAY_NOTES: a lazy read can block behind the trainer's CPUs on small machines
+
+
+def _mark_extendable(sd: StageDir, epochs: int) -> None:
+    """A finished run with fewer epochs and the same key is continued, not cleared: mark it running."""
+    m = read_manifest(sd.path)
+    if m and m.get("key") == sd.key and m.get("status") == "complete":
+        done = int(m.get("outputs", {}).get("epochs", 0))
+        if done < epochs:
+            logger.info("train: extending the finished run in %s from %d to %d epochs", sd.path, done, epochs)
+            atomic_write_json(sd.manifest_path, {**m, "status": "running"})
+
+
+def is_complete(sd: StageDir, epochs: int) -> bool:
+    m = sd.read_manifest()
+    return sd.is_complete() and int((m or {}).get("outputs", {}).get("epochs", -1)) == epochs
+
+
+def run(cfg: C.Config, run_dir: Path) -> Path:
+    """Train on Ray Train and write the model, history, complemented labels and predictions; returns the folder."""
+    run_dir = Path(run_dir)
+    dataset, labels = validate_inputs(cfg, run_dir)
+    sd = stage_dir(cfg, run_dir)
+    t = cfg.train
+    if is_complete(sd, t.epochs):
+        logger.info("train: up to date in %s, skipping", sd.path)
+        return sd.path
+    _mark_extendable(sd, t.epochs)
+    with sd.guard():  # a failure brings back the previous finished model
+        outputs = _train_and_write(cfg, run_dir, sd, dataset, labels)
+        sd.finish(outputs)
+    logger.info("train: %d epochs (%d steps) → %s; val mIoU %s", outputs["epochs"], outputs["step"],
+                outputs["model"], "-" if outputs["val_miou"] is None else f"{100 * outputs['val_miou']:.1f}")
+    return sd.path
+
+
+def _train_and_write(cfg: C.Config, run_dir: Path, sd: StageDir, dataset: VOCDataset, labels: Path) -> dict[str, Any]:
+    """Fit on Ray Train, then write model.pt, history, Y^co and the eval-split predictions; the manifest outputs."""
+    t = cfg.train
+    names = out_names(cfg)
+    ensure_ray(cfg.ray)
+    num_classes = dataset.num_classes + 1
+    ids = dataset.ids(cfg.data.split)
+    val_ids = _val_ids(dataset, cfg.data.eval_split)
+    model_kwargs = _model_kwargs(cfg, num_classes)
+    loop = dict(
+        model_name=t.model, model_kwargs=model_kwargs, num_classes=num_classes, baseline=t.baseline,
+        init_checkpoint=str(Path(t.init_checkpoint).resolve()) if t.init_checkpoint else "",
+        crop_size=t.crop_size, scale_range=(t.scale_min, t.scale_max), batch_size=t.batch_size, n_train=len(ids),
+        lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, poly_power=t.poly_power, epochs=t.epochs,
+        ema_momentum=t.ema_momentum, crf=t.crf_kwargs(), amp=t.amp, checkpoint_every=t.checkpoint_every,
+        val_every=t.val_every, root=str(Path(dataset.root).resolve()), val_ids=val_ids, seed=t.seed,
+        threads=max(1, int(t.cpus_per_worker)),
+    )
+    t0 = time.perf_counter()
+    result = fit_torch(
+        train_worker, loop, name="baseline" if t.baseline else "mars", storage=sd.path / "ray",
+        num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
+        max_failures=t.max_failures, datasets={"train": _training_dataset(dataset, cfg.data.split, labels)},
+    )
+    if result.checkpoint is None:
+        raise RuntimeError(f"{sd.path / 'ray'}: training reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+    model = SEGMENTERS.get(t.model, **model_kwargs)
+    model.load_state_dict(state["student"] if t.baseline else state["teacher"])
+    model_path = save_segmenter_checkpoint(
+        sd.path / "model.pt", model, t.model, model_kwargs,
+        extra={"classes": dataset.classes, "epoch": int(state["epoch"]), "step": int(state["step"]),
+               "baseline": t.baseline},
+    )
+    history = state["history"]
+    write_history(history, sd.path)
+
+    predict = dict(checkpoint=model_path, dataset=dataset, num_actors=1, cpus_per_actor=1.0, use_gpu=t.use_gpu)
+    if names["complement"]:
+        out = _fresh(run_dir / names["complement"])
+        evaluate_stage.predict_split(split=cfg.data.split, out_dir=out, crf=t.crf_kwargs(), fill_dir=labels, **predict)
+    if _has_split(dataset, cfg.data.eval_split):
+        out = _fresh(run_dir / names["predict"] / cfg.data.eval_split)
+        evaluate_stage.predict_split(split=cfg.data.eval_split, out_dir=out, **predict)
+    last = history[-1]
+    outputs = {
+        "model": str(model_path), "epochs": int(state["epoch"]), "step": int(state["step"]),
+        "val_miou": last.get("val_miou"), "loss": last.get("loss"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return outputs
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _has_split(dataset: VOCDataset, split: str) -> bool:
+    try:
+        dataset.ids(split)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _val_ids(dataset: VOCDataset, split: str) -> list[str]:
+    """Ids of the eval split when it exists and has ground truth (else no per-epoch val mIoU)."""
+    if not _has_split(dataset, split) or not dataset.has_gt(split):
+        logger.info("train: no ground truth for split %r, no per-epoch val mIoU", split)
+        return []
+    return dataset.ids(split)
+
+
+def with_baseline(cfg: C.Config, baseline: bool = True) -> C.Config:
+    """``cfg`` with ``train.baseline`` set (the demo and CLI use it)."""
+    return replace(cfg, train=replace(cfg.train, baseline=baseline))

@@ -1,0 +1,128 @@
+"""Stage ``train`` on a local Ray: 2-worker CPU TorchTrainer, checkpoint + resume, baseline, input checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mars_ray import config as C
+from mars_ray.data.voc import VOCDataset
+from mars_ray.models.deeplab import load_segmenter_checkpoint, save_segmenter_checkpoint
+from mars_ray.models.registry import SEGMENTERS
+from mars_ray.stages import debias, features, select, train
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def _cfg(data: Path, **over) -> C.Config:
+    return C.build(overrides={
+        "data.root": str(data), "data.pseudo_labels": str(data / "pseudo_labels"), "debias.crf": False,
+        "train.epochs": 1, "train.batch_size": 4, "train.num_workers": 2, "train.cpus_per_worker": 0.5,
+        "train.crop_size": 32, "train.crf_iters": 2, **over,
+    })
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data: Path, ray_local, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = _cfg(tiny_data)
+    for stage in (features, select, debias):
+        stage.run(cfg, run_dir)
+    return run_dir
+
+
+def _history(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_workers_checkpoint_then_resume(run: Path, tiny_data: Path):
+    ds = VOCDataset(tiny_data)
+    out = train.run(_cfg(tiny_data), run)
+    assert out == run / "train"
+    (first,) = _history(out)
+    steps = int(first["step"])
+    assert steps == 4  # 16 images over 2 workers → 8 rows each, 2 per step (global batch 4)
+    assert first["wce"] and not first["ce"] and first["val_miou"]
+    model, extra = load_segmenter_checkpoint(out / "model.pt", expect_name="deeplab_tiny", expect_num_classes=5)
+    assert extra["classes"] == ds.classes and (extra["epoch"], extra["step"]) == (1, steps)
+    assert (out / "curves.png").stat().st_size > 1000
+    assert len(list((run / "complement").glob("*.png"))) == len(ds.ids("train"))
+    assert len(list((run / "predict" / "val").glob("*.png"))) == len(ds.ids("val"))
+    assert list((out / "ray" / "mars").glob("checkpoint_*"))
+
+    # same run name + storage, more epochs: Ray Train restores the checkpoint and the step counter continues
+    out = train.run(_cfg(tiny_data, **{"train.epochs": 2}), run)
+    rows = _history(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert rows[0]["step"] == first["step"] and rows[0]["loss"] == first["loss"]  # epoch 1 is not retrained
+    assert int(rows[1]["step"]) == 2 * steps
+    _, extra = load_segmenter_checkpoint(out / "model.pt")
+    assert (extra["epoch"], extra["step"]) == (2, 2 * steps)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["outputs"]["epochs"] == 2
+
+    # up to date: skipped
+    mtime = (out / "model.pt").stat().st_mtime_ns
+    train.run(_cfg(tiny_data, **{"train.epochs": 2}), run)
+    assert (out / "model.pt").stat().st_mtime_ns == mtime
+
+
+def test_baseline_trains_on_pseudo_labels(run: Path, tiny_data: Path):
+    cfg = _cfg(tiny_data, **{"train.baseline": True, "train.num_workers": 1, "train.cpus_per_worker": 1.0})
+    assert train.labels_dir(cfg, run) == tiny_data / "pseudo_labels"
+    out = train.run(cfg, run)
+    assert out == run / "train_baseline"
+    (row,) = _history(out)
+    assert row["ce"] and not row["wce"] and not row["mean_w"]  # plain CE, no teacher terms
+    _, extra = load_segmenter_checkpoint(out / "model.pt", expect_num_classes=5)
+    assert extra["baseline"] is True
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["inputs"]["labels"].startswith("debias:")
+    assert len(list((run / "predict_baseline" / "val").glob("*.png"))) == 6
+
+
+def _raises_before_training(cfg: C.Config, run: Path, match: str) -> None:
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError, match=match):
+        train.run(cfg, run)
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written or cleared
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"train.batch_size": 3}, r"train\.batch_size=3 is not divisible by train\.num_workers=2"),
+        ({"train.crop_size": 200}, r"train\.crop_size=200 is larger than every training image"),
+        ({"train.epochs": 0}, r"train\.epochs must be >= 1"),
+    ],
+)
+def test_bad_config_fails_before_training(run: Path, tiny_data: Path, tmp_path: Path, over, match):
+    other = tmp_path / "run"
+    shutil.copytree(run / "debias", other / "debias")
+    _raises_before_training(_cfg(tiny_data, **{"train.batch_size": 4, **over}), other, match)
+
+
+def test_missing_label_ids_are_named(run: Path, tiny_data: Path, tmp_path: Path):
+    labels = tmp_path / "labels"
+    shutil.copytree(run / "debias", labels)
+    ids = VOCDataset(tiny_data).ids("train")
+    for i in ids[3:5]:
+        (labels / f"{i}.png").unlink()
+    other = tmp_path / "run"
+    other.mkdir()
+    _raises_before_training(_cfg(tiny_data, **{"train.labels": str(labels)}), other,
+                            rf"{labels}: 2 of 16 .*first: {ids[3]}\.png, {ids[4]}\.png")
+
+
+def test_checkpoint_of_another_class_count_is_named(run: Path, tiny_data: Path, tmp_path: Path):
+    ckpt = tmp_path / "other.pt"
+    save_segmenter_checkpoint(ckpt, SEGMENTERS.get("deeplab_tiny", num_classes=3), "deeplab_tiny", {"num_classes": 3})
+    other = tmp_path / "run"
+    shutil.copytree(run / "debias", other / "debias")
+    _raises_before_training(_cfg(tiny_data, **{"train.init_checkpoint": str(ckpt)}), other,
+                            rf"{ckpt}: trained for num_classes=3 .* expected 5")
