@@ -268,6 +268,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
             value = [yaml.safe_load(v) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a single scalar is a one-element list: --set evaluate.scales=1.0
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key!r}: expected a list, got {value!r}")
         return tuple(_coerce(key, v, elem) for v in value)

@@ -44,6 +44,43 @@ def find_feature_file(folder: Path, image_id: str) -> Path:
     )
 
 
+def feature_file_shape(path: Path) -> tuple[int, ...] | None:
+    """The array shape from a ``.npy`` header (no data read); ``None`` for other formats."""
+    if Path(path).suffix != ".npy":
+        return None
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(f)
+    except Exception as e:  # noqa: BLE001 - any header problem is a bad file
+        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+    return tuple(shape)
+
+
+def check_feature_folder(folder: Path, ids: list[str]) -> None:
+    """Before a stage starts: every id has a feature file, and ``.npy`` headers agree on ``[d, h, w]``.
+
+    ``.npz``/``.pt`` files are checked when read (their shape needs a full load).
+    Raises ``FileNotFoundError``/``ValueError`` naming the folder or the first bad file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: features folder does not exist")
+    dim, first = None, None
+    for image_id in ids:
+        path = find_feature_file(folder, image_id)
+        shape = feature_file_shape(path)
+        if shape is None:
+            continue
+        if len(shape) != 3:
+            raise ValueError(f"{path}: features must have shape [d, h, w], got {shape}")
+        if dim is None:
+            dim, first = shape[0], path
+        elif shape[0] != dim:
+            raise ValueError(f"{path}: feature dimension {shape[0]} differs from {dim} in {first.name}")
+
+
 def load_feature_file(path: Path) -> np.ndarray:
     """Read one external feature file → float32 ``[d, h, w]``.
 

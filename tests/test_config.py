@@ -60,3 +60,10 @@ def test_slice_hash_is_stable_and_sensitive():
     a = C.slice_hash({"x": 1, "y": [1, 2]})
     assert a == C.slice_hash({"y": [1, 2], "x": 1})
     assert a != C.slice_hash({"x": 2, "y": [1, 2]})
+
+
+def test_list_keys_accept_a_scalar_and_comma_lists():
+    assert C.build(overrides=C.parse_set(["evaluate.scales=1.0"])).evaluate.scales == (1.0,)
+    assert C.build(overrides=C.parse_set(["evaluate.scales=0.5,1.5"])).evaluate.scales == (0.5, 1.5)
+    with pytest.raises(ValueError, match="evaluate.scales"):
+        C.build(overrides=C.parse_set(["evaluate.scales=big"]))

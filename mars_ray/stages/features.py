@@ -33,7 +33,7 @@ from mars_ray.artifacts import StageDir, fingerprint_files, fingerprint_path, re
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.validate import check_label, check_label_folder
 from mars_ray.data.voc import VOCDataset
-from mars_ray.features import FeatureSource
+from mars_ray.features import FeatureSource, check_feature_folder
 from mars_ray.stages.runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -184,13 +184,7 @@ def validate_inputs(cfg: C.Config, run_dir: Path) -> VOCDataset:
     dataset = VOCDataset(cfg.data.root)
     check_label_folder(dataset, cfg.data.split, pseudo_label_dir(cfg, run_dir), name="pseudo label")
     if cfg.data.features_dir:
-        from mars_ray.features import find_feature_file
-
-        folder = Path(cfg.data.features_dir)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: features folder does not exist")
-        for i in dataset.ids(cfg.data.split):
-            find_feature_file(folder, i)
+        check_feature_folder(Path(cfg.data.features_dir), dataset.ids(cfg.data.split))
     return dataset
 
 

@@ -60,15 +60,17 @@ def fit_torch(
     cpus_per_worker: float,
     max_failures: int,
     datasets: dict[str, Any] | None = None,
+    keep_checkpoints: int = 2,
 ) -> "ray.train.Result":
     """Run ``train_fn`` on a ``TorchTrainer`` (DDP over ``num_workers``; GPU when ``use_gpu``).
 
     Resuming is Ray Train V2's: the same ``name`` under the same ``storage`` path continues from
     the last reported checkpoint (``ray.train.get_checkpoint()`` inside ``train_fn``), and
     ``FailureConfig(max_failures)`` restarts failed workers from it. ``storage`` is made absolute:
-    Train changes the working directory of its workers.
+    Train changes the working directory of its workers. Only the newest ``keep_checkpoints``
+    checkpoints stay on disk.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if num_workers < 1:
@@ -84,6 +86,7 @@ def fit_torch(
             name=name,
             storage_path=str(Path(storage).resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
         datasets=datasets,
     )

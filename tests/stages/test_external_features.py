@@ -143,3 +143,19 @@ def test_external_texture_features_round_trip(tiny_data: Path, feats_dir: Path, 
     for i in ids:
         np.testing.assert_array_equal(read_label(external / "debias" / f"{i}.png"), read_label(built_in / "debias" / f"{i}.png"))
     assert json.loads((external / "debias" / "stats.json").read_text())["biased_pixels"] > 0
+
+
+def test_npy_headers_are_checked_before_the_stage_starts(tiny_data: Path, feats_dir: Path, tmp_path: Path):
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(feats_dir, bad_dir)
+    ids = VOCDataset(tiny_data).ids("train")
+    for p in bad_dir.glob(f"{ids[4]}.*"):
+        p.unlink()
+    np.save(bad_dir / f"{ids[4]}.npy", np.ones((5, 12, 12), np.float32))
+    run = tmp_path / "run"
+    # no Ray needed: the header pass in validate_inputs names the file
+    with pytest.raises(ValueError, match=f"{ids[4]}.npy: feature dimension 5"):
+        features.validate_inputs(_cfg(tiny_data, **{"data.features_dir": str(bad_dir)}), run)
+    np.save(bad_dir / f"{ids[4]}.npy", np.ones((12, 12), np.float32))
+    with pytest.raises(ValueError, match=r"shape \[d, h, w\]"):
+        features.validate_inputs(_cfg(tiny_data, **{"data.features_dir": str(bad_dir)}), run)
