@@ -55,6 +55,12 @@ class SelectConfig:
     chunk_rows: int = 65536  # rows of the centroid table per streamed batch
 
 
+def _crf_kwargs(section: Any) -> dict[str, float]:
+    """``algo.crf.dense_crf`` kwargs from a section's ``crf_*`` fields (debias, train)."""
+    names = ("iters", "gauss_sxy", "gauss_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat")
+    return {n: getattr(section, f"crf_{n}") for n in names}
+
+
 @dataclass(frozen=True)
 class DebiasConfig:
     """Stage ``debias``: Eq 4–5 with dense-CRF refinement and binarisation."""
@@ -73,16 +79,7 @@ class DebiasConfig:
 
     def crf_kwargs(self) -> dict[str, float] | None:
         """Keyword arguments for ``algo.crf.dense_crf``; ``None`` when the CRF is off."""
-        if not self.crf:
-            return None
-        return {
-            "iters": self.crf_iters,
-            "gauss_sxy": self.crf_gauss_sxy,
-            "gauss_compat": self.crf_gauss_compat,
-            "bilateral_sxy": self.crf_bilateral_sxy,
-            "bilateral_srgb": self.crf_bilateral_srgb,
-            "bilateral_compat": self.crf_bilateral_compat,
-        }
+        return _crf_kwargs(self) if self.crf else None
 
 
 @dataclass(frozen=True)
@@ -174,16 +171,7 @@ class TrainConfig:
 
     def crf_kwargs(self) -> dict[str, float] | None:
         """``algo.crf.dense_crf`` kwargs for the teacher's fill; ``None`` when ``teacher_crf`` is off."""
-        if not self.teacher_crf:
-            return None
-        return {
-            "iters": self.crf_iters,
-            "gauss_sxy": self.crf_gauss_sxy,
-            "gauss_compat": self.crf_gauss_compat,
-            "bilateral_sxy": self.crf_bilateral_sxy,
-            "bilateral_srgb": self.crf_bilateral_srgb,
-            "bilateral_compat": self.crf_bilateral_compat,
-        }
+        return _crf_kwargs(self) if self.teacher_crf else None
 
 
 @dataclass(frozen=True)

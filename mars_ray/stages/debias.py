@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 
 from mars_ray import config as C
@@ -27,7 +26,7 @@ from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource
 from mars_ray.labels import MAX_CLASSES
 from mars_ray.stages import features as features_stage
-from mars_ray.stages.runtime import ensure_ray
+from mars_ray.stages.runtime import ensure_ray, map_images
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +134,10 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
         ensure_ray(cfg.ray)
         ids = dataset.ids(cfg.data.split)
         d = cfg.debias
-        n_blocks = max(1, min(len(ids), max(4 * d.num_actors, len(ids) // 64)))
-        ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
-        ds = ds.map_batches(
+        ds = map_images(
+            ids,
             DebiasImages,
-            fn_constructor_kwargs=dict(
+            dict(
                 root=str(dataset.root),
                 pseudo_dir=str(features_stage.pseudo_label_dir(cfg, run_dir)),
                 out_dir=str(sd.path),
@@ -150,10 +148,9 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
                 skip_existing=resuming,
                 threads=max(1, int(d.cpus_per_actor)),
             ),
-            compute=ray.data.ActorPoolStrategy(size=d.num_actors),
-            num_cpus=d.cpus_per_actor,
+            num_actors=d.num_actors,
+            cpus_per_actor=d.cpus_per_actor,
             batch_size=d.batch_size,
-            batch_format="numpy",
         )
         n_images = n_fg = n_biased = 0
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import ray
 import torch
 
 from mars_ray import config as C
@@ -34,7 +33,7 @@ from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import predict_labels
 from mars_ray.models.deeplab import load_segmenter_checkpoint
 from mars_ray.stages.evaluate_labels import format_table
-from mars_ray.stages.runtime import ensure_ray
+from mars_ray.stages.runtime import ensure_ray, map_images
 
 logger = logging.getLogger(__name__)
 
@@ -117,20 +116,18 @@ def predict_split(
     """Write ``out_dir/{id}.png`` for every id of ``split`` on a Ray Data actor pool; the summed confusion matrix."""
     ids = dataset.ids(split)
     num_classes = dataset.num_classes + 1
-    n_blocks = max(1, min(len(ids), max(4 * num_actors, len(ids) // 64)))
-    ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
-    ds = ds.map_batches(
+    ds = map_images(
+        ids,
         PredictImages,
-        fn_constructor_kwargs=dict(
+        dict(
             checkpoint=str(checkpoint), root=str(dataset.root), out_dir=str(out_dir), num_classes=num_classes,
             scales=tuple(scales), flip=flip, crf=crf, fill_dir=str(fill_dir) if fill_dir else None,
             with_gt=with_gt, use_gpu=use_gpu, threads=max(1, int(cpus_per_actor)),
         ),
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
+        num_actors=num_actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=1 if use_gpu else 0,
         batch_size=batch_size,
-        batch_format="numpy",
     )
     total = ConfusionMatrix(num_classes)
     n = 0

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 
 from mars_ray.algo.metrics import ConfusionMatrix, map_biased, summarize
 from mars_ray.config import RayConfig
 from mars_ray.data.label_io import read_label
 from mars_ray.data.validate import check_label, check_label_folder
 from mars_ray.data.voc import VOCDataset
-from mars_ray.stages.runtime import ensure_ray
+from mars_ray.stages.runtime import ensure_ray, map_images
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +57,8 @@ def confusion(
         )
     check_label_folder(dataset, split, labels, name="label")
     ensure_ray(ray_cfg or RayConfig())
-    n_blocks = max(1, min(len(ids), max(4, len(ids) // 128)))
-    ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
-    ds = ds.map_batches(
-        _BatchConfusion,
-        fn_constructor_kwargs=dict(root=str(dataset.root), labels=str(labels), biased_as=biased_as),
-        compute=ray.data.ActorPoolStrategy(size=1),
-        batch_size=64,
-        batch_format="numpy",
-        num_cpus=1,
-    )
+    ds = map_images(ids, _BatchConfusion, dict(root=str(dataset.root), labels=str(labels), biased_as=biased_as),
+                    batch_size=64)
     total = ConfusionMatrix(dataset.num_classes + 1)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         total.mat += batch["mat"].sum(axis=0)

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from mars_ray import config as C
@@ -34,7 +33,7 @@ from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.validate import check_label, check_label_folder
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource, check_feature_folder
-from mars_ray.stages.runtime import ensure_ray
+from mars_ray.stages.runtime import ensure_ray, map_images
 
 logger = logging.getLogger(__name__)
 
@@ -255,11 +254,10 @@ def _compute(cfg: C.Config, run_dir: Path, dataset: VOCDataset, sd: StageDir) ->
         ensure_ray(cfg.ray)
         ids = dataset.ids(cfg.data.split)
         fc = cfg.features
-        n_blocks = max(1, min(len(ids), max(4 * fc.num_actors, len(ids) // 64)))
-        ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
-        ds = ds.map_batches(
+        ds = map_images(
+            ids,
             ClusterImages,
-            fn_constructor_kwargs=dict(
+            dict(
                 root=str(dataset.root),
                 pseudo_dir=str(pseudo_label_dir(cfg, run_dir)),
                 source_kwargs=feature_source_kwargs(cfg, run_dir),
@@ -270,10 +268,9 @@ def _compute(cfg: C.Config, run_dir: Path, dataset: VOCDataset, sd: StageDir) ->
                 seed=fc.seed,
                 threads=max(1, int(fc.cpus_per_actor)),
             ),
-            compute=ray.data.ActorPoolStrategy(size=fc.num_actors),
-            num_cpus=fc.cpus_per_actor,
+            num_actors=fc.num_actors,
+            cpus_per_actor=fc.cpus_per_actor,
             batch_size=fc.batch_size,
-            batch_format="numpy",
         )
         out = sd.path / TABLE
         tmp = sd.path / f".{TABLE}.tmp"

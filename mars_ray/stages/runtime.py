@@ -91,3 +91,31 @@ def fit_torch(
         datasets=datasets,
     )
     return trainer.fit()
+
+
+def map_images(
+    ids: list[str],
+    fn: type,
+    fn_kwargs: dict[str, Any],
+    *,
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0,
+    batch_size: int = 8,
+) -> "ray.data.Dataset":
+    """Shard image ids over an actor pool: ``fn(**fn_kwargs)`` once per actor, then one call a batch.
+
+    Rows in are ``{"image_id": str}``; ``fn.__call__(batch: dict[str, np.ndarray])`` returns what
+    the stage needs. Enough blocks (≥ 4 per actor, ≤ 64 ids each) that the pool stays busy.
+    """
+    n_blocks = max(1, min(len(ids), max(4 * num_actors, len(ids) // 64)))
+    ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
+    return ds.map_batches(
+        fn,
+        fn_constructor_kwargs=fn_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+        batch_size=batch_size,
+        batch_format="numpy",
+    )

@@ -62,7 +62,7 @@ from mars_ray.models.deeplab import load_segmenter_checkpoint, save_segmenter_ch
 from mars_ray.models.registry import SEGMENTERS
 from mars_ray.stages import evaluate as evaluate_stage
 from mars_ray.stages import features as features_stage
-from mars_ray.stages.runtime import ensure_ray, fit_torch
+from mars_ray.stages.runtime import ensure_ray, fit_torch, map_images
 
 logger = logging.getLogger(__name__)
 
@@ -387,10 +387,7 @@ def write_history(history: list[dict[str, Any]], folder: Path) -> None:
 
 def _training_dataset(dataset: VOCDataset, split: str, labels: Path) -> "ray.data.Dataset":
     ids = dataset.ids(split)
-    n_blocks = max(1, min(len(ids), max(2, len(ids) // 64)))
-    ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
-    ds = ds.map_batches(_LoadPair, fn_constructor_kwargs={"root": str(dataset.root), "labels": str(labels)},
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_size=16, batch_format="numpy")
+    ds = map_images(ids, _LoadPair, {"root": str(dataset.root), "labels": str(labels)}, batch_size=16)
     return ds.materialize()  # RAY_NOTES: a lazy read can block behind the trainer's CPUs on small machines
 
 

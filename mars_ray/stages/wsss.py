@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from torch import Tensor, nn
 
@@ -41,7 +40,7 @@ from mars_ray.artifacts import StageDir, atomic_write_json
 from mars_ray.data.label_io import read_image, write_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import build_sgd, poly_lr_lambda, train_one_epoch
-from mars_ray.stages.runtime import ensure_ray, fit_torch
+from mars_ray.stages.runtime import ensure_ray, fit_torch, map_images
 from mars_ray.stages.uss import fit_crop
 
 logger = logging.getLogger(__name__)
@@ -330,20 +329,18 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
             atomic_write_json(sd.path / "history.json", state["history"])
             shutil.rmtree(sd.path / "ray", ignore_errors=True)
         ids = [i for s in splits for i in dataset.ids(s)]
-        n_blocks = max(1, min(len(ids), max(4 * w.num_actors, len(ids) // 64)))
-        ds = ray.data.from_items([{"image_id": i} for i in ids], override_num_blocks=n_blocks)
-        ds = ds.map_batches(
+        ds = map_images(
+            ids,
             CamImages,
-            fn_constructor_kwargs=dict(
+            dict(
                 root=str(dataset.root), checkpoint=str(ckpt), out_dir=str(sd.path), scales=tuple(w.cam_scales),
                 flip=w.cam_flip, bg_threshold=w.bg_threshold, crf=_crf_kwargs(cfg), skip_existing=resuming,
                 device="cuda" if w.use_gpu else "cpu", threads=max(1, int(w.cpus_per_actor)),
             ),
-            compute=ray.data.ActorPoolStrategy(size=w.num_actors),
-            num_cpus=w.cpus_per_actor,
-            num_gpus=1 if w.use_gpu else 0,
+            num_actors=w.num_actors,
+            cpus_per_actor=w.cpus_per_actor,
+            gpus_per_actor=1 if w.use_gpu else 0,
             batch_size=w.cam_batch_size,
-            batch_format="numpy",
         )
         n_images = 0
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):

@@ -13,7 +13,6 @@ colour oracle 0.54 / 0.49 / 0.07 (0.51 / 0.57 / 0.02).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
