@@ -43,6 +43,17 @@ def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True,
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. select.alpha=0.3")
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set`` items plus the shorthand flags (``--data``, ``--pseudo-labels``, … , ``--uss``)."""
+    overrides: dict[str, Any] = C.parse_set(args.set)
+    flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
+             "data.features_dir": args.features_dir, "data.split": args.split}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if getattr(args, "uss", False):
+        overrides["features.extractor"] = "stego"
+    return overrides
+
+
 def config_from_args(args: argparse.Namespace, *, build_missing: bool = False) -> C.Config:
     """Defaults → ``--config`` → ``--set`` → flags. ``--uss`` means ``features.extractor=stego``.
 
@@ -50,12 +61,7 @@ def config_from_args(args: argparse.Namespace, *, build_missing: bool = False) -
     chosen (``features.extractor`` in neither ``--set`` nor ``--config``), the run builds both —
     CAM pseudo labels (``wsss``) and the learned USS (``features.extractor=stego``, ``uss``).
     """
-    overrides: dict[str, Any] = C.parse_set(args.set)
-    flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
-             "data.features_dir": args.features_dir, "data.split": args.split}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    if getattr(args, "uss", False):
-        overrides["features.extractor"] = "stego"
+    overrides = overrides_from_args(args)
     cfg = C.build(args.config, overrides)
     if not cfg.data.root:
         raise ValueError("no dataset: pass --data ROOT (or data.root in --config)")
@@ -170,12 +176,7 @@ def cmd_evaluate_labels(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from mars_ray.tune import run_sweep
 
-    overrides: dict[str, Any] = C.parse_set(args.set)
-    flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
-             "data.features_dir": args.features_dir, "data.split": args.split}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    if getattr(args, "uss", False):
-        overrides["features.extractor"] = "stego"
+    overrides = overrides_from_args(args)
     summary = run_sweep(args.space, args.out, config_file=args.config, overrides=overrides,
                         tracking_uri=args.tracking_uri, experiment=args.experiment, smoke=args.smoke_test,
                         cache=not args.no_cache, verbose=0 if args.quiet else 1)

@@ -312,18 +312,24 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config YAML; ``ValueError`` naming the file when it is not a mapping."""
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping; ``FileNotFoundError``/``ValueError`` naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    data.pop("job", None)  # jobs/*.yaml may carry a free-form description block
+        raise ValueError(f"{path}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config YAML of sections (a ``job:`` description block in jobs/*.yaml is dropped)."""
+    data = read_yaml_mapping(path)
+    data.pop("job", None)
     return data
 
 

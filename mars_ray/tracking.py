@@ -143,20 +143,21 @@ def label_montage(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]
     """A PNG grid, one row per image: image | pseudo label Y^b | debiased label Y^db.
 
     ``rows``: ``(image_id, image [H, W, 3] uint8, Y^b [H, W] uint8, Y^db [H, W] uint8)``; labels are
-    drawn with the VOC palette, BIASED (254) in white.
+    drawn with the VOC palette (``data.label_io.VOC_PALETTE``: BIASED 254 in magenta).
     """
     from PIL import Image, ImageDraw
 
+    from mars_ray.data.label_io import VOC_PALETTE
+
     def colour(label: np.ndarray) -> np.ndarray:
-        pal = _palette()
-        return pal[label]
+        return VOC_PALETTE[label]
 
     tiles = []
     for image_id, image, pseudo, debiased in rows:
         strip = np.concatenate([image[..., :3], colour(pseudo), colour(debiased)], axis=1)
         strip = np.kron(strip, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else strip
         header = Image.new("RGB", (strip.shape[1], 14), "black")
-        ImageDraw.Draw(header).text((2, 1), f"{image_id}: image | Y^b | Y^db (white = biased)", fill="white")
+        ImageDraw.Draw(header).text((2, 1), f"{image_id}: image | Y^b | Y^db (magenta = biased)", fill="white")
         tiles.append(np.concatenate([np.asarray(header), strip], axis=0))
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
@@ -166,22 +167,6 @@ def label_montage(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]
     Image.fromarray(np.concatenate(tiles, axis=0)).save(tmp, format="PNG")
     os.replace(tmp, out)
     return out
-
-
-def _palette() -> np.ndarray:
-    """``[256, 3]`` uint8: the VOC colours, 254 (biased) white, 255 (ignore) light grey."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    pal[254] = (255, 255, 255)
-    pal[255] = (200, 200, 200)
-    return pal
 
 
 __all__ = [

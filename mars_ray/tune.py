@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
 
 from mars_ray import config as C
 from mars_ray import tracking
@@ -101,14 +100,7 @@ class Space:
 def load_space(path: str | Path, *, smoke: bool = False) -> Space:
     """Read and check the shape of a space file (values are checked by ``validate_space``)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"search space {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    raw = C.read_yaml_mapping(path, "search space")
     unknown = set(raw) - SPACE_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown entries {sorted(unknown)}; a space has {sorted(SPACE_KEYS)}")

@@ -62,4 +62,4 @@ def test_label_montage(tmp_path: Path):
     out = tracking.label_montage([("a", img, yb, ydb), ("b", img, yb, yb)], tmp_path / "m.png", scale=2)
     arr = np.asarray(Image.open(out))
     assert arr.shape == (2 * (14 + 16), 60, 3)
-    assert (arr[14:30, 40:50] == 255).all()  # biased pixels of the first Y^db drawn white
+    assert (arr[14:30, 40:50] == (255, 0, 255)).all()  # biased pixels of the first Y^db: VOC_PALETTE magenta
