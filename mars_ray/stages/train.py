@@ -385,10 +385,14 @@ def write_history(history: list[dict[str, Any]], folder: Path) -> None:
     atomic_write_bytes(folder / "curves.png", png.getvalue())
 
 
-def _training_dataset(dataset: VOCDataset, split: str, labels: Path) -> "ray.data.Dataset":
+def _training_dataset(dataset: VOCDataset, split: str, labels: Path, *, trainer_cpus: float) -> "ray.data.Dataset":
+    """(image, label) rows of the split. Streamed where the cluster has CPUs to spare beside the
+    trainer (memory stays flat as the dataset grows); materialised first on a small machine, where
+    a lazy read would wait behind the trainer's CPUs forever (RAY_NOTES)."""
     ids = dataset.ids(split)
     ds = map_images(ids, _LoadPair, {"root": str(dataset.root), "labels": str(labels)}, batch_size=16)
-    return ds.materialize()  # RAY_NOTES: a lazy read can block behind the trainer's CPUs on small machines
+    spare = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus
+    return ds.materialize() if spare < 2 else ds
 
 
 def _mark_extendable(sd: StageDir, epochs: int) -> None:
@@ -446,7 +450,8 @@ def _train_and_write(cfg: C.Config, run_dir: Path, sd: StageDir, dataset: VOCDat
     result = fit_torch(
         train_worker, loop, name="baseline" if t.baseline else "mars", storage=sd.path / "ray",
         num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
-        max_failures=t.max_failures, datasets={"train": _training_dataset(dataset, cfg.data.split, labels)},
+        max_failures=t.max_failures, datasets={"train": _training_dataset(dataset, cfg.data.split, labels,
+                                             trainer_cpus=t.num_workers * t.cpus_per_worker)},
     )
     if result.checkpoint is None:
         raise RuntimeError(f"{sd.path / 'ray'}: training reported no checkpoint")
