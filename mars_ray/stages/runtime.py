@@ -119,3 +119,38 @@ def map_images(
         batch_size=batch_size,
         batch_format="numpy",
     )
+
+
+STATE_FILE = "state.pt"
+
+
+def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    """In a Ray Train worker: report an epoch's numeric metrics, with ``state`` as the checkpoint.
+
+    Rank 0 passes the training state (weights, optimiser, counters, history) when a checkpoint is
+    due; the other ranks and off-epochs pass ``None``.
+    """
+    import tempfile
+
+    import ray.train
+    import torch
+
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def restored_state(*, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any] | None:
+    """In a Ray Train worker: the state of the last reported checkpoint of this run, or ``None``."""
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location=map_location, weights_only=weights_only)

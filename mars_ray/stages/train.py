@@ -39,7 +39,6 @@ import io
 import logging
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -62,11 +61,11 @@ from mars_ray.models.deeplab import load_segmenter_checkpoint, save_segmenter_ch
 from mars_ray.models.registry import SEGMENTERS
 from mars_ray.stages import evaluate as evaluate_stage
 from mars_ray.stages import features as features_stage
-from mars_ray.stages.runtime import ensure_ray, fit_torch, map_images
+from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, map_images, report_epoch, restored_state
 
 logger = logging.getLogger(__name__)
 
-STATE = "state.pt"
+STATE = STATE_FILE
 HISTORY_FIELDS = ("epoch", "step", "loss", "ce", "wce", "biased_frac", "mean_w", "lr", "val_miou",
                   "images_per_s", "time")
 # do not change the trained weights' meaning: left out of the stage key
@@ -276,7 +275,6 @@ def fit(
     """
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -299,10 +297,8 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=True) if use_amp else None
 
     start_epoch, step, history = 0, 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE, map_location=device, weights_only=False)
+    state = restored_state(map_location=device, weights_only=False)
+    if state is not None:
         core.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
@@ -341,16 +337,11 @@ def fit(
             row["val_miou"] = _val_miou(final, root, val_ids, num_classes)
         row["time"] = time.perf_counter() - t0
         history.append(row)
-        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-        if rank == 0 and ((epoch + 1) % checkpoint_every == 0 or last):
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save({"student": core.state_dict(), "teacher": teacher.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict() if scaler is not None else None,
-                            "epoch": epoch + 1, "step": step, "history": history}, Path(tmp) / STATE)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        due = rank == 0 and ((epoch + 1) % checkpoint_every == 0 or last)
+        report_epoch(row, {"student": core.state_dict(), "teacher": teacher.state_dict(),
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "scaler": scaler.state_dict() if scaler is not None else None,
+                           "epoch": epoch + 1, "step": step, "history": history} if due else None)
 
 
 # ------------------------------------------------------------------------------------------ driver outputs

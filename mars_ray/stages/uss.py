@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,12 +45,12 @@ from mars_ray.artifacts import StageDir, atomic_write_json, fingerprint_path
 from mars_ray.data.label_io import read_image
 from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import train_one_epoch
-from mars_ray.stages.runtime import ensure_ray, fit_torch
+from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, report_epoch, restored_state
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-STATE = "state.pt"
+STATE = STATE_FILE
 RAY_NAME = "uss"
 # how the training is executed, not what it computes: left out of the stage key
 _EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures"}
@@ -209,7 +208,6 @@ def train_loop(
     """
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from mars_ray.models.stego import SegHead, StegoModel
 
@@ -219,10 +217,9 @@ def train_loop(
     net = load_backbone(backbone, backbone_weights)
     head = SegHead(int(net.dim), dim)
     state: dict[str, Any] = {"ssl_epochs_done": 0, "epochs_done": 0, "step": 0, "history": [], "knn": None}
-    restored = ray.train.get_checkpoint()
+    restored = restored_state()
     if restored is not None:
-        with restored.as_directory() as d:
-            state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+        state = restored
         if state["backbone"] is not None:
             net.load_state_dict(state["backbone"])
         head.load_state_dict(state["head"])
@@ -239,13 +236,7 @@ def train_loop(
         # the backbone goes into the state only when trained here (given weights are reloaded from their file)
         state.update(backbone=None if backbone_weights else net.state_dict(), head=head.state_dict(),
                      opt_phase=phase, opt=opt.state_dict())
-        metrics = {k: v for k, v in entry.items() if isinstance(v, (int, float))}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(state, Path(d) / STATE)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        report_epoch(entry, state if rank == 0 else None)
         reported = True
 
     # 1. self-supervised backbone (only without given weights)

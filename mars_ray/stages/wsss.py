@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,13 +39,13 @@ from mars_ray.artifacts import StageDir, atomic_write_json
 from mars_ray.data.label_io import read_image, write_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import build_sgd, poly_lr_lambda, train_one_epoch
-from mars_ray.stages.runtime import ensure_ray, fit_torch, map_images
+from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, map_images, report_epoch, restored_state
 from mars_ray.stages.uss import fit_crop
 
 logger = logging.getLogger(__name__)
 
 CLASSIFIER = "classifier.pt"
-STATE = "state.pt"
+STATE = STATE_FILE
 RAY_NAME = "wsss"
 _EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "num_actors", "cpus_per_actor",
                    "cam_batch_size"}
@@ -98,7 +97,6 @@ def train_loop(
     """Multi-label CAM classifier training; one report (with a checkpoint from rank 0) per epoch."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from mars_ray.models import load_all
     from mars_ray.models.cam import cam_loss
@@ -117,10 +115,9 @@ def train_loop(
     opt = build_sgd(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr_lambda(max(1, epochs * len(loader))))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
-    restored = ray.train.get_checkpoint()
+    restored = restored_state()
     if restored is not None:
-        with restored.as_directory() as d:
-            state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+        state = restored
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -138,22 +135,10 @@ def train_loop(
         state["history"].append(entry)
         state.update(epoch=epoch + 1, model=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
         logger.info("wsss epoch %d/%d: cls loss %.4f", epoch + 1, epochs, stats["loss"])
-        _report(entry, state, rank, Checkpoint)
+        report_epoch(entry, state if rank == 0 else None)
     if start >= epochs:  # resumed after the last epoch: hand the state back
         state.update(model=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
-        _report({"epoch": state["epoch"], "step": state["step"]}, state, rank, Checkpoint)
-
-
-def _report(metrics: dict[str, Any], state: dict[str, Any], rank: int, checkpoint_cls: Any) -> None:
-    import ray.train
-
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / STATE)
-            ray.train.report(metrics, checkpoint=checkpoint_cls.from_directory(d))
-    else:
-        ray.train.report(metrics)
+        report_epoch({"epoch": state["epoch"], "step": state["step"]}, state if rank == 0 else None)
 
 
 def save_classifier(path: Path, name: str, num_classes: int, state_dict: dict[str, Tensor]) -> Path:
