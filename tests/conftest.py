@@ -30,3 +30,27 @@ def ray_local():
                  log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def debiased_run(tiny_data: Path, ray_local, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``features → select → debias`` on ``tiny_data`` (no CRF), computed once for the session.
+
+    Read-only for tests: a module that writes into a run takes its own copy (``copy_run``).
+    """
+    from mars_ray import config as C
+    from mars_ray.stages import debias, features, select
+
+    run_dir = tmp_path_factory.mktemp("debiased_run")
+    cfg = C.build(overrides={"data.root": str(tiny_data), "data.pseudo_labels": str(tiny_data / "pseudo_labels"),
+                             "debias.crf": False})
+    for stage in (features, select, debias):
+        stage.run(cfg, run_dir)
+    return run_dir
+
+
+def copy_run(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of a finished run folder (stage manifests and artifacts included)."""
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("run") / "run"))

@@ -16,6 +16,8 @@ from mars_ray.data.label_io import read_label, write_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.stages import debias, features, select
 
+from tests.conftest import copy_run
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 
@@ -25,12 +27,9 @@ def _cfg(data: Path, **over) -> C.Config:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_data: Path, ray_local, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = _cfg(tiny_data)
-    for stage in (features, select, debias):
-        stage.run(cfg, run_dir)
-    return run_dir
+def run(debiased_run: Path, tmp_path_factory) -> Path:
+    """This module's copy of the session's features → select → debias run."""
+    return copy_run(debiased_run, tmp_path_factory)
 
 
 def _table(run_dir: Path):

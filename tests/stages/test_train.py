@@ -13,7 +13,9 @@ from mars_ray import config as C
 from mars_ray.data.voc import VOCDataset
 from mars_ray.models.deeplab import load_segmenter_checkpoint, save_segmenter_checkpoint
 from mars_ray.models.registry import SEGMENTERS
-from mars_ray.stages import debias, features, select, train
+from mars_ray.stages import train
+
+from tests.conftest import copy_run
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -27,12 +29,9 @@ def _cfg(data: Path, **over) -> C.Config:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_data: Path, ray_local, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = _cfg(tiny_data)
-    for stage in (features, select, debias):
-        stage.run(cfg, run_dir)
-    return run_dir
+def run(debiased_run: Path, tmp_path_factory) -> Path:
+    """This module's copy of the session's features → select → debias run."""
+    return copy_run(debiased_run, tmp_path_factory)
 
 
 def _history(folder: Path) -> list[dict[str, str]]:
