@@ -8,6 +8,8 @@ Every stage writes one folder ``RUN/<stage>/`` holding its outputs and a ``manif
 A rerun with the same key skips a ``complete`` stage, resumes a ``running`` one (per-file outputs
 already written are kept), and starts afresh when the key changed. Files are written to a temporary
 name in the same folder and renamed, so a killed run never leaves a half file that looks finished.
+On an object store (``RUN`` an ``s3://``… URI, see ``mars_ray.storage``) each file is one upload,
+which is atomic there, and a folder "rename" is a copy + delete.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,22 +25,17 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from mars_ray import storage
+from mars_ray.storage import AnyPath, upath
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
+def atomic_write_bytes(path: "str | Path | storage.ObjectPath", data: bytes) -> None:
+    with storage.atomic_open(path) as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -51,13 +46,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
+def atomic_save_npy(path: "str | Path | storage.ObjectPath", array: np.ndarray) -> None:
+    with storage.atomic_open(path) as f:
         np.save(f, array)
-    os.replace(tmp, path)
+
+
+def load_npy(path: "str | Path | storage.ObjectPath") -> np.ndarray:
+    """``np.load`` of a local or object-store ``.npy`` (no pickles)."""
+    with storage.open_read(path) as f:
+        return np.load(f, allow_pickle=False)
 
 
 def _json_default(o: Any) -> Any:
@@ -65,18 +62,27 @@ def _json_default(o: Any) -> Any:
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
-    if isinstance(o, Path):
+    if isinstance(o, (Path, storage.ObjectPath)):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def fingerprint_files(paths: Iterable[Path]) -> str:
+def fingerprint_files(paths: Iterable[AnyPath]) -> str:
     """Cheap content fingerprint of a file list: names, sizes and mtimes (not the bytes)."""
     h = hashlib.sha256()
     n = 0
+    listings: dict[Any, dict[str, Any]] = {}  # object stores: one listing a folder, not a request a file
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{Path(p).name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        p = upath(p)
+        if storage.is_uri(p):
+            if p.parent not in listings:
+                listings[p.parent] = storage.list_files(p.parent)
+            st = listings[p.parent].get(p.name)
+            if st is None:
+                raise FileNotFoundError(f"{p}: no such file")
+        else:
+            st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         n += 1
     return f"{n}:{h.hexdigest()[:16]}"
 
@@ -85,7 +91,7 @@ def fingerprint_path(path: str | Path) -> str:
     """Fingerprint of one file, or of every file below a folder ("" → "none")."""
     if not path:
         return "none"
-    p = Path(path)
+    p = upath(path)
     if p.is_file():
         return fingerprint_files([p])
     if p.is_dir():
@@ -97,14 +103,17 @@ def fingerprint_path(path: str | Path) -> str:
 class StageDir:
     """One stage's output folder and its manifest bookkeeping."""
 
-    path: Path
+    path: AnyPath
     stage: str
     key: str
     config: Mapping[str, Any]
     inputs: Mapping[str, Any]
 
+    def __post_init__(self) -> None:
+        self.path = upath(self.path)
+
     @property
-    def manifest_path(self) -> Path:
+    def manifest_path(self) -> AnyPath:
         return self.path / MANIFEST
 
     def read_manifest(self) -> dict[str, Any] | None:
@@ -115,7 +124,7 @@ class StageDir:
         return bool(m and m.get("key") == self.key and m.get("status") == "complete")
 
     @property
-    def previous_path(self) -> Path:
+    def previous_path(self) -> AnyPath:
         return self.path.with_name(f".{self.path.name}.prev")
 
     def begin(self) -> bool:
@@ -133,11 +142,11 @@ class StageDir:
                 raise ValueError(
                     f"{self.path} exists, is not empty and has no {MANIFEST}: refusing to overwrite it"
                 )
-            shutil.rmtree(self.previous_path, ignore_errors=True)
+            storage.rmtree(self.previous_path)
             if m is not None and m.get("status") == "complete":
                 self.path.rename(self.previous_path)
             else:
-                shutil.rmtree(self.path)
+                storage.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._write("running", outputs={})
         return resuming
@@ -145,7 +154,7 @@ class StageDir:
     def restore(self) -> None:
         """Undo ``begin`` after a failure: bring back the finished artifact it moved aside."""
         if self.previous_path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
+            storage.rmtree(self.path)
             self.previous_path.rename(self.path)
             logger.info("%s: restored the previous %s artifact after the failure", self.path, self.stage)
 
@@ -161,7 +170,7 @@ class StageDir:
 
     def finish(self, outputs: Mapping[str, Any]) -> None:
         self._write("complete", outputs=outputs)
-        shutil.rmtree(self.previous_path, ignore_errors=True)
+        storage.rmtree(self.previous_path)
 
     def _write(self, status: str, outputs: Mapping[str, Any]) -> None:
         prev = self.read_manifest() or {}
@@ -181,8 +190,8 @@ class StageDir:
         atomic_write_json(self.manifest_path, manifest)
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    p = Path(folder) / MANIFEST
+def read_manifest(folder: "str | AnyPath") -> dict[str, Any] | None:
+    p = upath(folder) / MANIFEST
     if not p.is_file():
         return None
     try:
@@ -191,7 +200,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         raise ValueError(f"{p}: corrupt manifest ({e})") from None
 
 
-def require_complete(folder: str | Path, stage: str) -> dict[str, Any]:
+def require_complete(folder: "str | AnyPath", stage: str) -> dict[str, Any]:
     """The manifest of a finished upstream stage, or a clear error telling which stage to run."""
     m = read_manifest(folder)
     if not m or m.get("status") != "complete":

@@ -12,6 +12,66 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Object-store tests talk S3 to an in-process moto server. Its address and fake credentials go
+# into the environment now, before any Ray starts, so Ray workers inherit them; the server itself
+# starts only when a test asks for ``s3_bucket``.
+S3_PORT = _free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+})
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on ``$AWS_ENDPOINT_URL`` for the session (skipped when moto is missing)."""
+    import logging
+
+    server_mod = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request: pytest.FixtureRequest) -> str:
+    """A new empty bucket on the test S3 server: ``s3://<name>``."""
+    import re
+    import uuid
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload_tree(local: Path, uri: str) -> str:
+    """Copy a local folder to an object-store URI (every file below it); returns ``uri``."""
+    import pyarrow.fs as pafs
+
+    from mars_ray.storage import upath
+
+    dest = upath(uri)
+    pafs.copy_files(str(Path(local).resolve()), dest.fs_path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=dest.fs)
+    return uri
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in biased dataset at test size (train 16, val 6, 48 px)."""

@@ -3,7 +3,8 @@
 Label PNGs are single-channel: palette (``P``, the raw indices are the labels) or greyscale
 (``L``); values follow ``mars_ray.labels`` (0 background, 1..C classes, 254 biased, 255 ignore).
 ``write_label`` writes a palette PNG with the VOC colour map, atomically (temporary file in the
-same folder, then ``os.replace``), so a killed run never leaves a half-written label.
+same folder, then ``os.replace``; one upload on an object store), so a killed run never leaves a
+half-written label. Paths may be local or object-store URIs (``mars_ray.storage``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mars_ray import storage
 from mars_ray.labels import BIASED, IGNORE
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, "os.PathLike[str]", storage.ObjectPath]
 
 
 def _voc_palette() -> np.ndarray:
@@ -44,11 +46,11 @@ VOC_PALETTE: np.ndarray = _voc_palette()
 
 
 def _open(path: PathLike) -> Image.Image:
-    p = Path(path)
+    p = storage.upath(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
     try:
-        return Image.open(p)
+        return Image.open(p if isinstance(p, Path) else p.open("rb"))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"{p}: cannot read image: {e}") from e
 
@@ -98,14 +100,14 @@ def label_size(path: PathLike) -> tuple[int, int]:
     return h, w
 
 
-def write_label(path: PathLike, label: np.ndarray, *, palette: bool = True) -> Path:
+def write_label(path: PathLike, label: np.ndarray, *, palette: bool = True) -> storage.AnyPath:
     """Write ``label`` (``uint8 [H, W]``, or any integer array with values 0..255) as a PNG.
 
     ``palette=True`` writes mode ``P`` with ``VOC_PALETTE``; otherwise mode ``L``. The file is
     written to ``{path}.tmp-{pid}`` in the same folder and moved into place with ``os.replace``.
     Raises ``ValueError`` for a non-2-D array or values outside 0..255. Returns the path.
     """
-    p = Path(path)
+    p = storage.upath(path)
     arr = np.asarray(label)
     if arr.ndim != 2:
         raise ValueError(f"{p}: label must be 2-D [H, W], got shape {arr.shape}")
@@ -116,14 +118,8 @@ def write_label(path: PathLike, label: np.ndarray, *, palette: bool = True) -> P
             raise ValueError(f"{p}: label values must be in 0..255 (min {arr.min()}, max {arr.max()})")
         arr = arr.astype(np.uint8)
     im = _to_palette(arr) if palette else Image.fromarray(np.ascontiguousarray(arr))
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
-    try:
-        im.save(tmp, format="PNG")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with storage.atomic_open(p) as f:
+        im.save(f, format="PNG")
     return p
 
 

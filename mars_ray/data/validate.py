@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
+from mars_ray import storage
 from mars_ray.data.label_io import label_size
 from mars_ray.data.voc import VOCDataset
 from mars_ray.labels import BIASED, IGNORE
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, "os.PathLike[str]", storage.ObjectPath]
 
 
 def check_label(
@@ -58,7 +58,7 @@ def check_label_folder(
     folder: PathLike,
     *,
     name: str = "pseudo label",
-) -> dict[str, Path]:
+) -> dict[str, storage.AnyPath]:
     """Map each id of ``split`` to ``{folder}/{id}.png``, checking presence and size.
 
     Raises ``FileNotFoundError`` if ``folder`` does not exist, ``ValueError`` naming the first
@@ -66,11 +66,11 @@ def check_label_folder(
     from its image. Reads PNG headers only (no pixel decode); values are checked by the reader
     of each label (``check_label``).
     """
-    root = Path(folder)
+    root = storage.upath(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: {name} folder does not exist")
     ids = dataset.ids(split)
-    present = {e.name for e in os.scandir(root) if e.name.endswith(".png")}
+    present = {n for n in storage.list_files(root) if n.endswith(".png")}
     missing = [i for i in ids if f"{i}.png" not in present]
     if missing:
         first = ", ".join(f"{i}.png" for i in missing[:5])
@@ -78,11 +78,19 @@ def check_label_folder(
             f"{root}: {len(missing)} of {len(ids)} {name} files of split {split!r} are missing "
             f"(first: {first})"
         )
-    out: dict[str, Path] = {}
-    for i in ids:
+    def sizes(i: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
+        return i, label_size(root / f"{i}.png"), label_size(dataset.image_path(i))
+
+    if storage.is_uri(root) or storage.is_uri(dataset.root):  # latency-bound reads: many at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(32) as pool:
+            checked = pool.map(sizes, ids)
+    else:
+        checked = map(sizes, ids)
+    out: dict[str, storage.AnyPath] = {}
+    for i, hw, img_hw in checked:
         p = root / f"{i}.png"
-        hw = label_size(p)
-        img_hw = label_size(dataset.image_path(i))
         if hw != img_hw:
             raise ValueError(f"{p}: {name} {hw[0]}x{hw[1]} but image {img_hw[0]}x{img_hw[1]}")
         out[i] = p

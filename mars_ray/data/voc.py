@@ -10,6 +10,7 @@ Layout (``ROOT`` is the dataset folder)::
 
 Without ``classes.txt`` the 21 PASCAL VOC names are used. Image-level labels come from
 ``image_labels.json`` when present, else from the classes present in the ground truth.
+``ROOT`` may be a local folder or an object-store URI (``s3://bucket/voc``, see ``mars_ray.storage``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
+from mars_ray import storage
 from mars_ray.data.label_io import read_label
 from mars_ray.labels import MAX_CLASSES
 
@@ -44,8 +45,8 @@ class VOCDataset:
     for a malformed ``classes.txt`` or ``image_labels.json``.
     """
 
-    def __init__(self, root: Union[str, "os.PathLike[str]"]) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Union[str, "os.PathLike[str]", storage.ObjectPath]) -> None:
+        self.root = storage.upath(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: dataset folder does not exist")
         self.image_dir = self.root / "JPEGImages"
@@ -56,6 +57,24 @@ class VOCDataset:
         self.classes: list[str] = self._read_classes()
         self._image_labels: Optional[dict[str, list[int]]] = None
         self._ids_cache: dict[str, list[str]] = {}
+        self._listings: dict[str, dict[str, object]] = {}  # object stores only: folder → {name: stat}
+
+    def _listed(self, folder: storage.AnyPath) -> Optional[dict[str, object]]:
+        """On an object store, the folder's files (listed once): no request per image. Locally ``None``."""
+        if not storage.is_uri(folder):
+            return None
+        key = str(folder)
+        if key not in self._listings:
+            self._listings[key] = storage.list_files(folder) if folder.is_dir() else {}
+        return self._listings[key]
+
+    def _exists(self, path: storage.AnyPath) -> bool:
+        listing = self._listed(path.parent)
+        return path.is_file() if listing is None else path.name in listing
+
+    def _stat(self, path: storage.AnyPath) -> object:
+        listing = self._listed(path.parent)
+        return path.stat() if listing is None else listing[path.name]
 
     # -- metadata -------------------------------------------------------------------------------
     def _read_classes(self) -> list[str]:
@@ -103,19 +122,19 @@ class VOCDataset:
         return list(ids)
 
     # -- files ----------------------------------------------------------------------------------
-    def image_path(self, image_id: str) -> Path:
+    def image_path(self, image_id: str) -> storage.AnyPath:
         """Path of the image ``{id}.jpg``, ``.jpeg`` or ``.png``; ``FileNotFoundError`` if none exists."""
         for ext in IMAGE_EXTS:
             p = self.image_dir / f"{image_id}{ext}"
-            if p.is_file():
+            if self._exists(p):
                 return p
         tried = ", ".join(image_id + e for e in IMAGE_EXTS)
         raise FileNotFoundError(f"{self.image_dir}: no image for id {image_id!r} (looked for {tried})")
 
-    def gt_path(self, image_id: str) -> Optional[Path]:
+    def gt_path(self, image_id: str) -> Optional[storage.AnyPath]:
         """Path of the ground-truth label PNG, or ``None`` when the dataset has none for this id."""
         p = self.gt_dir / f"{image_id}.png"
-        return p if p.is_file() else None
+        return p if self._exists(p) else None
 
     def has_gt(self, split: str) -> bool:
         """True when every id of ``split`` has a ground-truth PNG."""
@@ -185,7 +204,7 @@ class VOCDataset:
                 if p is None:
                     h.update(b"-")
                     continue
-                st = p.stat()
+                st = self._stat(p)
                 h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import ray
 
 from mars_ray.config import RayConfig
+from mars_ray.storage import ObjectPath, ray_storage
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def fit_torch(
     loop_config: dict[str, Any],
     *,
     name: str,
-    storage: Path,
+    storage: "str | Path | ObjectPath",
     num_workers: int,
     use_gpu: bool,
     cpus_per_worker: float,
@@ -66,15 +67,16 @@ def fit_torch(
 
     Resuming is Ray Train V2's: the same ``name`` under the same ``storage`` path continues from
     the last reported checkpoint (``ray.train.get_checkpoint()`` inside ``train_fn``), and
-    ``FailureConfig(max_failures)`` restarts failed workers from it. ``storage`` is made absolute:
-    Train changes the working directory of its workers. Only the newest ``keep_checkpoints``
-    checkpoints stay on disk.
+    ``FailureConfig(max_failures)`` restarts failed workers from it. ``storage`` is a local folder
+    (made absolute: Train changes the working directory of its workers) or an object-store URI
+    (``mars_ray.storage.ray_storage``). Only the newest ``keep_checkpoints`` checkpoints are kept.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    storage_path, storage_filesystem = ray_storage(storage)
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
@@ -84,7 +86,8 @@ def fit_torch(
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage).resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
