@@ -2,6 +2,9 @@
 
 The config object is built here (defaults → ``--config`` YAML → ``--set`` → explicit flags) and
 handed to the stages; nothing below this module parses arguments.
+
+Run folders (``--out``), ``--config`` files, datasets (``--data``) and label folders may be local
+paths or object-store URIs such as ``s3://bucket/run`` (``mars_ray.storage``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mars_ray import config as C
+from mars_ray import storage
+from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger("mars_ray")
 
@@ -32,14 +37,16 @@ def _stage_module(name: str) -> Any:
 
 def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True,
                       split_help: str = "image split to debias (default: train)") -> None:
-    p.add_argument("--data", help="dataset root (VOC-style layout); same as --set data.root=…")
-    p.add_argument("--pseudo-labels", help="folder of pseudo-label PNGs {id}.png from any WSSS method")
-    p.add_argument("--features-dir", help="folder of external USS features {id}.npy|npz|pt ([d, h, w])")
+    p.add_argument("--data", help="dataset root (VOC-style layout; a folder or a URI such as s3://bucket/voc); "
+                                  "same as --set data.root=…")
+    p.add_argument("--pseudo-labels", help="folder (or URI) of pseudo-label PNGs {id}.png from any WSSS method")
+    p.add_argument("--features-dir", help="folder (or URI) of external USS features {id}.npy|npz|pt ([d, h, w])")
     p.add_argument("--uss", action="store_true",
                    help="use the built-in learned USS (features.extractor=stego; `mars run` trains it first)")
     p.add_argument("--split", help=split_help)
-    p.add_argument("--out", required=out_required, help="run folder; every stage writes RUN/<stage>/")
-    p.add_argument("--config", help="YAML config file (sections data, features, select, debias, ray, …)")
+    p.add_argument("--out", required=out_required,
+                   help="run folder or object-store URI (s3://bucket/run); every stage writes RUN/<stage>/")
+    p.add_argument("--config", help="YAML config file, local or a URI (sections data, features, select, debias, ray, …)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. select.alpha=0.3")
 
 
@@ -85,23 +92,21 @@ def plan_stages(cfg: C.Config, until: str | None = None) -> list[str]:
     return stages
 
 
-def _prepare_run(args: argparse.Namespace, *, build_missing: bool = False) -> tuple[C.Config, Path]:
+def _prepare_run(args: argparse.Namespace, *, build_missing: bool = False) -> tuple[C.Config, AnyPath]:
     cfg = config_from_args(args, build_missing=build_missing)
-    if "://" in str(args.out):
-        raise ValueError(f"--out {args.out}: object-store URIs are not supported for run folders; "
-                         "use a shared POSIX filesystem (README, 'On a cluster')")
-    run_dir = Path(args.out)
+    run_dir = upath(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump_yaml(cfg, run_dir / "config.yaml")
     return cfg, run_dir
 
 
-def run_stages(cfg: C.Config, run_dir: Path, stages: Sequence[str]) -> dict[str, Path]:
+def run_stages(cfg: C.Config, run_dir: "str | Path | storage.ObjectPath", stages: Sequence[str]) -> dict[str, AnyPath]:
     """Run the named stages in order; each skips itself when its artifact is up to date."""
+    run_dir = upath(run_dir)
     out = {}
     for name in stages:
         t0 = time.perf_counter()
-        out[name] = _stage_module(name).run(cfg, run_dir)
+        out[name] = upath(_stage_module(name).run(cfg, run_dir))
         logger.info("stage %s done in %.1fs → %s", name, time.perf_counter() - t0, out[name])
     return out
 
@@ -166,7 +171,7 @@ def cmd_evaluate_labels(args: argparse.Namespace) -> int:
     from mars_ray.stages.evaluate_labels import evaluate, format_table
 
     metrics = evaluate(args.data, args.labels, args.split, biased_as=args.biased_as)
-    out = Path(args.out) if args.out else Path(args.labels) / "metrics.json"
+    out = upath(args.out) if args.out else upath(args.labels) / "metrics.json"
     atomic_write_json(out, metrics)
     print(format_table(metrics))
     print(f"mIoU {100 * metrics['miou']:.1f}  FP {100 * metrics['fp']:.1f}  FN {100 * metrics['fn']:.1f}  → {out}")
@@ -250,17 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluate-labels", help="mIoU / FP / FN of a label folder against ground truth")
-    p.add_argument("--data", required=True)
-    p.add_argument("--labels", required=True)
+    p.add_argument("--data", required=True, help="dataset root (a folder or a URI)")
+    p.add_argument("--labels", required=True, help="folder of label PNGs {id}.png (a folder or a URI)")
     p.add_argument("--split", default="train")
     p.add_argument("--biased-as", choices=("background", "ignore"), default="background")
-    p.add_argument("--out", help="metrics JSON (default LABELS/metrics.json)")
+    p.add_argument("--out", help="metrics JSON, a file or a URI (default LABELS/metrics.json)")
     p.set_defaults(func=cmd_evaluate_labels)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a tune_spaces/*.yaml space, tracked in MLflow")
     p.add_argument("--space", required=True, help="search space YAML (tune_spaces/alpha_kbg.yaml, …)")
     _add_config_flags(p)
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///RUN/mlflow.db)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///RUN/mlflow.db; "
+                                          "required when --out is an object-store URI)")
     p.add_argument("--experiment", help="MLflow experiment name (default mars-tune-<space>)")
     p.add_argument("--smoke-test", action="store_true", help="the space's small smoke grid")
     p.add_argument("--no-cache", action="store_true", help="recompute features in every trial (for measuring)")

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from mars_ray.storage import ObjectPath, upath
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -312,9 +314,12 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """A YAML file holding a mapping; ``FileNotFoundError``/``ValueError`` naming the file otherwise."""
-    path = Path(path)
+def read_yaml_mapping(path: "str | Path | ObjectPath", what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping; ``FileNotFoundError``/``ValueError`` naming the file otherwise.
+
+    ``path`` is a local file or an object-store URI (``s3://bucket/run/tune/best.yaml``).
+    """
+    path = upath(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
@@ -326,14 +331,14 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     return data
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: "str | Path | ObjectPath") -> dict[str, Any]:
     """Read a config YAML of sections (a ``job:`` description block in jobs/*.yaml is dropped)."""
     data = read_yaml_mapping(path)
     data.pop("job", None)
     return data
 
 
-def build(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+def build(config_file: "str | Path | ObjectPath | None" = None, overrides: Mapping[str, Any] | None = None) -> Config:
     """Defaults → YAML file → overrides, then validate."""
     cfg = Config()
     if config_file:
@@ -367,10 +372,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return cfg
 
 
-def dump_yaml(cfg: Config, path: str | Path) -> None:
+def dump_yaml(cfg: Config, path: "str | Path | ObjectPath") -> None:
+    """Write ``cfg`` as YAML to a local file or an object-store URI (atomically, see ``artifacts``)."""
     from mars_ray.artifacts import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(upath(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def slice_hash(*parts: Any) -> str:

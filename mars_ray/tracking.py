@@ -8,13 +8,22 @@ artifacts from the same driver after the sweep.
 
 Default store: ``sqlite:///<absolute RUN>/mlflow.db`` with artifacts in ``RUN/mlartifacts`` (an
 absolute path, because Tune changes the working directory of its trials).
+
+A run folder on an object store (``RUN`` = ``s3://bucket/run``, see ``mars_ray.storage``) cannot hold
+a SQLite file: there the tracking URI must be given (``--tracking-uri`` or ``$MLFLOW_TRACKING_URI``:
+an MLflow server, or ``sqlite:////local/path/mlflow.db``), and the artifacts go to the URI
+``RUN/mlartifacts``, which MLflow writes with the store's client library (``boto3`` for ``s3://``).
+Both are checked before a sweep starts (``resolve_tracking_uri``, ``check_artifact_location``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import io
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,25 +31,109 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mars_ray import storage
+
 logger = logging.getLogger(__name__)
 
 DB_NAME = "mlflow.db"
 ARTIFACTS = "mlartifacts"
 
 
-def resolve_tracking_uri(run_dir: str | Path, explicit: str | None = None) -> str:
-    """``explicit`` (``--tracking-uri``) > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<abs RUN>/mlflow.db``."""
+def resolve_tracking_uri(run_dir: "str | Path | storage.ObjectPath", explicit: str | None = None) -> str:
+    """``explicit`` (``--tracking-uri``) > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<abs RUN>/mlflow.db``.
+
+    The SQLite default needs a local ``RUN``: for an object-store ``RUN`` without an explicit URI this
+    raises ``ValueError`` saying what to pass instead.
+    """
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         return uri
-    return f"sqlite:///{(Path(run_dir) / DB_NAME).resolve()}"
+    if storage.is_uri(run_dir):
+        raise ValueError(
+            f"--out {run_dir} is on an object store, where the default MLflow store (a SQLite file "
+            f"RUN/{DB_NAME}) cannot live: pass --tracking-uri (or set MLFLOW_TRACKING_URI) to an MLflow "
+            f"server, e.g. http://MLFLOW:5000, or to a SQLite file on a local disk, e.g. "
+            f"sqlite:////local/path/{DB_NAME} (artifacts still go to {storage.upath(run_dir) / ARTIFACTS})"
+        )
+    return f"sqlite:///{(storage.upath(run_dir) / DB_NAME).resolve()}"
 
 
-def default_artifact_location(uri: str, run_dir: str | Path) -> str | None:
-    """``RUN/mlartifacts`` for local stores (sqlite / plain paths); ``None`` lets a server decide."""
-    if uri.startswith(("http://", "https://", "databricks")):
+def default_artifact_location(uri: str, run_dir: "str | Path | storage.ObjectPath") -> str | None:
+    """Where a new experiment keeps its artifacts: ``RUN/mlartifacts``, or ``None`` to let a server decide.
+
+    Local ``RUN``: a ``file://`` URI for local stores (sqlite / plain paths), ``None`` for servers.
+    Object-store ``RUN``: the URI ``RUN/mlartifacts`` whatever the store (not on Databricks, which
+    decides itself), so a run's artifacts stay with the run.
+    """
+    if uri.startswith("databricks"):
         return None
-    return (Path(run_dir) / ARTIFACTS).resolve().as_uri()
+    if storage.is_uri(run_dir):
+        return str(storage.upath(run_dir) / ARTIFACTS)
+    if uri.startswith(("http://", "https://")):
+        return None
+    return (storage.upath(run_dir) / ARTIFACTS).resolve().as_uri()
+
+
+# URI scheme → (module MLflow needs to write artifacts there, pip package that provides it)
+ARTIFACT_CLIENTS: dict[str, tuple[str, str]] = {
+    "s3": ("boto3", "boto3"),
+    "r2": ("boto3", "boto3"),
+    "b2": ("boto3", "boto3"),
+    "gs": ("google.cloud.storage", "google-cloud-storage"),
+    "wasbs": ("azure.storage.blob", "azure-storage-blob"),
+    "abfss": ("azure.storage.filedatalake", "azure-storage-file-datalake"),
+    "hdfs": ("pyarrow", "pyarrow"),
+    "viewfs": ("pyarrow", "pyarrow"),
+}
+_MLFLOW_OWN_SCHEMES = ("file", "mlflow-artifacts", "http", "https", "dbfs", "runs", "models", "ftp", "sftp")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package, or a module set to None
+        return False
+
+
+def check_artifact_location(location: str | None) -> None:
+    """``ValueError`` when MLflow cannot write artifacts to ``location`` from this process.
+
+    MLflow writes object-store artifacts itself, with the store's own client library: ``boto3``
+    for ``s3://``, ``google-cloud-storage`` for ``gs://``…; a scheme MLflow has no artifact
+    repository for (e.g. an fsspec-only ``memory://``) is refused too. ``None``, local paths and
+    ``file://`` pass.
+    """
+    if not location or "://" not in location:
+        return
+    scheme = location.split("://", 1)[0].lower()
+    if scheme in _MLFLOW_OWN_SCHEMES:
+        return
+    if scheme not in ARTIFACT_CLIENTS:  # perhaps an artifact-repository plugin: ask MLflow
+        try:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            get_artifact_repository(location)
+        except Exception as e:  # noqa: BLE001 - MlflowException for an unknown scheme, or a plugin's error
+            raise ValueError(
+                f"MLflow artifact location {location}: MLflow cannot store artifacts on {scheme}:// "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); put the run folder on a "
+                "store MLflow supports (s3://, gs://, hdfs://, …) or on a shared filesystem"
+            ) from None
+        return
+    module, package = ARTIFACT_CLIENTS[scheme]
+    if not _importable(module):
+        raise ValueError(
+            f"MLflow artifact location {location}: MLflow writes {scheme}:// artifacts with {package}, "
+            f"which is not installed: pip install {package} (also in jobs/runtime_env.yaml on a cluster)"
+        )
+
+
+def experiment_artifact_location(uri: str, name: str, default: str | None) -> str | None:
+    """The artifact location experiment ``name`` has (when it exists already) or will get (``default``)."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    return exp.artifact_location if exp is not None else default
 
 
 @contextlib.contextmanager
@@ -110,9 +203,13 @@ def run_ids_by_name(uri: str, experiment: str) -> dict[str, str]:
     return {r.info.run_name: r.info.run_id for r in runs}
 
 
-def log_artifacts(uri: str, run_id: str, files: Sequence[str | Path], *, artifact_path: str | None = None,
-                  rank: int = 0) -> int:
-    """Attach existing ``files`` to a run; returns how many were logged (rank 0 only)."""
+def log_artifacts(uri: str, run_id: str, files: Sequence["str | Path | storage.ObjectPath"], *,
+                  artifact_path: str | None = None, rank: int = 0) -> int:
+    """Attach existing ``files`` to a run; returns how many were logged (rank 0 only).
+
+    Files may be local or on an object store: MLflow uploads local files only, so an object-store
+    file is first copied into a temporary folder under its own name (missing files are skipped).
+    """
     if rank != 0:
         return 0
     from mlflow.tracking import MlflowClient
@@ -120,9 +217,17 @@ def log_artifacts(uri: str, run_id: str, files: Sequence[str | Path], *, artifac
     client = MlflowClient(tracking_uri=uri)
     n = 0
     for f in files:
-        if Path(f).is_file():
-            client.log_artifact(run_id, str(f), artifact_path=artifact_path)
-            n += 1
+        p = storage.upath(f)
+        if not p.is_file():
+            continue
+        if not storage.is_uri(p):
+            client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+        else:
+            with tempfile.TemporaryDirectory(prefix="mars-artifact-") as tmp:
+                local = Path(tmp) / p.name
+                local.write_bytes(p.read_bytes())
+                client.log_artifact(run_id, str(local), artifact_path=artifact_path)
+        n += 1
     return n
 
 
@@ -138,8 +243,8 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], *, step: int 
             client.log_metric(run_id, k, float(v), step=step)
 
 
-def label_montage(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | Path,
-                  *, scale: int = 2) -> Path:
+def label_montage(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+                  path: "str | Path | storage.ObjectPath", *, scale: int = 2) -> "storage.AnyPath":
     """A PNG grid, one row per image: image | pseudo label Y^b | debiased label Y^db.
 
     ``rows``: ``(image_id, image [H, W, 3] uint8, Y^b [H, W] uint8, Y^db [H, W] uint8)``; labels are
@@ -161,17 +266,20 @@ def label_montage(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]
         tiles.append(np.concatenate([np.asarray(header), strip], axis=0))
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(tmp, format="PNG")
-    os.replace(tmp, out)
+    from mars_ray.artifacts import atomic_write_bytes
+
+    out = storage.upath(path)
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(tiles, axis=0)).save(buf, format="PNG")
+    atomic_write_bytes(out, buf.getvalue())  # local: temporary name + rename; object store: one upload
     return out
 
 
 __all__ = [
     "resolve_tracking_uri",
     "default_artifact_location",
+    "check_artifact_location",
+    "experiment_artifact_location",
     "probe",
     "ensure_experiment",
     "run_ids_by_name",

@@ -30,6 +30,10 @@ itself takes 0 CPU, and its Ray Data stages run outside the placement group (Ray
 Outputs: ``RUN/tune/results.csv``, ``RUN/tune/heatmap.png``, ``RUN/tune/best.yaml`` (a full config
 ``mars run --config`` accepts), ``RUN/tune/summary.json``, MLflow runs (one per trial) in
 ``RUN/mlflow.db`` unless ``--tracking-uri``/``$MLFLOW_TRACKING_URI`` says otherwise.
+
+``RUN`` may be an object-store URI (``s3://bucket/run``, ``mars_ray.storage``): trials, the features
+cache and Tune's own experiment state then live there too, and the tracking URI must be given
+(``tracking.resolve_tracking_uri``); MLflow artifacts go to ``RUN/mlartifacts``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import io
 import json
 import logging
 import math
+import posixpath
 import time
 import typing
 from dataclasses import dataclass, field
@@ -47,8 +52,9 @@ from typing import Any, Callable, Mapping
 
 
 from mars_ray import config as C
-from mars_ray import tracking
-from mars_ray.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mars_ray import storage, tracking
+from mars_ray.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, read_manifest
+from mars_ray.storage import AnyPath, ObjectPath, upath
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +93,7 @@ class Space:
 
     @property
     def name(self) -> str:
-        return Path(self.path).stem
+        return upath(self.path).stem
 
     @property
     def expensive(self) -> bool:
@@ -97,9 +103,9 @@ class Space:
 # -- space files --------------------------------------------------------------------------------
 
 
-def load_space(path: str | Path, *, smoke: bool = False) -> Space:
+def load_space(path: "str | Path | ObjectPath", *, smoke: bool = False) -> Space:
     """Read and check the shape of a space file (values are checked by ``validate_space``)."""
-    path = Path(path)
+    path = upath(path)
     raw = C.read_yaml_mapping(path, "search space")
     unknown = set(raw) - SPACE_KEYS
     if unknown:
@@ -150,7 +156,7 @@ def load_space(path: str | Path, *, smoke: bool = False) -> Space:
     return out
 
 
-def _positive_int(path: Path, key: str, v: Any) -> int:
+def _positive_int(path: AnyPath, key: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{path}: {key} must be a positive integer, got {v!r}")
     return v
@@ -232,7 +238,7 @@ def grid_size(space: Space) -> int:
 # -- the trial ----------------------------------------------------------------------------------
 
 
-def run_trial(cfg: C.Config, trial_dir: Path, *, expensive: bool = False, milestones: list[int] | None = None,
+def run_trial(cfg: C.Config, trial_dir: "str | Path | ObjectPath", *, expensive: bool = False, milestones: list[int] | None = None,
               report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the stages a trial needs in ``trial_dir``; returns (and reports) the figures.
 
@@ -242,12 +248,11 @@ def run_trial(cfg: C.Config, trial_dir: Path, *, expensive: bool = False, milest
     """
     from mars_ray.stages import debias, evaluate_labels, features, select
 
-    trial_dir = Path(trial_dir)
+    trial_dir = upath(trial_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     C.dump_yaml(cfg, trial_dir / "config.yaml")
     cached = features.cache_path(cfg, trial_dir)
-    reused = bool(cached and (cached / "manifest.json").is_file()
-                  and json.loads((cached / "manifest.json").read_text()).get("status") == "complete")
+    reused = bool(cached and (read_manifest(cached) or {}).get("status") == "complete")
     out: dict[str, Any] = {"features_reused": float(reused)}
     for name, stage in (("features", features), ("select", select), ("debias", debias)):
         t0 = time.perf_counter()
@@ -274,7 +279,7 @@ def run_trial(cfg: C.Config, trial_dir: Path, *, expensive: bool = False, milest
         train_stage.run(rung, trial_dir)
         out["time_train_s"] = out.get("time_train_s", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        ev = json.loads((evaluate_stage.run(rung, trial_dir) / "metrics.json").read_text())
+        ev = json.loads((upath(evaluate_stage.run(rung, trial_dir)) / "metrics.json").read_text())
         out["time_evaluate_s"] = out.get("time_evaluate_s", 0.0) + time.perf_counter() - t0
         out.update(val_miou=_num(ev.get("miou")), val_fp=_num(ev.get("fp")), val_fn=_num(ev.get("fn")),
                    epoch=epochs)
@@ -305,7 +310,7 @@ def _trainable(params: dict[str, Any], *, run_dir: str, expensive: bool, schedul
     from ray import tune
 
     cfg = C.build(overrides=params)
-    trial_dir = Path(run_dir) / TRIALS_DIR / tune.get_context().get_trial_id()
+    trial_dir = upath(run_dir) / TRIALS_DIR / tune.get_context().get_trial_id()
     run_trial(cfg, trial_dir, expensive=expensive, milestones=milestones(cfg.train.epochs, scheduler),
               report=tune.report)
 
@@ -314,19 +319,17 @@ def _trainable(params: dict[str, Any], *, run_dir: str, expensive: bool, schedul
 
 
 def _absolute_paths(cfg: C.Config) -> C.Config:
-    """Tune runs trials in their own working directory: make every local path absolute."""
+    """Tune runs trials in their own working directory: make every local path absolute (URIs stay)."""
     updates = {}
     for key in PATH_KEYS:
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
-        if v and "://" in v:
-            raise ValueError(f"{key}={v}: object-store URIs are not supported; use a shared POSIX filesystem")
         if v:
-            updates[key] = str(Path(v).expanduser().resolve())
+            updates[key] = storage.absolute(v)
     return C.merge(cfg, updates)
 
 
-def _prepare_inputs(cfg: C.Config, run_dir: Path) -> C.Config:
+def _prepare_inputs(cfg: C.Config, run_dir: AnyPath) -> C.Config:
     """Pseudo labels and the USS checkpoint are shared by all trials: produce them once, here."""
     updates: dict[str, Any] = {}
     if not cfg.data.pseudo_labels:
@@ -334,13 +337,13 @@ def _prepare_inputs(cfg: C.Config, run_dir: Path) -> C.Config:
             from mars_ray.stages import wsss
         except ImportError:
             raise ValueError("no pseudo labels: pass --pseudo-labels DIR (the built-in wsss stage is not available)") from None
-        updates["data.pseudo_labels"] = str(wsss.run(cfg, run_dir).resolve())
+        updates["data.pseudo_labels"] = storage.absolute(wsss.run(cfg, run_dir))
     if cfg.features.extractor == "stego" and not cfg.features.checkpoint and not cfg.data.features_dir:
         try:
             from mars_ray.stages import uss
         except ImportError:
             raise ValueError("features.extractor=stego needs features.checkpoint (the uss stage is not available)") from None
-        updates["features.checkpoint"] = str((uss.run(cfg, run_dir) / "checkpoint.pt").resolve())
+        updates["features.checkpoint"] = storage.absolute(upath(uss.run(cfg, run_dir)) / "checkpoint.pt")
     return C.merge(cfg, updates) if updates else cfg
 
 
@@ -359,10 +362,10 @@ def _check_capacity(space: Space, cfg: C.Config) -> None:
 
 
 def run_sweep(
-    space_path: str | Path,
-    run_dir: str | Path,
+    space_path: "str | Path | ObjectPath",
+    run_dir: "str | Path | ObjectPath",
     *,
-    config_file: str | Path | None = None,
+    config_file: "str | Path | ObjectPath | None" = None,
     overrides: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
     experiment: str | None = None,
@@ -370,14 +373,15 @@ def run_sweep(
     cache: bool = True,
     verbose: int = 1,
 ) -> dict[str, Any]:
-    """Validate everything, run the Tune sweep, write results/heatmap/best config, log to MLflow."""
+    """Validate everything, run the Tune sweep, write results/heatmap/best config, log to MLflow.
+
+    ``run_dir`` is a local folder or an object-store URI; for a URI the tracking store must be
+    given (``tracking_uri`` or ``$MLFLOW_TRACKING_URI``), which is checked before anything starts.
+    """
     from mars_ray.stages import features as features_stage
     from mars_ray.stages.runtime import ensure_ray
 
-    if "://" in str(run_dir):
-        raise ValueError(f"--out {run_dir}: object-store URIs are not supported for run folders; "
-                         "use a shared POSIX filesystem (README, 'On a cluster')")
-    run_dir = Path(run_dir).resolve()
+    run_dir = upath(storage.absolute(run_dir))
     space = load_space(space_path, smoke=smoke)
     base = C.build(config_file, {**space.overrides, **dict(overrides or {})})
     if not base.data.root:
@@ -387,21 +391,26 @@ def run_sweep(
     base = _absolute_paths(base)
     validate_space(space, base)  # bad keys/values fail here, before anything is written or started
     if space.expensive:
+        import importlib
+
         try:
-            from mars_ray.stages import evaluate as _ev, train as _tr  # noqa: F401
+            for name in ("train", "evaluate"):
+                importlib.import_module(f"mars_ray.stages.{name}")
         except ImportError as e:
             raise ValueError(f"objective {space.metric!r} needs the train and evaluate stages ({e})") from None
     uri = tracking.resolve_tracking_uri(run_dir, tracking_uri)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking.probe(uri)
+    exp_name = experiment or f"mars-tune-{space.name}"
+    artifact_location = tracking.default_artifact_location(uri, run_dir)
+    tracking.check_artifact_location(tracking.experiment_artifact_location(uri, exp_name, artifact_location))
     base = _prepare_inputs(base, run_dir)
     features_stage.validate_inputs(base, run_dir)
     param_space = validate_space(space, base)
     ensure_ray(base.ray)
     _check_capacity(space, base)
     C.dump_yaml(base, run_dir / "config.yaml")
-    exp_name = experiment or f"mars-tune-{space.name}"
-    tracking.ensure_experiment(uri, exp_name, tracking.default_artifact_location(uri, run_dir))
+    tracking.ensure_experiment(uri, exp_name, artifact_location)
 
     n = grid_size(space)
     logger.info("tune: %s, %d trial(s), objective %s (%s), tracking %s", space.path, n, space.metric, space.mode, uri)
@@ -411,7 +420,7 @@ def run_sweep(
     return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke)
 
 
-def _fit(space: Space, param_space: dict[str, Any], run_dir: Path, uri: str, exp_name: str, verbose: int) -> Any:
+def _fit(space: Space, param_space: dict[str, Any], run_dir: AnyPath, uri: str, exp_name: str, verbose: int) -> Any:
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -438,6 +447,7 @@ def _fit(space: Space, param_space: dict[str, Any], run_dir: Path, uri: str, exp
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t,
                                   grace_period=int(space.scheduler.get("grace_period", 1)),
                                   reduction_factor=float(space.scheduler.get("reduction_factor", 2)))
+    storage_path, storage_filesystem = storage.ray_storage(run_dir / TUNE_DIR)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -448,7 +458,7 @@ def _fit(space: Space, param_space: dict[str, Any], run_dir: Path, uri: str, exp
             trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
         ),
         run_config=tune.RunConfig(
-            name="experiment", storage_path=str(run_dir / TUNE_DIR), verbose=verbose,
+            name="experiment", storage_path=storage_path, storage_filesystem=storage_filesystem, verbose=verbose,
             callbacks=[_MLflowCallback(tracking_uri=uri, experiment_name=exp_name,
                                        tags={"space": space.name, "run_dir": str(run_dir)})],
         ),
@@ -464,14 +474,14 @@ def _grid_values(space: Space, key: str) -> list[Any]:
     return list(args) if kind in ("grid_search", "choice") else [args[1]]
 
 
-def _finish(space: Space, base: C.Config, run_dir: Path, results: Any, uri: str, exp_name: str, wall: float,
+def _finish(space: Space, base: C.Config, run_dir: AnyPath, results: Any, uri: str, exp_name: str, wall: float,
             smoke: bool) -> dict[str, Any]:
     searched = list(space.params)
     rows = []
     for r in results:
         m = dict(r.metrics or {})
         cfg = dict(r.config or {})
-        row = {"trial_id": m.get("trial_id") or Path(r.path).name.removeprefix("trial_"),
+        row = {"trial_id": m.get("trial_id") or posixpath.basename(str(r.path).rstrip("/")).removeprefix("trial_"),
                **{k: cfg.get(k) for k in searched},
                "status": "error" if r.error else "ok"}
         for k in ("debiased_miou", "debiased_fp", "debiased_fn", "target_ratio", "biased_fraction", "n_chosen",
@@ -514,7 +524,7 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def _write_csv(rows: list[dict[str, Any]], path: AnyPath) -> None:
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
@@ -575,7 +585,7 @@ def format_table(rows: list[dict[str, Any]], searched: list[str], metric: str, m
     return "\n".join(lines)
 
 
-def _heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path: Path) -> Path | None:
+def _heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path: AnyPath) -> AnyPath | None:
     """``heatmap.png``: the objective over the two main searched keys (or over one key as a line)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -616,7 +626,7 @@ def _heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path
     return path
 
 
-def _montage(cfg: C.Config, trial_dir: Path) -> Path | None:
+def _montage(cfg: C.Config, trial_dir: AnyPath) -> AnyPath | None:
     from mars_ray.data.label_io import read_image, read_label
     from mars_ray.data.voc import VOCDataset
 
@@ -628,13 +638,17 @@ def _montage(cfg: C.Config, trial_dir: Path) -> Path | None:
         debiased = trial_dir / "debias" / f"{image_id}.png"
         if debiased.is_file():
             rows.append((image_id, read_image(dataset.image_path(image_id)),
-                         read_label(Path(cfg.data.pseudo_labels) / f"{image_id}.png"), read_label(debiased)))
+                         read_label(upath(cfg.data.pseudo_labels) / f"{image_id}.png"), read_label(debiased)))
     return tracking.label_montage(rows, trial_dir / "montage.png") if rows else None
 
 
-def _log_artifacts(uri: str, exp_name: str, rows: list[tuple[dict, dict]], base: C.Config, run_dir: Path,
-                   out_dir: Path, best_trial: str) -> None:
-    """From the driver, after the sweep: per-trial reports, label montages and training curves."""
+def _log_artifacts(uri: str, exp_name: str, rows: list[tuple[dict, dict]], base: C.Config, run_dir: AnyPath,
+                   out_dir: AnyPath, best_trial: str) -> None:
+    """From the driver, after the sweep: per-trial reports, label montages and training curves.
+
+    The montage is written into the trial folder; files on an object store reach MLflow through a
+    local temporary copy (``tracking.log_artifacts``).
+    """
     ids = tracking.run_ids_by_name(uri, exp_name)
     for row, cfg in rows:
         run_id = ids.get(f"trial_{row['trial_id']}")

@@ -67,3 +67,20 @@ def test_list_keys_accept_a_scalar_and_comma_lists():
     assert C.build(overrides=C.parse_set(["evaluate.scales=0.5,1.5"])).evaluate.scales == (0.5, 1.5)
     with pytest.raises(ValueError, match="evaluate.scales"):
         C.build(overrides=C.parse_set(["evaluate.scales=big"]))
+
+
+def test_config_on_an_object_store(s3_bucket: str):
+    """``mars run --config s3://…/best.yaml``: configs are read from and written to URIs."""
+    from mars_ray.storage import upath
+
+    src = upath(s3_bucket) / "configs" / "c.yaml"
+    src.write_text("job: {description: ignored}\nselect:\n  alpha: 0.3\nfeatures:\n  k_bg: 4\n")
+    cfg = C.build(f"{s3_bucket}/configs/c.yaml", {"debias.crf": False})
+    assert cfg.select.alpha == pytest.approx(0.3) and cfg.features.k_bg == 4 and cfg.debias.crf is False
+    C.dump_yaml(cfg, f"{s3_bucket}/run/config.yaml")
+    assert C.build(f"{s3_bucket}/run/config.yaml") == cfg
+    with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/nope.yaml"):
+        C.build(f"{s3_bucket}/nope.yaml")
+    (upath(s3_bucket) / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match=f"{s3_bucket}/bad.yaml: expected a mapping"):
+        C.build(f"{s3_bucket}/bad.yaml")

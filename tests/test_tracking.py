@@ -63,3 +63,62 @@ def test_label_montage(tmp_path: Path):
     arr = np.asarray(Image.open(out))
     assert arr.shape == (2 * (14 + 16), 60, 3)
     assert (arr[14:30, 40:50] == (255, 0, 255)).all()  # biased pixels of the first Y^db: VOC_PALETTE magenta
+
+
+# -- run folders on an object store ----------------------------------------------------------------
+
+
+def test_uri_run_needs_an_explicit_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError) as e:
+        tracking.resolve_tracking_uri("s3://bkt/run")
+    msg = str(e.value)
+    assert "s3://bkt/run" in msg and "--tracking-uri" in msg and "sqlite:////" in msg and "http://" in msg
+    assert tracking.resolve_tracking_uri("s3://bkt/run", "sqlite:////x/y.db") == "sqlite:////x/y.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert tracking.resolve_tracking_uri("s3://bkt/run") == "http://example:5000"
+
+
+def test_uri_run_keeps_artifacts_with_the_run():
+    for store in ("sqlite:////x/mlflow.db", "http://example:5000"):
+        assert tracking.default_artifact_location(store, "s3://bkt/run") == "s3://bkt/run/mlartifacts"
+    assert tracking.default_artifact_location("databricks", "s3://bkt/run") is None
+
+
+def test_artifact_location_needs_its_client_library(monkeypatch):
+    import sys
+
+    for ok in (None, "/local/mlartifacts", "file:///x/mlartifacts", "s3://bkt/run/mlartifacts",
+               "mlflow-artifacts:/1"):
+        tracking.check_artifact_location(ok)
+    with pytest.raises(ValueError, match=r"memory://.*cannot store artifacts"):
+        tracking.check_artifact_location("memory://bkt/run/mlartifacts")
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as if boto3 were not installed
+    with pytest.raises(ValueError, match=r"s3://bkt/run/mlartifacts: .*boto3.*pip install boto3"):
+        tracking.check_artifact_location("s3://bkt/run/mlartifacts")
+
+
+def test_artifacts_on_s3(s3_bucket: str, tmp_path: Path):
+    """sqlite tracking store on a local disk, artifacts in RUN/mlartifacts on S3 (MLflow uses boto3)."""
+    from mlflow.tracking import MlflowClient
+
+    from mars_ray.storage import upath
+
+    run = upath(s3_bucket) / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.probe(uri)
+    loc = tracking.default_artifact_location(uri, run)
+    tracking.check_artifact_location(loc)
+    exp = tracking.ensure_experiment(uri, "s3", loc)
+    assert tracking.experiment_artifact_location(uri, "s3", None) == loc
+    run_id = MlflowClient(uri).create_run(exp, run_name="trial_s3").info.run_id
+    (run / "trial" / "report.json").write_text('{"n": 1}')
+    local = tmp_path / "stats.json"
+    local.write_text("{}")
+    assert tracking.log_artifacts(uri, run_id, [run / "trial" / "report.json", local, run / "missing.json"]) == 2
+    assert sorted(a.path for a in MlflowClient(uri).list_artifacts(run_id)) == ["report.json", "stats.json"]
+    stored = [p for p in (run / "mlartifacts").rglob("report.json")]
+    assert len(stored) == 1 and stored[0].read_text() == '{"n": 1}'
+    out = tracking.label_montage([("a", np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), np.uint8),
+                                   np.ones((4, 4), np.uint8))], run / "trial" / "montage.png")
+    assert out == run / "trial" / "montage.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

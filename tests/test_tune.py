@@ -113,6 +113,31 @@ def test_bad_input_fails_before_any_trial(tiny_data: Path, tmp_path: Path, kwarg
     assert not (tmp_path / "run" / T.TRIALS_DIR).exists() and not (tmp_path / "run" / T.TUNE_DIR).exists()
 
 
+def test_uri_run_without_tracking_uri_fails_before_any_trial(tiny_data: Path, s3_bucket: str, monkeypatch):
+    """sqlite cannot live on an object store: a URI --out needs --tracking-uri, said before anything runs."""
+    from mars_ray.storage import upath
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = {"data.root": str(tiny_data), "data.pseudo_labels": str(tiny_data / "pseudo_labels")}
+    with pytest.raises(ValueError, match=r"--tracking-uri.*sqlite:////local/path/mlflow.db"):
+        T.run_sweep(SMOKE, f"{s3_bucket}/run", overrides=overrides, verbose=0)
+    assert not (upath(s3_bucket) / "run").exists()
+
+
+def test_uri_run_without_boto3_fails_before_any_trial(tiny_data: Path, s3_bucket: str, tmp_path: Path, monkeypatch):
+    import sys
+
+    from mars_ray.storage import upath
+
+    monkeypatch.setitem(sys.modules, "boto3", None)  # as if boto3 were not installed
+    overrides = {"data.root": str(tiny_data), "data.pseudo_labels": str(tiny_data / "pseudo_labels")}
+    with pytest.raises(ValueError, match=r"s3://.*/run/mlartifacts: MLflow writes s3:// artifacts with boto3"):
+        T.run_sweep(SMOKE, f"{s3_bucket}/run", overrides=overrides, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                    verbose=0)
+    run = upath(s3_bucket) / "run"
+    assert not (run / T.TRIALS_DIR).exists() and not (run / T.TUNE_DIR).exists() and not (run / T.CACHE_DIR).exists()
+
+
 def test_features_cache_computes_once_under_concurrency(tiny_data: Path, tmp_path: Path, monkeypatch):
     """Two runs asking for the same features artifact at once: one computes, the other waits and reuses."""
     from mars_ray.stages import features

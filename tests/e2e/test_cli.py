@@ -53,3 +53,20 @@ def test_console_script_and_module_entry_points():
     assert out.returncode == 0
     for cmd in ("make-dataset", "run", "features", "select", "debias", "evaluate-labels", "demo"):
         assert cmd in out.stdout
+
+
+def test_object_store_paths_are_accepted_and_errors_name_them(tiny_data: Path, s3_bucket: str, tmp_path: Path,
+                                                              capsys, monkeypatch):
+    """URIs are no longer refused: a missing --config URI and a tune --out URI without a tracking
+    store each fail with one line naming what to fix (the full runs are in test_object_store.py)."""
+    rc = main(["run", "--config", f"{s3_bucket}/nope/best.yaml", "--out", f"{s3_bucket}/run"])
+    assert rc == 2
+    assert f"config file {s3_bucket}/nope/best.yaml does not exist" in capsys.readouterr().err
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    space = Path(__file__).resolve().parents[2] / "tune_spaces" / "alpha_kbg_smoke.yaml"
+    rc = main(["tune", "--space", str(space), "--data", str(tiny_data), "--pseudo-labels",
+               str(tiny_data / "pseudo_labels"), "--out", f"{s3_bucket}/tune", "--smoke-test"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--tracking-uri" in err and "sqlite:////local/path/mlflow.db" in err and "object-store URIs are not" not in err
+    assert not Path("s3:").exists()
