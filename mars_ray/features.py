@@ -5,7 +5,8 @@ Two sources behind one interface, so the ``features`` and ``debias`` stages neve
 * a registered extractor (``mars_ray.models.registry.FEATURES``: the built-in ``texture`` filter bank,
   a learned ``stego`` model, …) run on the image;
 * an external folder with one file per image id (``{id}.npy``, ``.npz`` or ``.pt``; ``[d, h, w]``)
-  written by any USS method.
+  written by any USS method: a local folder or an object-store URI (``s3://bucket/feats``, see
+  ``mars_ray.storage``), listed once rather than probed file by file.
 
 Either way F is upsampled bilinearly to the label's size, as STEGO and MARS do.
 """
@@ -13,12 +14,17 @@ Either way F is upsampled bilinearly to the label's size, as STEGO and MARS do.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+import os
+from typing import IO, Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
+
+from mars_ray import storage
+from mars_ray.storage import AnyPath
+
+PathLike = Union[str, "os.PathLike[str]", storage.ObjectPath]
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +40,39 @@ def upsample(features: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.n
     return t.numpy()
 
 
-def find_feature_file(folder: Path, image_id: str) -> Path:
+def find_feature_file(folder: PathLike, image_id: str, listing: Optional[Mapping[str, Any]] = None) -> AnyPath:
+    """``{folder}/{id}.npy|.npz|.pt`` (first match in that order); ``FileNotFoundError`` naming the id.
+
+    ``listing``: the folder's file names (``storage.list_files``), so a caller looking up many ids
+    lists the folder once instead of probing up to three names per id.
+    """
+    folder = storage.upath(folder)
     for suffix in FEATURE_SUFFIXES:
-        p = folder / f"{image_id}{suffix}"
-        if p.is_file():
-            return p
+        name = f"{image_id}{suffix}"
+        if (name in listing) if listing is not None else (folder / name).is_file():
+            return folder / name
     raise FileNotFoundError(
         f"{folder}: no feature file for image {image_id!r} (looked for {', '.join(image_id + s for s in FEATURE_SUFFIXES)})"
     )
 
 
-def feature_file_shape(path: Path) -> tuple[int, ...] | None:
+_HEAD_BYTES = 16384  # one ranged read holds any ordinary .npy header (a longer one reads on)
+
+
+def _open_head(path: AnyPath) -> IO[bytes]:
+    """A reader that fetches only the first bytes it is asked for (no whole-object download)."""
+    if isinstance(path, storage.ObjectPath):
+        return path.fs.open_input_stream(path.fs_path, compression=None, buffer_size=_HEAD_BYTES)
+    return storage.open_read(path)
+
+
+def feature_file_shape(path: PathLike) -> tuple[int, ...] | None:
     """The array shape from a ``.npy`` header (no data read); ``None`` for other formats."""
-    if Path(path).suffix != ".npy":
+    path = storage.upath(path)
+    if path.suffix != ".npy":
         return None
     try:
-        with open(path, "rb") as f:
+        with _open_head(path) as f:
             major, _ = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, _ = read_header(f)
@@ -58,21 +81,30 @@ def feature_file_shape(path: Path) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
-def check_feature_folder(folder: Path, ids: list[str]) -> None:
+def check_feature_folder(folder: PathLike, ids: list[str]) -> None:
     """Before a stage starts: every id has a feature file, and ``.npy`` headers agree on ``[d, h, w]``.
 
-    ``.npz``/``.pt`` files are checked when read (their shape needs a full load).
-    Raises ``FileNotFoundError``/``ValueError`` naming the folder or the first bad file.
+    The folder is listed once; on an object store the headers (first bytes of each ``.npy``) are
+    read many at a time. ``.npz``/``.pt`` files are checked when read (their shape needs a full
+    load). Raises ``FileNotFoundError``/``ValueError`` naming the folder or the first bad file.
     """
-    folder = Path(folder)
+    folder = storage.upath(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: features folder does not exist")
+    listing = storage.list_files(folder)
+    paths = [find_feature_file(folder, image_id, listing) for image_id in ids]
+    npy = [p for p in paths if p.suffix == ".npy"]
+    if storage.is_uri(folder) and len(npy) > 1:  # latency-bound reads: many at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(32) as pool:
+            shapes = list(pool.map(_shape_or_error, npy))
+    else:
+        shapes = [_shape_or_error(p) for p in npy]
     dim, first = None, None
-    for image_id in ids:
-        path = find_feature_file(folder, image_id)
-        shape = feature_file_shape(path)
-        if shape is None:
-            continue
+    for path, shape in zip(npy, shapes):
+        if isinstance(shape, Exception):
+            raise shape
         if len(shape) != 3:
             raise ValueError(f"{path}: features must have shape [d, h, w], got {shape}")
         if dim is None:
@@ -81,13 +113,20 @@ def check_feature_folder(folder: Path, ids: list[str]) -> None:
             raise ValueError(f"{path}: feature dimension {shape[0]} differs from {dim} in {first.name}")
 
 
-def load_feature_file(path: Path) -> np.ndarray:
-    """Read one external feature file → float32 ``[d, h, w]``.
+def _shape_or_error(path: AnyPath) -> "tuple[int, ...] | Exception":
+    try:
+        return feature_file_shape(path)  # type: ignore[return-value]  # .npy only: never None
+    except ValueError as e:
+        return e
+
+
+def load_feature_file(path: PathLike) -> np.ndarray:
+    """Read one external feature file (local or object store) → float32 ``[d, h, w]``.
 
     ``.npz`` takes the array named ``features`` (or the only array); ``.pt`` a tensor or a dict
     with ``features``. Raises ``ValueError`` naming the file for a wrong rank or NaN/inf values.
     """
-    path = Path(path)
+    path = storage.upath(path)
     try:
         arr = _read_array(path)
     except Exception as e:  # corrupt files fail in many ways (zip, pickle, OSError, ValueError)
@@ -102,26 +141,27 @@ def load_feature_file(path: Path) -> np.ndarray:
     return arr
 
 
-def _read_array(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            names = list(z.keys())
-            key = "features" if "features" in names else (names[0] if len(names) == 1 else None)
-            if key is None:
-                raise ValueError(f"{path}: .npz holds {names}; name the array 'features'")
-            return z[key]
-    if path.suffix == ".pt":
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict):
-            if "features" not in obj:
-                raise ValueError(f"{path}: .pt dict has no 'features' entry (keys: {sorted(obj)[:10]})")
-            obj = obj["features"]
-        if not isinstance(obj, torch.Tensor):
-            raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
-        return obj.float().numpy()
-    raise ValueError(f"{path}: unknown feature file type (use {', '.join(FEATURE_SUFFIXES)})")
+def _read_array(path: AnyPath) -> np.ndarray:
+    if path.suffix not in FEATURE_SUFFIXES:
+        raise ValueError(f"{path}: unknown feature file type (use {', '.join(FEATURE_SUFFIXES)})")
+    with storage.open_read(path) as f:
+        if path.suffix == ".npy":
+            return np.load(f, allow_pickle=False)
+        if path.suffix == ".npz":
+            with np.load(f, allow_pickle=False) as z:
+                names = list(z.keys())
+                key = "features" if "features" in names else (names[0] if len(names) == 1 else None)
+                if key is None:
+                    raise ValueError(f"{path}: .npz holds {names}; name the array 'features'")
+                return z[key]
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        if "features" not in obj:
+            raise ValueError(f"{path}: .pt dict has no 'features' entry (keys: {sorted(obj)[:10]})")
+        obj = obj["features"]
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
+    return obj.float().numpy()
 
 
 class FeatureSource:
@@ -137,10 +177,11 @@ class FeatureSource:
         *,
         extractor: str = "texture",
         extractor_kwargs: dict[str, Any] | None = None,
-        features_dir: str | Path = "",
+        features_dir: PathLike = "",
         device: str = "cpu",
     ) -> None:
-        self.features_dir = Path(features_dir) if features_dir else None
+        self.features_dir = storage.upath(features_dir) if features_dir else None
+        self._listing: Optional[dict[str, Any]] = None  # object stores: the folder, listed once
         self.device = torch.device(device)
         self.dim: int | None = None
         self.model = None
@@ -157,6 +198,8 @@ class FeatureSource:
             self.dim = int(self.model.dim)
         elif not self.features_dir.is_dir():
             raise FileNotFoundError(f"{self.features_dir}: features folder does not exist")
+        elif storage.is_uri(self.features_dir):
+            self._listing = storage.list_files(self.features_dir)
 
     def describe(self) -> str:
         return f"external:{self.features_dir}" if self.features_dir else type(self.model).__name__
@@ -166,7 +209,7 @@ class FeatureSource:
         """``image`` uint8 ``[H, W, 3]`` → F float32 ``[d, H, W]``."""
         h, w = image.shape[:2]
         if self.features_dir is not None:
-            path = find_feature_file(self.features_dir, image_id)
+            path = find_feature_file(self.features_dir, image_id, self._listing)
             feats: Any = load_feature_file(path)
             where = str(path)
         else:

@@ -3,23 +3,25 @@
 Ray Data shards the ids over an actor pool; each actor loads V^c and its feature source once. Per
 image: M = ReLU(max over the image's classes of cos(F, V^c)) (Eq 4), dense-CRF refinement and
 binarisation, then foreground pixels of Y^b with M = 0 become BIASED (254) (Eq 5). PNGs are written
-by the actors themselves with deterministic names (temp + rename), so a retried task overwrites
-cleanly and a resumed run skips the ids already written. Output: ``RUN/debias/{id}.png`` and
-``RUN/debias/stats.json`` (foreground / biased pixel counts).
+by the actors themselves with deterministic names (temp + rename locally, one upload on an object
+store), so a retried task overwrites cleanly and a resumed run skips the ids already written (each
+actor lists the folder once). Output: ``RUN/debias/{id}.png`` and ``RUN/debias/stats.json``
+(foreground / biased pixel counts). ``RUN``, the dataset and the pseudo labels may be local or
+object-store URIs (``mars_ray.storage``).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from mars_ray import config as C
+from mars_ray import storage
 from mars_ray.algo.debias import activation_map, binarize_activation, debias_label
-from mars_ray.artifacts import StageDir, atomic_write_json, require_complete
+from mars_ray.artifacts import StageDir, atomic_write_json, load_npy, require_complete
 from mars_ray.data.label_io import read_image, read_label, write_label
 from mars_ray.data.validate import check_label
 from mars_ray.data.voc import VOCDataset
@@ -27,6 +29,7 @@ from mars_ray.features import FeatureSource
 from mars_ray.labels import MAX_CLASSES
 from mars_ray.stages import features as features_stage
 from mars_ray.stages.runtime import ensure_ray, map_images
+from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +77,16 @@ class DebiasImages:
     ) -> None:
         torch.set_num_threads(max(1, threads))
         self.dataset = VOCDataset(root)
-        self.pseudo_dir = Path(pseudo_dir)
-        self.out_dir = Path(out_dir)
-        self.centroids = np.load(Path(select_dir) / "centroids.npy")
-        self.present = np.load(Path(select_dir) / "present.npy")
+        self.pseudo_dir = upath(pseudo_dir)
+        self.out_dir = upath(out_dir)
+        self.centroids = load_npy(upath(select_dir) / "centroids.npy")
+        self.present = load_npy(upath(select_dir) / "present.npy")
         self.source = FeatureSource(**source_kwargs)
         self.threshold = threshold
         self.crf = crf
         self.skip_existing = skip_existing
+        # resuming: the labels written before this run, from one listing (not a request per id)
+        self.written: frozenset[str] = frozenset(storage.list_files(self.out_dir)) if skip_existing else frozenset()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["image_id"]]
@@ -92,7 +97,7 @@ class DebiasImages:
         out = self.out_dir / f"{image_id}.png"
         label_path = self.pseudo_dir / f"{image_id}.png"
         pseudo = read_label(label_path)
-        if self.skip_existing and out.is_file():
+        if self.skip_existing and out.name in self.written:
             debiased = read_label(out)
         else:
             image = read_image(self.dataset.image_path(image_id))
@@ -110,7 +115,8 @@ class DebiasImages:
         return int(is_fg.sum()), int((is_fg & (debiased == 254)).sum())
 
 
-def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
+def stage_dir(cfg: C.Config, run_dir: "features_stage.RunDir") -> StageDir:
+    run_dir = upath(run_dir)
     upstream = require_complete(run_dir / "select", "select")
     feats = require_complete(run_dir / "features", "features")
     d = cfg.debias
@@ -122,9 +128,9 @@ def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
     return StageDir(run_dir / "debias", "debias", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
-def run(cfg: C.Config, run_dir: Path) -> Path:
+def run(cfg: C.Config, run_dir: "features_stage.RunDir") -> AnyPath:
     """Write ``RUN/debias/{id}.png`` for every id of the split; returns the folder."""
-    run_dir = Path(run_dir)
+    run_dir = upath(run_dir)
     dataset = features_stage.validate_inputs(cfg, run_dir)
     sd = stage_dir(cfg, run_dir)
     if sd.is_complete():
@@ -140,8 +146,8 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
             dict(
                 root=str(dataset.root),
                 pseudo_dir=str(features_stage.pseudo_label_dir(cfg, run_dir)),
-                out_dir=str(sd.path),
-                select_dir=str(run_dir / "select"),
+                out_dir=storage.absolute(sd.path),
+                select_dir=storage.absolute(run_dir / "select"),
                 source_kwargs=features_stage.feature_source_kwargs(cfg, run_dir),
                 threshold=d.threshold,
                 crf=d.crf_kwargs(),

@@ -2,17 +2,19 @@
 
 Ray Data tasks each build the confusion matrix of a batch of ids; the driver streams and adds
 them. BIASED (254) pixels count as background by default (``biased_as="ignore"`` drops them), as
-the paper evaluates debiased labels.
+the paper evaluates debiased labels. The dataset and the label folder may be local or object-store
+URIs (``mars_ray.storage``).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+import os
+from typing import Any, Union
 
 import numpy as np
 
+from mars_ray import storage
 from mars_ray.algo.metrics import ConfusionMatrix, map_biased, summarize
 from mars_ray.config import RayConfig
 from mars_ray.data.label_io import read_label
@@ -22,11 +24,13 @@ from mars_ray.stages.runtime import ensure_ray, map_images
 
 logger = logging.getLogger(__name__)
 
+PathLike = Union[str, "os.PathLike[str]", storage.ObjectPath]
+
 
 class _BatchConfusion:
     def __init__(self, root: str, labels: str, biased_as: str) -> None:
         self.dataset = VOCDataset(root)
-        self.labels = Path(labels)
+        self.labels = storage.upath(labels)
         self.biased_as = biased_as
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -43,7 +47,7 @@ class _BatchConfusion:
 
 
 def confusion(
-    root: str | Path, labels: str | Path, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
+    root: PathLike, labels: PathLike, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
 ) -> ConfusionMatrix:
     """The confusion matrix of ``labels/{id}.png`` vs ground truth over ``split``."""
     if biased_as not in ("background", "ignore"):
@@ -57,7 +61,8 @@ def confusion(
         )
     check_label_folder(dataset, split, labels, name="label")
     ensure_ray(ray_cfg or RayConfig())
-    ds = map_images(ids, _BatchConfusion, dict(root=str(dataset.root), labels=str(labels), biased_as=biased_as),
+    ds = map_images(ids, _BatchConfusion, dict(root=storage.absolute(dataset.root), labels=storage.absolute(labels),
+                                                biased_as=biased_as),
                     batch_size=64)
     total = ConfusionMatrix(dataset.num_classes + 1)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -66,7 +71,7 @@ def confusion(
 
 
 def evaluate(
-    root: str | Path, labels: str | Path, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
+    root: PathLike, labels: PathLike, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
 ) -> dict[str, Any]:
     """JSON-ready metrics (``algo.metrics.summarize``) plus what was evaluated."""
     cm = confusion(root, labels, split, biased_as=biased_as, ray_cfg=ray_cfg)

@@ -11,29 +11,30 @@ Outputs in ``RUN/select/``: ``centroids.npy`` ``[C+1, d]`` float32 (row c = V^c;
 without centroids are zero), ``present.npy`` ``[C+1]`` bool, ``report.json`` (per class: centroid
 count, chosen count, distance summary, and where ground truth exists the *target ratio*: share of
 chosen centroids whose pixels are mostly the target object), ``chosen.parquet`` (one row a chosen
-centroid: image_id, class_id, k, count, distance, gt_match).
+centroid: image_id, class_id, k, count, distance, gt_match). ``RUN`` and the table may be local or
+on an object store (``mars_ray.storage``); the table is found through ``features.resolve``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 
 from mars_ray import config as C
+from mars_ray import storage
 from mars_ray.algo.centroids import BackgroundMean, bias_distance, class_sums, means_from_sums, top_alpha_mask
 from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, require_complete
 from mars_ray.data.voc import VOCDataset
 from mars_ray.stages import features as features_stage
 from mars_ray.stages.runtime import ensure_ray
+from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class CentroidSelector:
     """The reduction: Eq 1–3 over a centroid table, streamed in chunks (pure pyarrow + numpy)."""
 
     def __init__(self, table: str, *, num_classes: int, alpha: float, chunk_rows: int) -> None:
-        self.data = pads.dataset(table, format="parquet")
+        self.table = table
+        self.data = features_stage.open_table(table)
         self.num_classes = num_classes
         self.alpha = alpha
         self.chunk_rows = chunk_rows
@@ -60,13 +62,18 @@ class CentroidSelector:
         yield from self.data.to_batches(columns=columns, filter=flt, batch_size=self.chunk_rows)
 
     def run(self, chosen_path: str) -> dict[str, Any]:
+        """Eq 1–3 over the table; the chosen rows go to ``chosen_path`` (atomically, local or URI)."""
+        with storage.atomic_open(chosen_path) as sink:
+            return self._run(sink)
+
+    def _run(self, sink: Any) -> dict[str, Any]:
         # pass 1: Eq 1's background mean direction
         acc = BackgroundMean()
         for b in self._batches(["vector"], bg=True):
             if b.num_rows:
                 acc.add(_vectors(b))
         if acc.count == 0:
-            raise ValueError(f"{self.data.files[0] if self.data.files else 'centroid table'}: no background centroids")
+            raise ValueError(f"{self.table}: no background centroids")
         bg_mean = acc.mean()
         # pass 2: distances of every foreground centroid (O(N) scalars)
         dists, classes, matches = [], [], []
@@ -76,13 +83,13 @@ class CentroidSelector:
                 classes.append(b.column("class_id").to_numpy(zero_copy_only=False))
                 matches.append(b.column("gt_match").to_numpy(zero_copy_only=False))
         if not dists:
-            raise ValueError("centroid table has no foreground centroids")
+            raise ValueError(f"{self.table}: centroid table has no foreground centroids")
         distances = np.concatenate(dists)
         class_ids = np.concatenate(classes).astype(np.int64)
         gt_match = np.concatenate(matches).astype(np.float64)
         bad = class_ids[(class_ids < 1) | (class_ids > self.num_classes)]
         if bad.size:
-            raise ValueError(f"centroid table has class ids {sorted(set(bad.tolist()))[:10]} outside 1..{self.num_classes}")
+            raise ValueError(f"{self.table}: class ids {sorted(set(bad.tolist()))[:10]} outside 1..{self.num_classes}")
         chosen = top_alpha_mask(distances, class_ids, self.alpha)
         # pass 3: Eq 3 sums + the chosen rows
         sums = counts = None
@@ -106,7 +113,7 @@ class CentroidSelector:
                     "gt_match": pa.array(gt_match[sl][idx].astype(np.float32)),
                 }
             )
-            writer = writer or pq.ParquetWriter(chosen_path, part.schema)
+            writer = writer or pq.ParquetWriter(sink, part.schema)
             writer.write_table(part)
             start += n
         if writer is not None:
@@ -158,16 +165,17 @@ def _ratio(match: np.ndarray) -> float | None:
     return float((match >= TARGET_MATCH).mean()) if match.size else None
 
 
-def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
+def stage_dir(cfg: C.Config, run_dir: "features_stage.RunDir") -> StageDir:
+    run_dir = upath(run_dir)
     upstream = require_complete(run_dir / "features", "features")
     slice_ = {"select": {"alpha": cfg.select.alpha}}
     inputs = {"features": upstream["key"]}
     return StageDir(run_dir / "select", "select", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
-def run(cfg: C.Config, run_dir: Path) -> Path:
+def run(cfg: C.Config, run_dir: "features_stage.RunDir") -> AnyPath:
     """Select V^c from ``RUN/features``; returns ``RUN/select`` (skipped when already complete)."""
-    run_dir = Path(run_dir)
+    run_dir = upath(run_dir)
     sd = stage_dir(cfg, run_dir)
     if sd.is_complete():
         logger.info("select: up to date in %s, skipping", sd.path)
@@ -175,14 +183,15 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
     dataset = VOCDataset(cfg.data.root)
     with sd.guard():
         ensure_ray(cfg.ray)
-        table = run_dir / "features" / features_stage.TABLE
+        table = features_stage.resolve(run_dir) / features_stage.TABLE  # through a cache link
         actor = ray.remote(num_cpus=1)(CentroidSelector).remote(
-            str(table), num_classes=dataset.num_classes, alpha=cfg.select.alpha, chunk_rows=cfg.select.chunk_rows
+            storage.absolute(table), num_classes=dataset.num_classes, alpha=cfg.select.alpha,
+            chunk_rows=cfg.select.chunk_rows,
         )
-        tmp_chosen = sd.path / ".chosen.parquet.tmp"
-        result = ray.get(actor.run.remote(str(tmp_chosen)))
-        ray.kill(actor)
-        tmp_chosen.replace(sd.path / "chosen.parquet")
+        try:
+            result = ray.get(actor.run.remote(storage.absolute(sd.path / "chosen.parquet")))
+        finally:
+            ray.kill(actor)
         report = result["report"]
         report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
         report["classes_without_centroids"] = [
