@@ -69,8 +69,7 @@ def _json_default(o: Any) -> Any:
 
 def fingerprint_files(paths: Iterable[AnyPath]) -> str:
     """Cheap content fingerprint of a file list: names, sizes and mtimes (not the bytes)."""
-    h = hashlib.sha256()
-    n = 0
+    stats: list[tuple[str, Any]] = []
     listings: dict[Any, dict[str, Any]] = {}  # object stores: one listing a folder, not a request a file
     for p in paths:
         p = upath(p)
@@ -82,9 +81,15 @@ def fingerprint_files(paths: Iterable[AnyPath]) -> str:
                 raise FileNotFoundError(f"{p}: no such file")
         else:
             st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        n += 1
-    return f"{n}:{h.hexdigest()[:16]}"
+        stats.append((p.name, st))
+    return _fingerprint_stats(stats)
+
+
+def _fingerprint_stats(stats: list[tuple[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for name, st in stats:
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return f"{len(stats)}:{h.hexdigest()[:16]}"
 
 
 def fingerprint_path(path: str | Path) -> str:
@@ -95,6 +100,9 @@ def fingerprint_path(path: str | Path) -> str:
     if p.is_file():
         return fingerprint_files([p])
     if p.is_dir():
+        if storage.is_uri(p):  # one recursive listing, not a request a file
+            files = sorted(storage.walk_files(p), key=lambda qs: str(qs[0]))
+            return _fingerprint_stats([(q.name, st) for q, st in files if not q.name.startswith(".")])
         return fingerprint_files(sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")))
     raise FileNotFoundError(f"{p} does not exist")
 

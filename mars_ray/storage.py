@@ -36,7 +36,7 @@ from typing import IO, Any, Iterator, Union
 from urllib.parse import urlsplit
 
 __all__ = [
-    "AnyPath", "ObjectPath", "absolute", "arrow_fs", "atomic_open", "is_uri", "list_files", "move", "open_read",
+    "AnyPath", "ObjectPath", "absolute", "arrow_fs", "atomic_open", "is_uri", "list_files", "move", "walk_files", "open_read",
     "ray_storage", "rmtree", "upath",
 ]  # fmt: skip
 
@@ -424,6 +424,22 @@ def list_files(p: "str | os.PathLike[str] | ObjectPath") -> dict[str, _Stat]:
         if e.is_file():
             st = e.stat()
             out[e.name] = _Stat(st.st_size, st.st_mtime_ns)
+    return out
+
+
+def walk_files(p: "str | os.PathLike[str] | ObjectPath") -> list[tuple[AnyPath, _Stat]]:
+    """Every file at any depth below folder ``p`` with its size and mtime, in one recursive listing."""
+    q = upath(p)
+    if isinstance(q, ObjectPath):
+        import pyarrow.fs as pafs
+
+        return [(q._from_fs_path(i.path), _Stat(int(i.size or 0), int(i.mtime_ns or 0)))
+                for i in q._children(recursive=True) if i.type == pafs.FileType.File]
+    out: list[tuple[AnyPath, _Stat]] = []
+    for f in q.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            out.append((f, _Stat(st.st_size, st.st_mtime_ns)))
     return out
 
 

@@ -112,3 +112,20 @@ def test_stage_dir_restores_previous_artifact_on_object_store(s3_bucket):
     assert m["key"] == "key-1" and m["status"] == "complete"
     assert (path / "report.json").read_text().count('"v": 1') == 1
     assert not second.previous_path.exists()
+
+
+def test_folder_fingerprint_on_s3_is_one_listing_and_tracks_changes(s3_bucket):
+    from mars_ray.artifacts import fingerprint_path
+
+    folder = upath(s3_bucket) / "weights"
+    (folder / "a.pt").write_bytes(b"1")
+    (folder / "sub" / "b.pt").write_bytes(b"22")
+    (folder / ".hidden").write_bytes(b"x")
+    first = fingerprint_path(folder)
+    assert first.startswith("2:") and fingerprint_path(folder) == first
+    (folder / "sub" / "b.pt").write_bytes(b"333")
+    assert fingerprint_path(folder) != first
+    files = storage.walk_files(folder)
+    assert sorted(q.name for q, _ in files) == [".hidden", "a.pt", "b.pt"]
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        read_label(folder / "nope.png")

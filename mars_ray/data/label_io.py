@@ -47,10 +47,13 @@ VOC_PALETTE: np.ndarray = _voc_palette()
 
 def _open(path: PathLike) -> Image.Image:
     p = storage.upath(path)
-    if not p.is_file():
+    if isinstance(p, Path) and not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
     try:
+        # On an object store: one GET (its FileNotFoundError names the URI), no existence probe.
         return Image.open(p if isinstance(p, Path) else p.open("rb"))
+    except FileNotFoundError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"{p}: cannot read image: {e}") from e
 
