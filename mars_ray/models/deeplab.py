@@ -12,7 +12,6 @@ Presets are one-line builders over :func:`_build`; checkpoints written by
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mars_ray import storage
 from mars_ray.models.registry import SEGMENTERS
 from mars_ray.models.resnet import ResNet, load_imagenet_weights
 
@@ -185,7 +185,7 @@ def _resnet_rates(output_stride: int) -> Tuple[int, int, int]:
 def deeplabv3plus_resnet50(
     *, num_classes: int, output_stride: int = 16, pretrained_backbone: str | None = None, frozen_bn: bool = False
 ) -> DeepLabV3Plus:
-    """DeepLabV3+ / ResNet-50; ``pretrained_backbone`` is a local torchvision ImageNet checkpoint."""
+    """DeepLabV3+ / ResNet-50; ``pretrained_backbone`` is a torchvision ImageNet checkpoint (path or URI)."""
     return _build(
         backbone=ResNet((3, 4, 6, 3), output_stride=output_stride, frozen_bn=frozen_bn),
         num_classes=num_classes,
@@ -224,9 +224,11 @@ def deeplab_tiny(*, num_classes: int, output_stride: int = 8, pretrained_backbon
 
 
 def save_segmenter_checkpoint(
-    path: str | Path, model: nn.Module, name: str, kwargs: Dict[str, Any], extra: Optional[Dict[str, Any]] = None
-) -> Path:
-    """Write ``{format, name, kwargs, state_dict, extra}`` to ``path`` atomically (tmp file + rename).
+    path: "str | Path | storage.ObjectPath", model: nn.Module, name: str, kwargs: Dict[str, Any],
+    extra: Optional[Dict[str, Any]] = None,
+) -> "storage.AnyPath":
+    """Write ``{format, name, kwargs, state_dict, extra}`` to ``path`` atomically (tmp file + rename;
+    one upload when ``path`` is an object-store URI, see ``mars_ray.storage``); returns the path.
 
     ``name`` is the SEGMENTERS preset and ``kwargs`` its build arguments (``pretrained_backbone`` is
     dropped: the weights are in the checkpoint). A DDP wrapper is unwrapped. ``extra`` must hold
@@ -234,8 +236,7 @@ def save_segmenter_checkpoint(
     """
     if name not in SEGMENTERS:
         raise ValueError(f"checkpoint {path}: unknown segmenter {name!r}; known: {', '.join(SEGMENTERS.names())}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = storage.upath(path)
     model = getattr(model, "module", model)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -244,14 +245,13 @@ def save_segmenter_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with storage.atomic_open(path) as f:
+        torch.save(payload, f)
     return path
 
 
 def load_segmenter_checkpoint(
-    path: str | Path,
+    path: "str | Path | storage.ObjectPath",
     *,
     expect_name: Optional[str] = None,
     expect_num_classes: Optional[int] = None,
@@ -259,15 +259,17 @@ def load_segmenter_checkpoint(
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild the segmenter saved at ``path`` → ``(model in eval mode, extra)``.
 
-    Raises ``FileNotFoundError`` when ``path`` is absent and ``ValueError`` naming the file when it
-    is not a segmenter checkpoint, was saved from another preset than ``expect_name``, or for
-    another class count than ``expect_num_classes`` (background included).
+    ``path`` is a local file or an object-store URI (``mars_ray.storage``). Raises
+    ``FileNotFoundError`` when ``path`` is absent and ``ValueError`` naming the file when it is not a
+    segmenter checkpoint, was saved from another preset than ``expect_name``, or for another class
+    count than ``expect_num_classes`` (background included).
     """
-    path = Path(path)
+    path = storage.upath(path)
     if not path.is_file():
         raise FileNotFoundError(f"segmenter checkpoint {path}: no such file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with storage.open_read(path) as f:
+            ckpt = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise ValueError(f"segmenter checkpoint {path}: cannot be read by torch.load ({e})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -1,8 +1,8 @@
 """ResNet-50/101 backbones (Bottleneck) with torchvision's state-dict key names.
 
 The module tree mirrors ``torchvision.models.resnet`` (``conv1``, ``bn1``, ``layer1.0.conv1``,
-``layer1.0.downsample.0`` …) so an ImageNet checkpoint saved by torchvision loads from a *local*
-file with :func:`load_imagenet_weights`. The classifier (``avgpool``/``fc``) is left out: a
+``layer1.0.downsample.0`` …) so an ImageNet checkpoint saved by torchvision loads from a local
+file or an object-store URI with :func:`load_imagenet_weights` (never downloaded). The classifier (``avgpool``/``fc``) is left out: a
 segmentation backbone never uses it, and the loader drops ``fc.*`` from the file.
 
 ``output_stride`` 16 or 8 replaces the stride of ``layer4`` (and ``layer3``) by dilation, as
@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from mars_ray import storage
 from mars_ray.models.registry import BACKBONES
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,9 @@ class ResNet(nn.Module):
         return {"low": low, "high": high}
 
 
-def load_imagenet_weights(model: ResNet, path: str | Path) -> ResNet:
-    """Load a torchvision-layout ImageNet checkpoint from a local ``path`` into ``model`` (in place).
+def load_imagenet_weights(model: ResNet, path: "str | Path | storage.ObjectPath") -> ResNet:
+    """Load a torchvision-layout ImageNet checkpoint from ``path`` (a local file or an object-store
+    URI) into ``model`` (in place).
 
     Accepts a bare state dict or one wrapped under ``"state_dict"``/``"model"``; a ``module.``
     prefix (DDP) is stripped; ``fc.*`` is dropped; missing ``*.num_batches_tracked`` entries (old
@@ -148,11 +150,12 @@ def load_imagenet_weights(model: ResNet, path: str | Path) -> ResNet:
     is absent and ``ValueError`` naming the file and the missing / unexpected keys and shape
     mismatches when it does not fit the architecture.
     """
-    path = Path(path)
+    path = storage.upath(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ImageNet weights {path}: no such file (only local paths are supported)")
+        raise FileNotFoundError(f"ImageNet weights {path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with storage.open_read(path) as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise ValueError(f"ImageNet weights {path}: cannot be read by torch.load ({e})") from e
     for wrapper in ("state_dict", "model"):
@@ -200,11 +203,11 @@ def _build(*, layers: Sequence[int], output_stride: int, frozen_bn: bool, pretra
 
 @BACKBONES.register("resnet50")
 def resnet50(*, output_stride: int = 32, frozen_bn: bool = False, pretrained: str | Path | None = None) -> ResNet:
-    """ResNet-50 trunk; ``pretrained`` is a local torchvision ImageNet checkpoint path."""
+    """ResNet-50 trunk; ``pretrained`` is a torchvision ImageNet checkpoint (path or URI)."""
     return _build(layers=(3, 4, 6, 3), output_stride=output_stride, frozen_bn=frozen_bn, pretrained=pretrained)
 
 
 @BACKBONES.register("resnet101")
 def resnet101(*, output_stride: int = 32, frozen_bn: bool = False, pretrained: str | Path | None = None) -> ResNet:
-    """ResNet-101 trunk; ``pretrained`` is a local torchvision ImageNet checkpoint path."""
+    """ResNet-101 trunk; ``pretrained`` is a torchvision ImageNet checkpoint (path or URI)."""
     return _build(layers=(3, 4, 23, 3), output_stride=output_stride, frozen_bn=frozen_bn, pretrained=pretrained)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -20,11 +19,12 @@ from torch import Tensor, nn
 
 from mars_ray.models import small_cnn as _small_cnn  # noqa: F401  (registers "small_cnn")
 from mars_ray.models import vit as _vit  # registers the ViT presets
+from mars_ray import storage
 from mars_ray.models.registry import BACKBONES, FEATURES
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike, storage.ObjectPath]
 
 #: STEGO's cocostuff ViT-S config: shifts and weights for (self, k-NN, random) pairs
 DEFAULT_SHIFTS = (0.18, 0.12, 0.46)
@@ -203,11 +203,12 @@ def save_stego_checkpoint(
     backbone_name: str,
     backbone_kwargs: Optional[Mapping[str, Any]] = None,
     backbone_weights: Optional[PathLike] = None,
-) -> Path:
-    """Write one self-describing STEGO checkpoint (atomic rename); returns the path.
+) -> "storage.AnyPath":
+    """Write one self-describing STEGO checkpoint (atomically; ``path`` local or an object-store URI);
+    returns the path.
 
-    It records the BACKBONES name and kwargs, the head's sizes and weights, and either the local path
-    of the backbone weights (``backbone_weights``, e.g. a DINO ``.pth``) or, if None, the backbone's
+    It records the BACKBONES name and kwargs, the head's sizes and weights, and either the absolute
+    path or URI of the backbone weights (``backbone_weights``, e.g. a DINO ``.pth``) or, if None, the backbone's
     own state dict embedded (the self-trained ``small_cnn``).
     """
     if backbone_name not in BACKBONES:
@@ -216,21 +217,19 @@ def save_stego_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "backbone": backbone_name,
         "backbone_kwargs": dict(backbone_kwargs or {}),
-        "backbone_weights": None if backbone_weights is None else str(Path(backbone_weights).resolve()),
+        "backbone_weights": None if backbone_weights is None else storage.absolute(backbone_weights),
         "backbone_state": None if backbone_weights is not None else model.backbone.state_dict(),
         "head_in_dim": model.head.in_dim,
         "head_dim": model.head.dim,
         "head_state": model.head.state_dict(),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    path = storage.upath(path)
+    with storage.atomic_open(path) as f:
+        torch.save(ckpt, f)
     return path
 
 
-def _load_backbone_weights(backbone: nn.Module, weights: Path, ckpt_path: Path) -> None:
+def _load_backbone_weights(backbone: nn.Module, weights: "storage.AnyPath", ckpt_path: "storage.AnyPath") -> None:
     if not weights.is_file():
         raise FileNotFoundError(f"{ckpt_path}: backbone weights {weights} not found")
     _vit.load_dino_checkpoint(backbone, weights)  # generic: raw / wrapped state dict, strict match
@@ -243,11 +242,12 @@ def load_stego_checkpoint(path: PathLike, device: Union[str, torch.device] = "cp
         FileNotFoundError: the checkpoint or the backbone weights it names do not exist.
         ValueError: unreadable file, missing keys, unknown backbone, or weights that do not fit.
     """
-    path = Path(path)
+    path = storage.upath(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: STEGO checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with storage.open_read(path) as f:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{path}: cannot be read as a torch checkpoint: {exc}") from exc
     if not isinstance(ckpt, Mapping):
@@ -266,7 +266,7 @@ def load_stego_checkpoint(path: PathLike, device: Union[str, torch.device] = "cp
         except RuntimeError as exc:
             raise ValueError(f"{path}: embedded backbone weights do not fit {ckpt['backbone']}: {exc}") from exc
     elif ckpt.get("backbone_weights"):
-        _load_backbone_weights(backbone, Path(ckpt["backbone_weights"]), path)
+        _load_backbone_weights(backbone, storage.upath(ckpt["backbone_weights"]), path)
     else:
         raise ValueError(f"{path}: neither backbone_state nor backbone_weights is set")
     head = SegHead(int(ckpt["head_in_dim"]), int(ckpt["head_dim"]))

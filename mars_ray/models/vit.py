@@ -13,18 +13,18 @@ import argparse
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mars_ray import storage
 from mars_ray.models.registry import BACKBONES
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike, storage.ObjectPath]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -205,11 +205,11 @@ def _abbrev(items: list[str], n: int = 5) -> str:
     return head + (f", … (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: "storage.AnyPath") -> Any:
     """``torch.load`` with ``weights_only=True``; DINO full checkpoints also pickle ``args``."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with storage.open_read(path) as f, torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in several types
         raise ValueError(f"{path}: cannot be read as a torch checkpoint (weights only): {exc}") from exc
 
@@ -244,7 +244,7 @@ def extract_state_dict(obj: Any, path: PathLike = "<checkpoint>") -> dict[str, T
 
 
 def load_dino_checkpoint(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load DINO-format weights from a local file into ``model`` (in place; returns it).
+    """Load DINO-format weights from a local file or object-store URI into ``model`` (in place; returns it).
 
     Accepts a raw state dict or one wrapped under ``teacher``/``student``/``model``/``state_dict``,
     with optional ``module.``/``backbone.`` prefixes; DINO ``head.*`` keys are dropped.
@@ -253,7 +253,7 @@ def load_dino_checkpoint(model: nn.Module, path: PathLike) -> nn.Module:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, or missing / unexpected keys / shape mismatches (named).
     """
-    path = Path(path)
+    path = storage.upath(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: DINO checkpoint not found")
     state = extract_state_dict(_torch_load(path), path)
@@ -279,11 +279,9 @@ def load_dino_checkpoint(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-def save_dino_checkpoint(model: nn.Module, path: PathLike) -> Path:
-    """Write ``model.state_dict()`` as a raw DINO-style state dict (atomic rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+def save_dino_checkpoint(model: nn.Module, path: PathLike) -> "storage.AnyPath":
+    """Write ``model.state_dict()`` as a raw DINO-style state dict (atomically; local or URI); returns the path."""
+    path = storage.upath(path)
+    with storage.atomic_open(path) as f:
+        torch.save(model.state_dict(), f)
     return path

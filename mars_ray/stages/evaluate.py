@@ -9,7 +9,8 @@ sums them. Metrics use the definitions of ``mars evaluate-labels`` (``algo.metri
 
 Outputs: ``RUN/evaluate/metrics.json``, ``RUN/evaluate/table.txt``, ``RUN/evaluate/pred/{id}.png``
 (``RUN/evaluate_baseline/`` for the baseline model, ``train.baseline=true``). Without ground truth
-for the split only the predictions are written and the metrics are ``null``.
+for the split only the predictions are written and the metrics are ``null``. ``RUN``, ``data.root`` and
+the checkpoint may be object-store URIs (``mars_ray.storage``); actors get them as plain strings.
 
 :class:`PredictImages` also serves the ``train`` stage: predictions for the eval split, and the
 complemented labels Y^co (BIASED pixels of Y^db replaced by the CRF-refined prediction).
@@ -18,13 +19,13 @@ complemented labels Y^co (BIASED pixels of Y^db replaced by the CRF-refined pred
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from mars_ray import config as C
+from mars_ray import storage
 from mars_ray.algo.complement import complement_labels
 from mars_ray.algo.metrics import ConfusionMatrix, summarize
 from mars_ray.artifacts import StageDir, atomic_write_json, atomic_write_text, fingerprint_path
@@ -34,6 +35,7 @@ from mars_ray.engine import predict_labels
 from mars_ray.models.deeplab import load_segmenter_checkpoint
 from mars_ray.stages.evaluate_labels import format_table
 from mars_ray.stages.runtime import ensure_ray, map_images
+from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,10 @@ class PredictImages:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, _ = load_segmenter_checkpoint(checkpoint, expect_num_classes=num_classes, map_location=self.device)
         self.dataset = VOCDataset(root)
-        self.out_dir = Path(out_dir)
+        self.out_dir = upath(out_dir)
         self.num_classes = num_classes
         self.kw = dict(scales=tuple(scales), flip=flip, crf=crf)
-        self.fill_dir = Path(fill_dir) if fill_dir else None
+        self.fill_dir = upath(fill_dir) if fill_dir else None
         self.with_gt = with_gt
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,14 +101,14 @@ class PredictImages:
 
 def predict_split(
     *,
-    checkpoint: Path,
+    checkpoint: "str | AnyPath",
     dataset: VOCDataset,
     split: str,
-    out_dir: Path,
+    out_dir: "str | AnyPath",
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     crf: dict[str, float] | None = None,
-    fill_dir: Path | None = None,
+    fill_dir: "str | AnyPath | None" = None,
     with_gt: bool = False,
     num_actors: int = 1,
     cpus_per_actor: float = 1.0,
@@ -120,8 +122,9 @@ def predict_split(
         ids,
         PredictImages,
         dict(
-            checkpoint=str(checkpoint), root=str(dataset.root), out_dir=str(out_dir), num_classes=num_classes,
-            scales=tuple(scales), flip=flip, crf=crf, fill_dir=str(fill_dir) if fill_dir else None,
+            checkpoint=storage.absolute(checkpoint), root=storage.absolute(dataset.root),
+            out_dir=storage.absolute(out_dir), num_classes=num_classes, scales=tuple(scales), flip=flip, crf=crf,
+            fill_dir=storage.absolute(fill_dir) if fill_dir else None,
             with_gt=with_gt, use_gpu=use_gpu, threads=max(1, int(cpus_per_actor)),
         ),
         num_actors=num_actors,
@@ -139,11 +142,11 @@ def predict_split(
     return total
 
 
-def default_checkpoint(cfg: C.Config, run_dir: Path) -> Path:
+def default_checkpoint(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
     """``evaluate.checkpoint`` or the ``train`` stage's ``model.pt`` (``train_baseline`` with ``train.baseline``)."""
     if cfg.evaluate.checkpoint:
-        return Path(cfg.evaluate.checkpoint)
-    return Path(run_dir) / ("train_baseline" if cfg.train.baseline else "train") / "model.pt"
+        return upath(cfg.evaluate.checkpoint)
+    return upath(run_dir) / ("train_baseline" if cfg.train.baseline else "train") / "model.pt"
 
 
 def out_name(cfg: C.Config) -> str:
@@ -154,7 +157,7 @@ def _crf(cfg: C.Config) -> dict[str, float] | None:
     return {} if cfg.evaluate.crf else None  # dense_crf's defaults
 
 
-def validate_inputs(cfg: C.Config, run_dir: Path) -> tuple[VOCDataset, Path, dict[str, Any]]:
+def validate_inputs(cfg: C.Config, run_dir: "str | AnyPath") -> tuple[VOCDataset, AnyPath, dict[str, Any]]:
     """Dataset, checkpoint path and its ``extra``; ``ValueError``/``FileNotFoundError`` naming the file."""
     e = cfg.evaluate
     if not e.scales or any(s <= 0 for s in e.scales):
@@ -175,17 +178,17 @@ def validate_inputs(cfg: C.Config, run_dir: Path) -> tuple[VOCDataset, Path, dic
     return dataset, ckpt, extra
 
 
-def stage_dir(cfg: C.Config, run_dir: Path, dataset: VOCDataset, ckpt: Path) -> StageDir:
+def stage_dir(cfg: C.Config, run_dir: "str | AnyPath", dataset: VOCDataset, ckpt: AnyPath) -> StageDir:
     e = cfg.evaluate
     slice_ = {"evaluate": {"scales": list(e.scales), "flip": e.flip, "crf": e.crf}, "split": cfg.data.eval_split,
-              "checkpoint": str(ckpt.resolve())}
+              "checkpoint": storage.absolute(ckpt)}
     inputs = {"checkpoint": fingerprint_path(ckpt), "dataset": dataset.fingerprint(cfg.data.eval_split)}
-    return StageDir(Path(run_dir) / out_name(cfg), "evaluate", C.slice_hash(slice_, inputs), slice_, inputs)
+    return StageDir(upath(run_dir) / out_name(cfg), "evaluate", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
-def run(cfg: C.Config, run_dir: Path) -> Path:
+def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
     """Predict ``data.eval_split`` with the checkpoint and score it; returns ``RUN/evaluate`` (skipped when complete)."""
-    run_dir = Path(run_dir)
+    run_dir = upath(run_dir)
     dataset, ckpt, _ = validate_inputs(cfg, run_dir)
     sd = stage_dir(cfg, run_dir, dataset, ckpt)
     if sd.is_complete():
@@ -200,7 +203,7 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
     return sd.path
 
 
-def _predict_and_score(cfg: C.Config, sd: StageDir, dataset: VOCDataset, ckpt: Path) -> dict[str, Any]:
+def _predict_and_score(cfg: C.Config, sd: StageDir, dataset: VOCDataset, ckpt: AnyPath) -> dict[str, Any]:
     ensure_ray(cfg.ray)
     e = cfg.evaluate
     split = cfg.data.eval_split

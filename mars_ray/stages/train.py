@@ -30,6 +30,10 @@ classes/epoch/step), ``history.csv`` (per epoch: step, loss terms, val mIoU on `
 images/s, seconds), ``curves.png``, ``ray/`` (Ray Train storage), ``manifest.json``; plus
 ``RUN/complement/{id}.png`` (Y^co of the train split from the final teacher; MARS only) and
 ``RUN/predict/{eval_split}/{id}.png`` (single-scale predictions).
+
+``RUN``, ``data.root``, the label folder and ``train.init_checkpoint`` may be object-store URIs
+(``s3://bucket/run``, see ``mars_ray.storage``): workers get them as plain strings, Ray Train keeps
+its checkpoints under ``RUN/train/ray`` there, and every output is one atomic upload.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ import csv
 import io
 import logging
 import math
-import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,6 +53,7 @@ import ray
 import torch
 
 from mars_ray import config as C
+from mars_ray import storage
 from mars_ray.algo.complement import ema_update
 from mars_ray.artifacts import StageDir, atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint_path
 from mars_ray.artifacts import read_manifest, require_complete
@@ -62,6 +67,7 @@ from mars_ray.models.registry import SEGMENTERS
 from mars_ray.stages import evaluate as evaluate_stage
 from mars_ray.stages import features as features_stage
 from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, map_images, report_epoch, restored_state
+from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +89,13 @@ def out_names(cfg: C.Config) -> dict[str, str]:
     return {"train": "train", "predict": "predict", "complement": "complement"}
 
 
-def labels_dir(cfg: C.Config, run_dir: Path) -> Path:
-    """Training labels: ``train.labels``, else Y^b (baseline) or ``RUN/debias`` (MARS)."""
+def labels_dir(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
+    """Training labels: ``train.labels``, else Y^b (baseline) or ``RUN/debias`` (MARS); local or URI."""
     if cfg.train.labels:
-        return Path(cfg.train.labels)
+        return upath(cfg.train.labels)
     if cfg.train.baseline:
-        return features_stage.pseudo_label_dir(cfg, run_dir)
-    return Path(run_dir) / "debias"
+        return upath(features_stage.pseudo_label_dir(cfg, upath(run_dir)))
+    return upath(run_dir) / "debias"
 
 
 def _model_kwargs(cfg: C.Config, num_classes: int) -> dict[str, Any]:
@@ -121,7 +127,7 @@ def _check_numbers(t: C.TrainConfig) -> None:
         raise ValueError(f"train.model={t.model!r} is not a segmenter; known: {', '.join(SEGMENTERS.names())}")
 
 
-def validate_inputs(cfg: C.Config, run_dir: Path) -> tuple[VOCDataset, Path]:
+def validate_inputs(cfg: C.Config, run_dir: "str | AnyPath") -> tuple[VOCDataset, AnyPath]:
     """Every check that needs no training, before any output is touched; returns (dataset, labels folder).
 
     Raises ``ValueError`` naming the key or file: batch not divisible across workers, a crop larger
@@ -138,7 +144,7 @@ def validate_inputs(cfg: C.Config, run_dir: Path) -> tuple[VOCDataset, Path]:
     ids = dataset.ids(cfg.data.split)
     if len(ids) < t.num_workers:
         raise ValueError(f"split {cfg.data.split!r} has {len(ids)} images, fewer than train.num_workers={t.num_workers}")
-    largest = max(max(label_size(labels / f"{i}.png")) for i in ids)
+    largest = max(max(hw) for hw in _label_sizes(labels, ids))
     if t.crop_size > largest * t.scale_max:
         raise ValueError(
             f"train.crop_size={t.crop_size} is larger than every training image even at train.scale_max="
@@ -149,15 +155,26 @@ def validate_inputs(cfg: C.Config, run_dir: Path) -> tuple[VOCDataset, Path]:
     return dataset, labels
 
 
-def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
+def _label_sizes(labels: AnyPath, ids: list[str]) -> list[tuple[int, int]]:
+    """``(H, W)`` of every ``labels/{id}.png`` (headers only; many at once on an object store)."""
+    def size(i: str) -> tuple[int, int]:
+        return label_size(labels / f"{i}.png")
+
+    if storage.is_uri(labels):
+        with ThreadPoolExecutor(32) as pool:
+            return list(pool.map(size, ids))
+    return [size(i) for i in ids]
+
+
+def stage_dir(cfg: C.Config, run_dir: "str | AnyPath") -> StageDir:
     """``RUN/train`` (or ``RUN/train_baseline``) and its key: config slice minus execution knobs + inputs."""
-    run_dir = Path(run_dir)
+    run_dir = upath(run_dir)
     dataset = VOCDataset(cfg.data.root)
     labels = labels_dir(cfg, run_dir)
     t = cfg.train
     slice_ = {
         "train": {k: v for k, v in C.to_dict(t).items() if k not in _EXECUTION_KEYS},
-        "data": {"root": str(Path(cfg.data.root).resolve()), "split": cfg.data.split, "eval_split": cfg.data.eval_split},
+        "data": {"root": storage.absolute(cfg.data.root), "split": cfg.data.split, "eval_split": cfg.data.eval_split},
     }
     if not t.labels and not t.baseline:
         label_fp = "debias:" + str(require_complete(labels, "debias")["key"])
@@ -172,10 +189,10 @@ def stage_dir(cfg: C.Config, run_dir: Path) -> StageDir:
                     {**slice_, "epochs": t.epochs}, inputs)
 
 
-def fingerprint_files_of(folder: Path, ids: list[str]) -> str:
+def fingerprint_files_of(folder: "str | AnyPath", ids: list[str]) -> str:
     from mars_ray.artifacts import fingerprint_files
 
-    return fingerprint_files(Path(folder) / f"{i}.png" for i in ids)
+    return fingerprint_files(upath(folder) / f"{i}.png" for i in ids)
 
 
 # ------------------------------------------------------------------------------------------ Ray Train worker
@@ -186,7 +203,7 @@ class _LoadPair:
 
     def __init__(self, root: str, labels: str) -> None:
         self.dataset = VOCDataset(root)
-        self.labels = Path(labels)
+        self.labels = upath(labels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         images, labels = [], []
@@ -211,7 +228,7 @@ def _augmented_batches(shard: Any, augment: SegAugment, batch_size: int, seed: i
 
 
 def _val_miou(model: torch.nn.Module, root: str, ids: list[str], num_classes: int) -> float:
-    """Single-scale mIoU of ``model`` on ``ids`` (read from disk; rank 0 only)."""
+    """Single-scale mIoU of ``model`` on ``ids`` (read from the dataset root, local or URI; rank 0 only)."""
     dataset = VOCDataset(root)
     device = next(model.parameters()).device
 
@@ -347,13 +364,14 @@ def fit(
 # ------------------------------------------------------------------------------------------ driver outputs
 
 
-def write_history(history: list[dict[str, Any]], folder: Path) -> None:
+def write_history(history: list[dict[str, Any]], folder: "str | AnyPath") -> None:
     """``history.csv`` (one row per epoch, empty where a term does not apply) and ``curves.png``."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
+    folder = upath(folder)
     atomic_write_text(folder / "history.csv", buf.getvalue())
 
     import matplotlib
@@ -376,12 +394,13 @@ def write_history(history: list[dict[str, Any]], folder: Path) -> None:
     atomic_write_bytes(folder / "curves.png", png.getvalue())
 
 
-def _training_dataset(dataset: VOCDataset, split: str, labels: Path, *, trainer_cpus: float) -> "ray.data.Dataset":
+def _training_dataset(dataset: VOCDataset, split: str, labels: AnyPath, *, trainer_cpus: float) -> "ray.data.Dataset":
     """(image, label) rows of the split. Streamed where the cluster has CPUs to spare beside the
     trainer (memory stays flat as the dataset grows); materialised first on a small machine, where
     a lazy read would wait behind the trainer's CPUs forever (RAY_NOTES)."""
     ids = dataset.ids(split)
-    ds = map_images(ids, _LoadPair, {"root": str(dataset.root), "labels": str(labels)}, batch_size=16)
+    ds = map_images(ids, _LoadPair, {"root": storage.absolute(dataset.root), "labels": storage.absolute(labels)},
+                    batch_size=16)
     spare = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus
     return ds.materialize() if spare < 2 else ds
 
@@ -401,9 +420,9 @@ def is_complete(sd: StageDir, epochs: int) -> bool:
     return sd.is_complete() and int((m or {}).get("outputs", {}).get("epochs", -1)) == epochs
 
 
-def run(cfg: C.Config, run_dir: Path) -> Path:
+def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
     """Train on Ray Train and write the model, history, complemented labels and predictions; returns the folder."""
-    run_dir = Path(run_dir)
+    run_dir = upath(run_dir)
     dataset, labels = validate_inputs(cfg, run_dir)
     sd = stage_dir(cfg, run_dir)
     t = cfg.train
@@ -419,7 +438,7 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
     return sd.path
 
 
-def _train_and_write(cfg: C.Config, run_dir: Path, sd: StageDir, dataset: VOCDataset, labels: Path) -> dict[str, Any]:
+def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOCDataset, labels: AnyPath) -> dict[str, Any]:
     """Fit on Ray Train, then write model.pt, history, Y^co and the eval-split predictions; the manifest outputs."""
     t = cfg.train
     names = out_names(cfg)
@@ -430,11 +449,11 @@ def _train_and_write(cfg: C.Config, run_dir: Path, sd: StageDir, dataset: VOCDat
     model_kwargs = _model_kwargs(cfg, num_classes)
     loop = dict(
         model_name=t.model, model_kwargs=model_kwargs, num_classes=num_classes, baseline=t.baseline,
-        init_checkpoint=str(Path(t.init_checkpoint).resolve()) if t.init_checkpoint else "",
+        init_checkpoint=storage.absolute(t.init_checkpoint) if t.init_checkpoint else "",
         crop_size=t.crop_size, scale_range=(t.scale_min, t.scale_max), batch_size=t.batch_size, n_train=len(ids),
         lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, poly_power=t.poly_power, epochs=t.epochs,
         ema_momentum=t.ema_momentum, crf=t.crf_kwargs(), amp=t.amp, checkpoint_every=t.checkpoint_every,
-        val_every=t.val_every, root=str(Path(dataset.root).resolve()), val_ids=val_ids, seed=t.seed,
+        val_every=t.val_every, root=storage.absolute(dataset.root), val_ids=val_ids, seed=t.seed,
         threads=max(1, int(t.cpus_per_worker)),
     )
     t0 = time.perf_counter()
@@ -474,9 +493,8 @@ def _train_and_write(cfg: C.Config, run_dir: Path, sd: StageDir, dataset: VOCDat
     return outputs
 
 
-def _fresh(folder: Path) -> Path:
-    if folder.exists():
-        shutil.rmtree(folder)
+def _fresh(folder: AnyPath) -> AnyPath:
+    storage.rmtree(folder)
     folder.mkdir(parents=True)
     return folder
 

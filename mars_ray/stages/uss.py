@@ -4,7 +4,7 @@ A frozen backbone (``uss.backbone`` in BACKBONES) gives features; a 70-dim :clas
 reproduce their correspondences (STEGO: pairs of an image with itself, with one of its k nearest
 images, and with a random image of the batch). The backbone is either
 
-* a ViT with the official DINO weights from a local file (``uss.backbone=vit_base_8
+* a ViT with the official DINO weights from a file or URI (``uss.backbone=vit_base_8
   uss.backbone_weights=/path/dino_vitbase8_pretrain.pth``; keys/shapes are checked before anything
   is written or trained), or
 * ``small_cnn`` (the default), first trained self-supervised on the split itself for
@@ -26,13 +26,14 @@ Outputs (``RUN/uss/``): ``checkpoint.pt`` (``save_stego_checkpoint``: the regist
 extractor loads it by name, ``--set features.extractor=stego``), ``history.json`` (per epoch: phase,
 epoch, global step, loss terms, images/s), ``manifest.json``. The key covers the ``uss`` config
 (execution knobs excluded), the dataset's fingerprint and the backbone weights' fingerprint.
+``RUN``, ``data.root`` and ``uss.backbone_weights`` may be object-store URIs (``mars_ray.storage``):
+workers read them directly, Ray Train keeps its checkpoints under ``RUN/uss/ray`` there.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-from pathlib import Path
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -41,11 +42,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mars_ray import config as C
+from mars_ray import storage as _storage
 from mars_ray.artifacts import StageDir, atomic_write_json, fingerprint_path
 from mars_ray.data.label_io import read_image
 from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import train_one_epoch
 from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, report_epoch, restored_state
+from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ def _loader(dataset: torch.utils.data.Dataset, batch_size: int, seed: int) -> to
 
 
 def load_backbone(name: str, weights: str = "") -> nn.Module:
-    """``BACKBONES[name]``; with ``weights`` the local file is loaded strictly (DINO format or a plain
+    """``BACKBONES[name]``; with ``weights`` the file (local or URI) is loaded strictly (DINO format or a plain
     state dict). Raises ``ValueError`` naming missing/unexpected keys or shape mismatches."""
     from mars_ray.models import load_all
     from mars_ray.models.registry import BACKBONES
@@ -279,9 +282,9 @@ def loop_config(cfg: C.Config, dataset: VOCDataset) -> dict[str, Any]:
     """The keyword arguments of :func:`train_loop` for this config (plain, picklable)."""
     u = cfg.uss
     return {
-        "paths": [str(dataset.image_path(i)) for i in dataset.ids(cfg.data.split)],
+        "paths": [_storage.absolute(dataset.image_path(i)) for i in dataset.ids(cfg.data.split)],
         "backbone": u.backbone,
-        "backbone_weights": str(Path(u.backbone_weights).resolve()) if u.backbone_weights else "",
+        "backbone_weights": _storage.absolute(u.backbone_weights) if u.backbone_weights else "",
         "ssl_epochs": u.ssl_epochs,
         "epochs": u.epochs,
         "dim": u.dim,
@@ -295,7 +298,7 @@ def loop_config(cfg: C.Config, dataset: VOCDataset) -> dict[str, Any]:
     }
 
 
-def fit(cfg: C.Config, dataset: VOCDataset, storage: Path, name: str = RAY_NAME) -> dict[str, Any]:
+def fit(cfg: C.Config, dataset: VOCDataset, storage: "str | AnyPath", name: str = RAY_NAME) -> dict[str, Any]:
     """Train on Ray Train (resuming ``storage/name`` when it holds a checkpoint) → the final state dict."""
     u = cfg.uss
     result = fit_torch(
@@ -303,9 +306,9 @@ def fit(cfg: C.Config, dataset: VOCDataset, storage: Path, name: str = RAY_NAME)
         use_gpu=u.use_gpu, cpus_per_worker=u.cpus_per_worker, max_failures=u.max_failures,
     )
     if result.checkpoint is None:
-        raise RuntimeError(f"uss: Ray Train run {storage / name} reported no checkpoint")
+        raise RuntimeError(f"uss: Ray Train run {upath(storage) / name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+        return torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
 
 
 def build_model(cfg: C.UssConfig, state: dict[str, Any]) -> nn.Module:
@@ -336,7 +339,7 @@ def check_config(u: C.UssConfig) -> None:
     if not u.backbone_weights:
         if u.backbone.startswith("vit"):
             raise ValueError(
-                f"uss.backbone={u.backbone} needs uss.backbone_weights: a local DINO checkpoint "
+                f"uss.backbone={u.backbone} needs uss.backbone_weights: a DINO checkpoint file or URI "
                 "(e.g. dino_vitbase8_pretrain.pth); weights are never downloaded"
             )
         if u.ssl_epochs < 1:
@@ -352,35 +355,35 @@ def validate_inputs(cfg: C.Config) -> VOCDataset:
         raise ValueError(f"uss needs at least 2 images in split {cfg.data.split!r} (k-NN and random pairs), got {len(ids)}")
     for i in ids:
         dataset.image_path(i)
-    if cfg.uss.backbone_weights and not Path(cfg.uss.backbone_weights).is_file():
+    if cfg.uss.backbone_weights and not upath(cfg.uss.backbone_weights).is_file():
         raise FileNotFoundError(f"{cfg.uss.backbone_weights}: uss.backbone_weights does not exist")
     load_backbone(cfg.uss.backbone, cfg.uss.backbone_weights)  # unknown name / wrong keys or shapes → ValueError
     return dataset
 
 
-def stage_dir(cfg: C.Config, run_dir: Path, dataset: VOCDataset | None = None) -> StageDir:
+def stage_dir(cfg: C.Config, run_dir: "str | AnyPath", dataset: VOCDataset | None = None) -> StageDir:
     """``RUN/uss`` and its key: uss config slice + dataset fingerprint + backbone weights fingerprint."""
     dataset = dataset or VOCDataset(cfg.data.root)
     slice_ = {
-        "data": {"root": str(Path(cfg.data.root).resolve()), "split": cfg.data.split},
+        "data": {"root": _storage.absolute(cfg.data.root), "split": cfg.data.split},
         "uss": {k: v for k, v in C.to_dict(cfg.uss).items() if k not in _EXECUTION_KEYS},
     }
     inputs = {
         "dataset": dataset.fingerprint(cfg.data.split),
         "backbone_weights": fingerprint_path(cfg.uss.backbone_weights),
     }
-    return StageDir(Path(run_dir) / "uss", "uss", C.slice_hash(slice_, inputs), slice_, inputs)
+    return StageDir(upath(run_dir) / "uss", "uss", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
-def checkpoint_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "uss" / CHECKPOINT
+def checkpoint_path(run_dir: "str | AnyPath") -> AnyPath:
+    return upath(run_dir) / "uss" / CHECKPOINT
 
 
-def run(cfg: C.Config, run_dir: Path) -> Path:
+def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
     """Train the USS model; returns ``RUN/uss`` (skipped when already complete)."""
     from mars_ray.models.stego import save_stego_checkpoint
 
-    run_dir = Path(run_dir)
+    run_dir = upath(run_dir)
     dataset = validate_inputs(cfg)
     sd = stage_dir(cfg, run_dir, dataset)
     if sd.is_complete():
@@ -395,7 +398,7 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
         save_stego_checkpoint(model, sd.path / CHECKPOINT, cfg.uss.backbone,
                               backbone_weights=cfg.uss.backbone_weights or None)
         atomic_write_json(sd.path / "history.json", state["history"])
-        shutil.rmtree(sd.path / "ray", ignore_errors=True)  # per-epoch checkpoints: only needed to resume
+        _storage.rmtree(sd.path / "ray")  # per-epoch checkpoints: only needed to resume
         last = state["history"][-1] if state["history"] else {}
         sd.finish({"checkpoint": CHECKPOINT, "history": "history.json", "dim": cfg.uss.dim,
                    "backbone": cfg.uss.backbone, "steps": state["step"], "final_loss": last.get("loss")})

@@ -18,16 +18,16 @@ file and image-level labels exist — for ``data.eval_split`` too (inference onl
 
 Outputs (``RUN/wsss/``): ``{id}.png``, ``classifier.pt`` (name, number of classes, weights),
 ``history.json`` (per epoch: step, loss, lr, images/s), ``stats.json``, ``manifest.json``. The key
-covers the ``wsss`` config (execution knobs excluded) and the dataset's fingerprint.
+covers the ``wsss`` config (execution knobs excluded) and the dataset's fingerprint. ``RUN`` and
+``data.root`` may be object-store URIs (``mars_ray.storage``): workers and actors read and write them
+directly, Ray Train keeps its checkpoints under ``RUN/wsss/ray`` there.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,12 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from mars_ray import config as C
+from mars_ray import storage
 from mars_ray.artifacts import StageDir, atomic_write_json
 from mars_ray.data.label_io import read_image, write_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import build_sgd, poly_lr_lambda, train_one_epoch
 from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, map_images, report_epoch, restored_state
 from mars_ray.stages.uss import fit_crop
+from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
@@ -141,23 +143,26 @@ def train_loop(
         report_epoch({"epoch": state["epoch"], "step": state["step"]}, state if rank == 0 else None)
 
 
-def save_classifier(path: Path, name: str, num_classes: int, state_dict: dict[str, Tensor]) -> Path:
-    """A self-describing classifier file (CLASSIFIERS name, C, weights), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"classifier": name, "num_classes": num_classes, "state": state_dict}, tmp)
-    os.replace(tmp, path)
+def save_classifier(path: "str | AnyPath", name: str, num_classes: int, state_dict: dict[str, Tensor]) -> AnyPath:
+    """A self-describing classifier file (CLASSIFIERS name, C, weights), written atomically (local or URI)."""
+    path = upath(path)
+    with storage.atomic_open(path) as f:
+        torch.save({"classifier": name, "num_classes": num_classes, "state": state_dict}, f)
     return path
 
 
-def load_classifier(path: Path, device: str = "cpu") -> nn.Module:
+def load_classifier(path: "str | AnyPath", device: str = "cpu") -> nn.Module:
     """The classifier from :func:`save_classifier`'s file (eval mode); ``ValueError`` naming the file."""
     from mars_ray.models import load_all
     from mars_ray.models.registry import CLASSIFIERS
 
     load_all()
+    path = upath(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such classifier checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with storage.open_read(path) as f:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
         model = CLASSIFIERS.get(ckpt["classifier"], num_classes=int(ckpt["num_classes"]))
         model.load_state_dict(ckpt["state"])
     except (KeyError, RuntimeError, TypeError) as e:
@@ -188,10 +193,12 @@ class CamImages:
         torch.set_num_threads(max(1, threads))
         self.dataset = VOCDataset(root)
         self.device = torch.device(device)
-        self.model = load_classifier(Path(checkpoint), device)
-        self.out_dir = Path(out_dir)
+        self.model = load_classifier(checkpoint, device)
+        self.out_dir = upath(out_dir)
         self.kw = {"scales": tuple(scales), "flip": flip}
-        self.bg_threshold, self.crf, self.skip_existing = bg_threshold, crf, skip_existing
+        self.bg_threshold, self.crf = bg_threshold, crf
+        # a resumed run skips the labels already written: one listing, not a request per image
+        self.existing = set(storage.list_files(self.out_dir)) if skip_existing else set()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["image_id"]]
@@ -202,7 +209,7 @@ class CamImages:
         from mars_ray.models.cam import cams_to_label, compute_cams
 
         out = self.out_dir / f"{image_id}.png"
-        if self.skip_existing and out.is_file():
+        if out.name in self.existing:
             return -1
         classes = self.dataset.image_labels(image_id)
         image = read_image(self.dataset.image_path(image_id))
@@ -263,17 +270,17 @@ def validate_inputs(cfg: C.Config) -> tuple[VOCDataset, list[str]]:
     return dataset, cam_splits(cfg, dataset)
 
 
-def stage_dir(cfg: C.Config, run_dir: Path, dataset: VOCDataset | None = None,
+def stage_dir(cfg: C.Config, run_dir: "str | AnyPath", dataset: VOCDataset | None = None,
               splits: list[str] | None = None) -> StageDir:
     """``RUN/wsss`` and its key: wsss config slice + the dataset's fingerprint of every split written."""
     if dataset is None or splits is None:
         dataset, splits = validate_inputs(cfg)
     slice_ = {
-        "data": {"root": str(Path(cfg.data.root).resolve()), "splits": splits},
+        "data": {"root": storage.absolute(cfg.data.root), "splits": splits},
         "wsss": {k: v for k, v in C.to_dict(cfg.wsss).items() if k not in _EXECUTION_KEYS},
     }
     inputs = {f"dataset:{s}": dataset.fingerprint(s) for s in splits}
-    return StageDir(Path(run_dir) / "wsss", "wsss", C.slice_hash(slice_, inputs), slice_, inputs)
+    return StageDir(upath(run_dir) / "wsss", "wsss", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
 def _crf_kwargs(cfg: C.Config) -> dict[str, float] | None:
@@ -283,9 +290,9 @@ def _crf_kwargs(cfg: C.Config) -> dict[str, float] | None:
     return replace(cfg.debias, crf=True).crf_kwargs()
 
 
-def run(cfg: C.Config, run_dir: Path) -> Path:
+def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
     """Train the classifier and write the CAM pseudo labels; returns ``RUN/wsss`` (skipped when complete)."""
-    run_dir = Path(run_dir)
+    run_dir = upath(run_dir)
     dataset, splits = validate_inputs(cfg)
     sd = stage_dir(cfg, run_dir, dataset, splits)
     if sd.is_complete():
@@ -298,7 +305,7 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
         if not (resuming and ckpt.is_file()):
             ids = dataset.ids(cfg.data.split)
             loop = {
-                "paths": [str(dataset.image_path(i)) for i in ids],
+                "paths": [storage.absolute(dataset.image_path(i)) for i in ids],
                 "targets": multi_hot([dataset.image_labels(i) for i in ids], dataset.num_classes),
                 "classifier": w.classifier, "epochs": w.epochs, "batch_size": w.batch_size, "lr": w.lr,
                 "weight_decay": w.weight_decay, "crop_size": w.crop_size, "seed": w.seed,
@@ -309,16 +316,17 @@ def run(cfg: C.Config, run_dir: Path) -> Path:
             if result.checkpoint is None:
                 raise RuntimeError(f"wsss: Ray Train run {sd.path / 'ray'} reported no checkpoint")
             with result.checkpoint.as_directory() as d:
-                state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
+                state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
             save_classifier(ckpt, w.classifier, dataset.num_classes, state["model"])
             atomic_write_json(sd.path / "history.json", state["history"])
-            shutil.rmtree(sd.path / "ray", ignore_errors=True)
+            storage.rmtree(sd.path / "ray")  # per-epoch checkpoints: only needed to resume
         ids = [i for s in splits for i in dataset.ids(s)]
         ds = map_images(
             ids,
             CamImages,
             dict(
-                root=str(dataset.root), checkpoint=str(ckpt), out_dir=str(sd.path), scales=tuple(w.cam_scales),
+                root=storage.absolute(dataset.root), checkpoint=storage.absolute(ckpt),
+                out_dir=storage.absolute(sd.path), scales=tuple(w.cam_scales),
                 flip=w.cam_flip, bg_threshold=w.bg_threshold, crf=_crf_kwargs(cfg), skip_existing=resuming,
                 device="cuda" if w.use_gpu else "cpu", threads=max(1, int(w.cpus_per_actor)),
             ),

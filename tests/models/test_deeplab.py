@@ -134,3 +134,20 @@ def test_checkpoint_round_trip_and_mismatches(tmp_path: Path) -> None:
         load_segmenter_checkpoint(other)
     with pytest.raises(ValueError, match="unknown segmenter"):
         save_segmenter_checkpoint(tmp_path / "x.pt", model, "no_such_model", kwargs)
+
+
+def test_checkpoint_round_trip_on_object_store(s3_bucket: str) -> None:
+    from mars_ray.storage import upath
+
+    kwargs = {"num_classes": 3}
+    model = SEGMENTERS.get("deeplab_tiny", **kwargs).eval()
+    path = save_segmenter_checkpoint(f"{s3_bucket}/ck/seg.pt", model, "deeplab_tiny", kwargs, {"epoch": 1})
+    assert str(path) == f"{s3_bucket}/ck/seg.pt" and upath(path).is_file()
+    loaded, extra = load_segmenter_checkpoint(str(path), expect_num_classes=3)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert extra == {"epoch": 1} and torch.equal(model(x), loaded(x))
+    with pytest.raises(ValueError, match=r"s3://.*/seg\.pt.*expected 21"):
+        load_segmenter_checkpoint(path, expect_num_classes=21)
+    with pytest.raises(FileNotFoundError, match=r"s3://.*/nope\.pt"):
+        load_segmenter_checkpoint(f"{s3_bucket}/nope.pt")

@@ -163,3 +163,15 @@ def test_frozen_bn_stays_eval_and_fixed() -> None:
     before = m.bn1.running_mean.clone()
     m(torch.rand(2, 3, 32, 32))
     assert torch.equal(before, m.bn1.running_mean)
+
+
+def test_weights_from_object_store_name_the_uri(s3_bucket: str) -> None:
+    """The URI goes through the same reader as a local file (a full round trip is tested on deeplab_tiny:
+    ResNet weights are tens of MB, slow to push through the test S3 server)."""
+    from mars_ray.storage import upath
+
+    upath(f"{s3_bucket}/w/junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"ImageNet weights s3://.*/junk\.pth: cannot be read"):
+        load_imagenet_weights(_small(), f"{s3_bucket}/w/junk.pth")
+    with pytest.raises(FileNotFoundError, match=r"s3://.*/nope\.pth: no such file"):
+        load_imagenet_weights(_small(), f"{s3_bucket}/w/nope.pth")

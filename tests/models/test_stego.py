@@ -124,3 +124,15 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
         FEATURES.get("stego", checkpoint=str(path))
     with pytest.raises(ValueError, match="unknown backbone"):
         save_stego_checkpoint(model, tmp_path / "x.pt", "no_such_backbone")
+
+
+def test_checkpoint_and_backbone_weights_on_object_store(s3_bucket: str) -> None:
+    model = _model("vit_tiny_test").eval()
+    weights = save_dino_checkpoint(model.backbone, f"{s3_bucket}/w/backbone.pth")
+    path = save_stego_checkpoint(model, f"{s3_bucket}/uss/stego.pt", "vit_tiny_test", {}, backbone_weights=weights)
+    extractor = FEATURES.get("stego", checkpoint=str(path))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x), model(x), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match=r"s3://.*/absent\.pt"):
+        FEATURES.get("stego", checkpoint=f"{s3_bucket}/uss/absent.pt")

@@ -114,3 +114,13 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
         load_dino_checkpoint(model, tmp_path / "junk.pth")
+
+
+def test_round_trip_on_object_store(s3_bucket: str) -> None:
+    a, b = _pair()
+    path = save_dino_checkpoint(a, f"{s3_bucket}/dino/vit.pth")
+    load_dino_checkpoint(b, str(path))
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match=r"s3://.*/nope\.pth"):
+        load_dino_checkpoint(b, f"{s3_bucket}/dino/nope.pth")
