@@ -34,6 +34,17 @@ os.environ.update({
 })
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leak():
+    """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``: keep one test's store out of the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on ``$AWS_ENDPOINT_URL`` for the session (skipped when moto is missing)."""
