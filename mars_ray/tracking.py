@@ -58,6 +58,28 @@ def resolve_tracking_uri(run_dir: "str | Path | storage.ObjectPath", explicit: s
     return f"sqlite:///{(storage.upath(run_dir) / DB_NAME).resolve()}"
 
 
+@contextlib.contextmanager
+def isolated_tracking_uri() -> Iterator[None]:
+    """Undo on exit what ``mlflow.set_tracking_uri`` (called by Tune's MLflow callback) leaves behind.
+
+    MLflow keeps the last URI in a module global and in ``$MLFLOW_TRACKING_URI``; without this a
+    second sweep in the same process (a notebook, a test session) would log into the first one's store.
+    """
+    from mlflow.tracking._tracking_service import utils as mlflow_utils
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    global_uri = getattr(mlflow_utils, "_tracking_uri", None)
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+        if hasattr(mlflow_utils, "_tracking_uri"):
+            mlflow_utils._tracking_uri = global_uri
+
+
 def default_artifact_location(uri: str, run_dir: "str | Path | storage.ObjectPath") -> str | None:
     """Where a new experiment keeps its artifacts: ``RUN/mlartifacts``, or ``None`` to let a server decide.
 

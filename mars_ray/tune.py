@@ -415,9 +415,10 @@ def run_sweep(
     n = grid_size(space)
     logger.info("tune: %s, %d trial(s), objective %s (%s), tracking %s", space.path, n, space.metric, space.mode, uri)
     t0 = time.perf_counter()
-    results = _fit(space, param_space, run_dir, uri, exp_name, verbose)
-    wall = time.perf_counter() - t0
-    return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke)
+    with tracking.isolated_tracking_uri():
+        results = _fit(space, param_space, run_dir, uri, exp_name, verbose)
+        wall = time.perf_counter() - t0
+        return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke)
 
 
 def _fit(space: Space, param_space: dict[str, Any], run_dir: AnyPath, uri: str, exp_name: str, verbose: int) -> Any:

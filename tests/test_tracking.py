@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -122,3 +123,18 @@ def test_artifacts_on_s3(s3_bucket: str, tmp_path: Path):
     out = tracking.label_montage([("a", np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), np.uint8),
                                    np.ones((4, 4), np.uint8))], run / "trial" / "montage.png")
     assert out == run / "trial" / "montage.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_isolated_tracking_uri_undoes_mlflow_set_tracking_uri(monkeypatch, tmp_path):
+    import mlflow
+
+    from mars_ray import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    with tracking.isolated_tracking_uri():
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'a.db'}")  # what Tune's MLflow callback does
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("a.db")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == before
+    assert tracking.resolve_tracking_uri(tmp_path / "run") == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
