@@ -106,7 +106,7 @@ def run_stages(cfg: C.Config, run_dir: "str | Path | storage.ObjectPath", stages
     out = {}
     for name in stages:
         t0 = time.perf_counter()
-        out[name] = upath(_stage_module(name).run(cfg, run_dir))
+        out[name] = _stage_module(name).run(cfg, run_dir)
         logger.info("stage %s done in %.1fs → %s", name, time.perf_counter() - t0, out[name])
     return out
 

@@ -94,30 +94,15 @@ def check_feature_folder(folder: PathLike, ids: list[str]) -> None:
     listing = storage.list_files(folder)
     paths = [find_feature_file(folder, image_id, listing) for image_id in ids]
     npy = [p for p in paths if p.suffix == ".npy"]
-    if storage.is_uri(folder) and len(npy) > 1:  # latency-bound reads: many at once
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(32) as pool:
-            shapes = list(pool.map(_shape_or_error, npy))
-    else:
-        shapes = [_shape_or_error(p) for p in npy]
+    shapes = storage.map_reads(feature_file_shape, npy, remote=storage.is_uri(folder))
     dim, first = None, None
     for path, shape in zip(npy, shapes):
-        if isinstance(shape, Exception):
-            raise shape
         if len(shape) != 3:
             raise ValueError(f"{path}: features must have shape [d, h, w], got {shape}")
         if dim is None:
             dim, first = shape[0], path
         elif shape[0] != dim:
             raise ValueError(f"{path}: feature dimension {shape[0]} differs from {dim} in {first.name}")
-
-
-def _shape_or_error(path: AnyPath) -> "tuple[int, ...] | Exception":
-    try:
-        return feature_file_shape(path)  # type: ignore[return-value]  # .npy only: never None
-    except ValueError as e:
-        return e
 
 
 def load_feature_file(path: PathLike) -> np.ndarray:

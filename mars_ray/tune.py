@@ -279,7 +279,7 @@ def run_trial(cfg: C.Config, trial_dir: "str | Path | ObjectPath", *, expensive:
         train_stage.run(rung, trial_dir)
         out["time_train_s"] = out.get("time_train_s", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        ev = json.loads((upath(evaluate_stage.run(rung, trial_dir)) / "metrics.json").read_text())
+        ev = json.loads((evaluate_stage.run(rung, trial_dir) / "metrics.json").read_text())
         out["time_evaluate_s"] = out.get("time_evaluate_s", 0.0) + time.perf_counter() - t0
         out.update(val_miou=_num(ev.get("miou")), val_fp=_num(ev.get("fp")), val_fn=_num(ev.get("fn")),
                    epoch=epochs)
@@ -343,7 +343,7 @@ def _prepare_inputs(cfg: C.Config, run_dir: AnyPath) -> C.Config:
             from mars_ray.stages import uss
         except ImportError:
             raise ValueError("features.extractor=stego needs features.checkpoint (the uss stage is not available)") from None
-        updates["features.checkpoint"] = storage.absolute(upath(uss.run(cfg, run_dir)) / "checkpoint.pt")
+        updates["features.checkpoint"] = storage.absolute(uss.run(cfg, run_dir) / "checkpoint.pt")
     return C.merge(cfg, updates) if updates else cfg
 
 

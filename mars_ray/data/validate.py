@@ -59,7 +59,20 @@ def check_label_folder(
     *,
     name: str = "pseudo label",
 ) -> dict[str, storage.AnyPath]:
-    """Map each id of ``split`` to ``{folder}/{id}.png``, checking presence and size.
+    """Map each id of ``split`` to ``{folder}/{id}.png``, checking presence and size
+    (``label_folder_sizes``, which raises what it finds wrong)."""
+    root = storage.upath(folder)
+    return {i: root / f"{i}.png" for i in label_folder_sizes(dataset, split, folder, name=name)}
+
+
+def label_folder_sizes(
+    dataset: VOCDataset,
+    split: str,
+    folder: PathLike,
+    *,
+    name: str = "pseudo label",
+) -> dict[str, tuple[int, int]]:
+    """Map each id of ``split`` to the ``(H, W)`` of ``{folder}/{id}.png``, checking presence and size.
 
     Raises ``FileNotFoundError`` if ``folder`` does not exist, ``ValueError`` naming the first
     missing files and how many are missing, or naming the first file whose header size differs
@@ -81,21 +94,13 @@ def check_label_folder(
     def sizes(i: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
         return i, label_size(root / f"{i}.png"), label_size(dataset.image_path(i))
 
-    if storage.is_uri(root) or storage.is_uri(dataset.root):  # latency-bound reads: many at once
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(32) as pool:
-            checked = pool.map(sizes, ids)
-    else:
-        checked = map(sizes, ids)
-    out: dict[str, storage.AnyPath] = {}
-    for i, hw, img_hw in checked:
-        p = root / f"{i}.png"
+    out: dict[str, tuple[int, int]] = {}
+    for i, hw, img_hw in storage.map_reads(sizes, ids, remote=storage.is_uri(root) or storage.is_uri(dataset.root)):
         if hw != img_hw:
-            raise ValueError(f"{p}: {name} {hw[0]}x{hw[1]} but image {img_hw[0]}x{img_hw[1]}")
-        out[i] = p
+            raise ValueError(f"{root / f'{i}.png'}: {name} {hw[0]}x{hw[1]} but image {img_hw[0]}x{img_hw[1]}")
+        out[i] = hw
     logger.debug("%s: %d %s files checked for split %s", root, len(out), name, split)
     return out
 
 
-__all__ = ["check_label", "check_label_folder"]
+__all__ = ["check_label", "check_label_folder", "label_folder_sizes"]

@@ -43,7 +43,6 @@ import io
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,8 +56,8 @@ from mars_ray import storage
 from mars_ray.algo.complement import ema_update
 from mars_ray.artifacts import StageDir, atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint_path
 from mars_ray.artifacts import read_manifest, require_complete
-from mars_ray.data.label_io import label_size, read_image, read_label
-from mars_ray.data.validate import check_label, check_label_folder
+from mars_ray.data.label_io import read_image, read_label
+from mars_ray.data.validate import check_label, label_folder_sizes
 from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import SegAugment, baseline_step, build_sgd, complement_step, evaluate, make_ema_teacher
 from mars_ray.engine import poly_lr_lambda, train_one_epoch
@@ -140,11 +139,11 @@ def validate_inputs(cfg: C.Config, run_dir: "str | AnyPath") -> tuple[VOCDataset
     labels = labels_dir(cfg, run_dir)
     if not t.labels and not t.baseline:
         require_complete(labels, "debias")
-    check_label_folder(dataset, cfg.data.split, labels, name="training label")
+    sizes = label_folder_sizes(dataset, cfg.data.split, labels, name="training label")
     ids = dataset.ids(cfg.data.split)
     if len(ids) < t.num_workers:
         raise ValueError(f"split {cfg.data.split!r} has {len(ids)} images, fewer than train.num_workers={t.num_workers}")
-    largest = max(max(hw) for hw in _label_sizes(labels, ids))
+    largest = max(max(hw) for hw in sizes.values())
     if t.crop_size > largest * t.scale_max:
         raise ValueError(
             f"train.crop_size={t.crop_size} is larger than every training image even at train.scale_max="
@@ -153,17 +152,6 @@ def validate_inputs(cfg: C.Config, run_dir: "str | AnyPath") -> tuple[VOCDataset
     if t.init_checkpoint:
         load_segmenter_checkpoint(t.init_checkpoint, expect_name=t.model, expect_num_classes=dataset.num_classes + 1)
     return dataset, labels
-
-
-def _label_sizes(labels: AnyPath, ids: list[str]) -> list[tuple[int, int]]:
-    """``(H, W)`` of every ``labels/{id}.png`` (headers only; many at once on an object store)."""
-    def size(i: str) -> tuple[int, int]:
-        return label_size(labels / f"{i}.png")
-
-    if storage.is_uri(labels):
-        with ThreadPoolExecutor(32) as pool:
-            return list(pool.map(size, ids))
-    return [size(i) for i in ids]
 
 
 def stage_dir(cfg: C.Config, run_dir: "str | AnyPath") -> StageDir:
