@@ -58,17 +58,22 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture
-def s3_bucket(s3_server, request: pytest.FixtureRequest) -> str:
-    """A new empty bucket on the test S3 server: ``s3://<name>``."""
+def new_bucket(prefix: str) -> str:
+    """A new empty bucket on the test S3 server (``s3_server`` must be up): ``s3://<prefix>-<random>``."""
     import re
     import uuid
 
     import boto3
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    name = re.sub(r"[^a-z0-9-]", "-", prefix.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request: pytest.FixtureRequest) -> str:
+    """A new empty bucket on the test S3 server: ``s3://<name>``."""
+    return new_bucket(request.node.name)
 
 
 def upload_tree(local: Path, uri: str) -> str:

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import re
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,18 +19,14 @@ import yaml
 from mars_ray import config as C
 from mars_ray.cli import main
 from mars_ray.storage import upath
-from tests.conftest import upload_tree
+from tests.conftest import new_bucket, upload_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
 def bucket(s3_server) -> str:
-    import boto3
-
-    name = f"mars-e2e-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return new_bucket("mars-e2e")
 
 
 @pytest.fixture(scope="module")

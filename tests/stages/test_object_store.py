@@ -28,7 +28,7 @@ from mars_ray.stages import debias, evaluate_labels, features, select
 from mars_ray.stages.locks import cluster_lock, lock_actor
 from mars_ray.storage import upath
 
-from tests.conftest import upload_tree
+from tests.conftest import new_bucket, upload_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -49,11 +49,7 @@ def _copy(src: str, dst: str) -> None:
 
 @pytest.fixture(scope="module")
 def bucket(s3_server) -> str:
-    import boto3
-
-    name = f"mars-object-store-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return new_bucket("mars-object-store")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from mars_ray.models.deeplab import load_segmenter_checkpoint
 from mars_ray.stages import evaluate, train, uss, wsss
 from mars_ray.storage import ObjectPath, upath
 
-from tests.conftest import upload_tree
+from tests.conftest import new_bucket, upload_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -37,13 +37,7 @@ def _json(path: ObjectPath) -> dict:
 @pytest.fixture(scope="module")
 def bucket(s3_server) -> str:
     """One bucket for this module's train → evaluate → rerun → more epochs sequence."""
-    import uuid
-
-    import boto3
-
-    name = f"mars-train-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return new_bucket("mars-train")
 
 
 @pytest.fixture(scope="module")
