@@ -12,24 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import pipeline
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger("mars_ray")
-
-STAGES = ("features", "select", "debias", "train", "evaluate")
-PRE_STAGES = ("wsss", "uss")  # built-in WSSS / USS: run first by `mars run` when their inputs are not given
-
-
-def _stage_module(name: str) -> Any:
-    import importlib
-
-    return importlib.import_module(f"mars_ray.stages.{name}")
 
 
 # -- config from flags --------------------------------------------------------------------------
@@ -50,65 +40,31 @@ def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True,
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. select.alpha=0.3")
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``--set`` items plus the shorthand flags (``--data``, ``--pseudo-labels``, … , ``--uss``)."""
+def overrides_from_args(args: argparse.Namespace, *, split_key: str = "data.split") -> dict[str, Any]:
+    """``--set`` items plus the shorthand flags (``--data``, ``--pseudo-labels``, … , ``--uss``).
+
+    ``split_key``: the config key ``--split`` sets (``data.eval_split`` for ``mars evaluate``).
+    """
     overrides: dict[str, Any] = C.parse_set(args.set)
     flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
-             "data.features_dir": args.features_dir, "data.split": args.split}
+             "data.features_dir": args.features_dir, split_key: args.split}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if getattr(args, "uss", False):
-        overrides["features.extractor"] = "stego"
+        overrides[pipeline.EXTRACTOR_KEY] = pipeline.LEARNED_EXTRACTOR
     return overrides
 
 
 def config_from_args(args: argparse.Namespace, *, build_missing: bool = False) -> C.Config:
-    """Defaults → ``--config`` → ``--set`` → flags. ``--uss`` means ``features.extractor=stego``.
-
-    ``build_missing`` (``mars run``): with neither pseudo labels nor features given and no extractor
-    chosen (``features.extractor`` in neither ``--set`` nor ``--config``), the run builds both —
-    CAM pseudo labels (``wsss``) and the learned USS (``features.extractor=stego``, ``uss``).
-    """
-    overrides = overrides_from_args(args)
-    cfg = C.build(args.config, overrides)
-    if not cfg.data.root:
-        raise ValueError("no dataset: pass --data ROOT (or data.root in --config)")
-    chosen = "features.extractor" in overrides or (
-        bool(args.config) and "features.extractor" in C.flatten(C.load_yaml(args.config)))
-    if build_missing and not cfg.data.pseudo_labels and not cfg.data.features_dir and not chosen:
-        cfg = C.merge(cfg, {"features.extractor": "stego"})
-    return cfg
+    """Defaults → ``--config`` → ``--set`` → flags; ``build_missing`` (``mars run``) applies the
+    pipeline's planning rule for the extractor (``pipeline.build_config``)."""
+    return pipeline.build_config(args.config, overrides_from_args(args), plan_inputs=build_missing)
 
 
-def plan_stages(cfg: C.Config, until: str | None = None) -> list[str]:
-    """The stages ``mars run`` runs: ``wsss`` when no pseudo labels are given, ``uss`` when the
-    features come from the learned ``stego`` extractor without a checkpoint, then ``STAGES``."""
-    stages = [] if cfg.data.pseudo_labels else ["wsss"]
-    if not cfg.data.features_dir and cfg.features.extractor == "stego" and not cfg.features.checkpoint:
-        stages.append("uss")
-    stages += list(STAGES)
-    if until:
-        order = list(PRE_STAGES + STAGES)
-        stages = [s for s in stages if order.index(s) <= order.index(until)]
-    return stages
-
-
-def _prepare_run(args: argparse.Namespace, *, build_missing: bool = False) -> tuple[C.Config, AnyPath]:
-    cfg = config_from_args(args, build_missing=build_missing)
+def _prepare_run(args: argparse.Namespace, cfg: C.Config) -> AnyPath:
     run_dir = upath(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump_yaml(cfg, run_dir / "config.yaml")
-    return cfg, run_dir
-
-
-def run_stages(cfg: C.Config, run_dir: "str | Path | storage.ObjectPath", stages: Sequence[str]) -> dict[str, AnyPath]:
-    """Run the named stages in order; each skips itself when its artifact is up to date."""
-    run_dir = upath(run_dir)
-    out = {}
-    for name in stages:
-        t0 = time.perf_counter()
-        out[name] = _stage_module(name).run(cfg, run_dir)
-        logger.info("stage %s done in %.1fs → %s", name, time.perf_counter() - t0, out[name])
-    return out
+    return run_dir
 
 
 # -- subcommands --------------------------------------------------------------------------------
@@ -131,36 +87,43 @@ def cmd_convert_coco(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg, run_dir = _prepare_run(args, build_missing=True)
-    stages = plan_stages(cfg, args.until)
-    run_stages(cfg, run_dir, stages)
+    cfg = config_from_args(args, build_missing=True)
+    run_dir = _prepare_run(args, cfg)
+    stages = pipeline.plan_stages(cfg, args.until)
+    pipeline.run_stages(cfg, run_dir, stages)
     print(f"done: {', '.join(stages)} → {run_dir}")
     return 0
 
 
+def _run_one(args: argparse.Namespace, name: str, overrides: dict[str, Any]) -> AnyPath:
+    cfg = pipeline.build_config(args.config, overrides)
+    run_dir = _prepare_run(args, cfg)
+    return pipeline.run_stages(cfg, run_dir, [name])[name]
+
+
 def _cmd_stage(name: str) -> Callable[[argparse.Namespace], int]:
     def cmd(args: argparse.Namespace) -> int:
-        cfg, run_dir = _prepare_run(args)
-        path = run_stages(cfg, run_dir, [name])[name]
-        print(f"{name}: {path}")
+        print(f"{name}: {_run_one(args, name, overrides_from_args(args))}")
         return 0
 
     return cmd
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
     if args.baseline:
-        args.set = [*args.set, "train.baseline=true"]
-    return _cmd_stage("train")(args)
+        overrides["train.baseline"] = True
+    print(f"train: {_run_one(args, 'train', overrides)}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    extra = {"data.eval_split": args.split, "evaluate.checkpoint": args.checkpoint,
-             "train.baseline": "true" if args.baseline else None}
-    args.split = None  # --split names the evaluated split here, not data.split
-    args.set = [*args.set, *(f"{k}={v}" for k, v in extra.items() if v)]
-    cfg, run_dir = _prepare_run(args)
-    path = run_stages(cfg, run_dir, ["evaluate"])["evaluate"]
+    overrides = overrides_from_args(args, split_key="data.eval_split")  # --split names the evaluated split
+    if args.checkpoint:
+        overrides["evaluate.checkpoint"] = args.checkpoint
+    if args.baseline:
+        overrides["train.baseline"] = True
+    path = _run_one(args, "evaluate", overrides)
     print((path / "table.txt").read_text().rstrip())
     print(f"evaluate: {path / 'metrics.json'}")
     return 0
@@ -170,8 +133,9 @@ def cmd_evaluate_labels(args: argparse.Namespace) -> int:
     from mars_ray.artifacts import atomic_write_json
     from mars_ray.stages.evaluate_labels import evaluate, format_table
 
-    metrics = evaluate(args.data, args.labels, args.split, biased_as=args.biased_as)
-    out = upath(args.out) if args.out else upath(args.labels) / "metrics.json"
+    labels = upath(args.labels)
+    metrics = evaluate(args.data, labels, args.split, biased_as=args.biased_as)
+    out = upath(args.out) if args.out else labels / "metrics.json"
     atomic_write_json(out, metrics)
     print(format_table(metrics))
     print(f"mIoU {100 * metrics['miou']:.1f}  FP {100 * metrics['fp']:.1f}  FN {100 * metrics['fn']:.1f}  → {out}")
@@ -227,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the pipeline stages in order")
     _add_config_flags(p)
-    p.add_argument("--until", choices=PRE_STAGES + STAGES, help="stop after this stage")
+    p.add_argument("--until", choices=pipeline.PRE_STAGES + pipeline.STAGES, help="stop after this stage")
     p.set_defaults(func=cmd_run)
 
     for name, help_ in (
@@ -322,4 +286,4 @@ def _shutdown_ray() -> None:
         shutdown_if_started()
 
 
-__all__ = ["main", "build_parser", "config_from_args", "plan_stages", "run_stages", "STAGES", "PRE_STAGES"]
+__all__ = ["main", "build_parser", "config_from_args", "overrides_from_args"]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from mars_ray import config as C
+from mars_ray import pipeline
 from mars_ray.artifacts import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def run_demo(
     Y^co (``RUN/complement``, from the final MARS teacher); then val mIoU of the segmenter trained
     on Y^b with plain CE (``RUN/evaluate_baseline``) against MARS (``RUN/evaluate``).
     """
-    from mars_ray.cli import STAGES, run_stages
     from mars_ray.stages.evaluate_labels import evaluate
+    from mars_ray.stages.train import with_baseline
 
     out.mkdir(parents=True, exist_ok=True)
     root = _dataset(out, n_train=n_train, n_val=n_val, size=size, seed=seed)
@@ -53,9 +53,8 @@ def run_demo(
     run_dir = out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump_yaml(cfg, run_dir / "config.yaml")
-    run_stages(cfg, run_dir, STAGES)
-    baseline_cfg = replace(cfg, train=replace(cfg.train, baseline=True))
-    run_stages(baseline_cfg, run_dir, ("train", "evaluate"))
+    pipeline.run_stages(cfg, run_dir, pipeline.plan_stages(cfg))
+    pipeline.run_stages(with_baseline(cfg), run_dir, ("train", "evaluate"))
 
     split = cfg.data.split
     rows = {

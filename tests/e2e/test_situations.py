@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from mars_ray import config as C
-from mars_ray.cli import build_parser, config_from_args, main, plan_stages
+from mars_ray.cli import build_parser, config_from_args, main
+from mars_ray.pipeline import plan_stages
 from tests.stages.test_external_features import texture_features, write_features
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
