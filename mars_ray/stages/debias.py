@@ -27,7 +27,7 @@ from mars_ray.data.validate import check_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource
 from mars_ray.labels import MAX_CLASSES
-from mars_ray.stages import features as features_stage
+from mars_ray.stages import inputs
 from mars_ray.stages.runtime import ensure_ray, map_images
 from mars_ray.storage import AnyPath, upath
 
@@ -79,8 +79,9 @@ class DebiasImages:
         self.dataset = VOCDataset(root)
         self.pseudo_dir = upath(pseudo_dir)
         self.out_dir = upath(out_dir)
-        self.centroids = load_npy(upath(select_dir) / "centroids.npy")
-        self.present = load_npy(upath(select_dir) / "present.npy")
+        select = upath(select_dir)
+        self.centroids = load_npy(select / "centroids.npy")
+        self.present = load_npy(select / "present.npy")
         self.source = FeatureSource(**source_kwargs)
         self.threshold = threshold
         self.crf = crf
@@ -115,8 +116,9 @@ class DebiasImages:
         return int(is_fg.sum()), int((is_fg & (debiased == 254)).sum())
 
 
-def stage_dir(cfg: C.Config, run_dir: "features_stage.RunDir") -> StageDir:
-    run_dir = upath(run_dir)
+def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
+    """``RUN/debias`` and its key: the debias slice + the keys of the finished select and features
+    artifacts (the features key already fingerprints Y^b and F)."""
     upstream = require_complete(run_dir / "select", "select")
     feats = require_complete(run_dir / "features", "features")
     d = cfg.debias
@@ -128,11 +130,14 @@ def stage_dir(cfg: C.Config, run_dir: "features_stage.RunDir") -> StageDir:
     return StageDir(run_dir / "debias", "debias", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
-def run(cfg: C.Config, run_dir: "features_stage.RunDir") -> AnyPath:
-    """Write ``RUN/debias/{id}.png`` for every id of the split; returns the folder."""
-    run_dir = upath(run_dir)
-    dataset = features_stage.validate_inputs(cfg, run_dir)
+def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
+    """Write ``RUN/debias/{id}.png`` for every id of the split; returns the folder.
+
+    Needs finished ``features`` and ``select`` artifacts (``FileNotFoundError`` naming the stage to
+    run); their inputs are not checked again: each label is checked as its actor reads it.
+    """
     sd = stage_dir(cfg, run_dir)
+    dataset = VOCDataset(cfg.data.root)
     if sd.is_complete():
         logger.info("debias: up to date in %s, skipping", sd.path)
         return sd.path
@@ -144,11 +149,11 @@ def run(cfg: C.Config, run_dir: "features_stage.RunDir") -> AnyPath:
             ids,
             DebiasImages,
             dict(
-                root=str(dataset.root),
-                pseudo_dir=str(features_stage.pseudo_label_dir(cfg, run_dir)),
+                root=storage.absolute(dataset.root),
+                pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
                 out_dir=storage.absolute(sd.path),
                 select_dir=storage.absolute(run_dir / "select"),
-                source_kwargs=features_stage.feature_source_kwargs(cfg, run_dir),
+                source_kwargs=inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
                 threshold=d.threshold,
                 crf=d.crf_kwargs(),
                 skip_existing=resuming,

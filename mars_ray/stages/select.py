@@ -12,7 +12,7 @@ without centroids are zero), ``present.npy`` ``[C+1]`` bool, ``report.json`` (pe
 count, chosen count, distance summary, and where ground truth exists the *target ratio*: share of
 chosen centroids whose pixels are mostly the target object), ``chosen.parquet`` (one row a chosen
 centroid: image_id, class_id, k, count, distance, gt_match). ``RUN`` and the table may be local or
-on an object store (``mars_ray.storage``); the table is found through ``features.resolve``.
+on an object store (``mars_ray.storage``); the table is found through ``features.table_path``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class CentroidSelector:
 
     def __init__(self, table: str, *, num_classes: int, alpha: float, chunk_rows: int) -> None:
         self.table = table
-        self.data = features_stage.open_table(table)
+        self.data = features_stage.open_table(upath(table))
         self.num_classes = num_classes
         self.alpha = alpha
         self.chunk_rows = chunk_rows
@@ -63,7 +63,7 @@ class CentroidSelector:
 
     def run(self, chosen_path: str) -> dict[str, Any]:
         """Eq 1–3 over the table; the chosen rows go to ``chosen_path`` (atomically, local or URI)."""
-        with storage.atomic_open(chosen_path) as sink:
+        with storage.atomic_open(upath(chosen_path)) as sink:
             return self._run(sink)
 
     def _run(self, sink: Any) -> dict[str, Any]:
@@ -165,17 +165,15 @@ def _ratio(match: np.ndarray) -> float | None:
     return float((match >= TARGET_MATCH).mean()) if match.size else None
 
 
-def stage_dir(cfg: C.Config, run_dir: "features_stage.RunDir") -> StageDir:
-    run_dir = upath(run_dir)
+def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     upstream = require_complete(run_dir / "features", "features")
     slice_ = {"select": {"alpha": cfg.select.alpha}}
     inputs = {"features": upstream["key"]}
     return StageDir(run_dir / "select", "select", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
-def run(cfg: C.Config, run_dir: "features_stage.RunDir") -> AnyPath:
+def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Select V^c from ``RUN/features``; returns ``RUN/select`` (skipped when already complete)."""
-    run_dir = upath(run_dir)
     sd = stage_dir(cfg, run_dir)
     if sd.is_complete():
         logger.info("select: up to date in %s, skipping", sd.path)
@@ -183,9 +181,8 @@ def run(cfg: C.Config, run_dir: "features_stage.RunDir") -> AnyPath:
     dataset = VOCDataset(cfg.data.root)
     with sd.guard():
         ensure_ray(cfg.ray)
-        table = features_stage.resolve(run_dir) / features_stage.TABLE  # through a cache link
         actor = ray.remote(num_cpus=1)(CentroidSelector).remote(
-            storage.absolute(table), num_classes=dataset.num_classes, alpha=cfg.select.alpha,
+            storage.absolute(features_stage.table_path(run_dir)), num_classes=dataset.num_classes, alpha=cfg.select.alpha,
             chunk_rows=cfg.select.chunk_rows,
         )
         try:

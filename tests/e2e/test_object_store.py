@@ -19,14 +19,10 @@ import yaml
 from mars_ray import config as C
 from mars_ray.cli import main
 from mars_ray.storage import upath
-from tests.conftest import new_bucket, upload_tree
+from mars_ray.storage import upath
+from tests.conftest import upload_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_server) -> str:
-    return new_bucket("mars-e2e")
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +84,12 @@ def test_tune_on_s3_writes_results_and_computes_features_once(sweep):
     assert summary["features_computed"] == 1
     cached = [p for p in (r / "cache").iterdir() if p.name.startswith("features-") and p.is_dir()]
     assert len(cached) == 1 and json.loads((cached[0] / "manifest.json").read_text())["status"] == "complete"
-    from mars_ray.stages import features
+    from mars_ray.stages import cache
 
     trials = sorted((r / "trials").iterdir())
     assert len(trials) == 2
     for t in trials:
-        assert features.resolve(t) == cached[0]
+        assert cache.resolve(t) == cached[0]
         assert (t / "select" / "report.json").is_file() and (t / "debias" / "stats.json").is_file()
     assert C.build(trials[0] / "config.yaml").features.cache_dir == f"{run}/cache"
     # Ray Tune kept its experiment state on S3 too
@@ -131,6 +127,6 @@ def test_best_yaml_on_s3_reruns_to_the_same_objective(sweep, bucket: str):
     assert re.match(r"s3://", cfg.data.root)
     rerun = f"{bucket}/rerun"
     assert main(["run", "--config", best, "--out", rerun, "--until", "debias"]) == 0
-    m = evaluate(cfg.data.root, f"{rerun}/debias", cfg.data.split)
+    m = evaluate(cfg.data.root, upath(rerun) / "debias", cfg.data.split)
     assert m["miou"] == pytest.approx(summary["best"]["debiased_miou"], abs=1e-9)
     _no_stray_local_folder()
