@@ -26,32 +26,32 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from mars_ray import storage
-from mars_ray.storage import AnyPath, upath
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
 
-def atomic_write_bytes(path: "str | Path | storage.ObjectPath", data: bytes) -> None:
+def atomic_write_bytes(path: AnyPath, data: bytes) -> None:
     with storage.atomic_open(path) as f:
         f.write(data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: AnyPath, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: AnyPath, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def atomic_save_npy(path: "str | Path | storage.ObjectPath", array: np.ndarray) -> None:
+def atomic_save_npy(path: AnyPath, array: np.ndarray) -> None:
     with storage.atomic_open(path) as f:
         np.save(f, array)
 
 
-def load_npy(path: "str | Path | storage.ObjectPath") -> np.ndarray:
+def load_npy(path: AnyPath) -> np.ndarray:
     """``np.load`` of a local or object-store ``.npy`` (no pickles)."""
     with storage.open_read(path) as f:
         return np.load(f, allow_pickle=False)
@@ -72,7 +72,6 @@ def fingerprint_files(paths: Iterable[AnyPath]) -> str:
     stats: list[tuple[str, Any]] = []
     listings: dict[Any, dict[str, Any]] = {}  # object stores: one listing a folder, not a request a file
     for p in paths:
-        p = upath(p)
         if storage.is_uri(p):
             if p.parent not in listings:
                 listings[p.parent] = storage.list_files(p.parent)
@@ -92,11 +91,10 @@ def _fingerprint_stats(stats: list[tuple[str, Any]]) -> str:
     return f"{len(stats)}:{h.hexdigest()[:16]}"
 
 
-def fingerprint_path(path: str | Path) -> str:
-    """Fingerprint of one file, or of every file below a folder ("" → "none")."""
-    if not path:
+def fingerprint_path(p: AnyPath | None) -> str:
+    """Fingerprint of one file, or of every file below a folder (``None``, an input not given → "none")."""
+    if p is None:
         return "none"
-    p = upath(path)
     if p.is_file():
         return fingerprint_files([p])
     if p.is_dir():
@@ -116,9 +114,6 @@ class StageDir:
     key: str
     config: Mapping[str, Any]
     inputs: Mapping[str, Any]
-
-    def __post_init__(self) -> None:
-        self.path = upath(self.path)
 
     @property
     def manifest_path(self) -> AnyPath:
@@ -198,8 +193,8 @@ class StageDir:
         atomic_write_json(self.manifest_path, manifest)
 
 
-def read_manifest(folder: "str | AnyPath") -> dict[str, Any] | None:
-    p = upath(folder) / MANIFEST
+def read_manifest(folder: AnyPath) -> dict[str, Any] | None:
+    p = folder / MANIFEST
     if not p.is_file():
         return None
     try:
@@ -208,7 +203,7 @@ def read_manifest(folder: "str | AnyPath") -> dict[str, Any] | None:
         raise ValueError(f"{p}: corrupt manifest ({e})") from None
 
 
-def require_complete(folder: "str | AnyPath", stage: str) -> dict[str, Any]:
+def require_complete(folder: AnyPath, stage: str) -> dict[str, Any]:
     """The manifest of a finished upstream stage, or a clear error telling which stage to run."""
     m = read_manifest(folder)
     if not m or m.get("status") != "complete":

@@ -155,6 +155,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
           + ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("trial_id", summary['objective']['metric'])))
     print(f"{summary['trials']} trials ({summary['failed']} failed) in {summary['wall_s']}s; "
           f"best config → {summary['best_config']}; MLflow: {summary['tracking_uri']}")
+    if summary["artifact_errors"]:
+        print(f"mars: warning: {len(summary['artifact_errors'])} MLflow artifact upload(s) failed: "
+              f"{summary['artifact_errors'][0]} (all in {summary['results'].rsplit('/', 1)[0]}/summary.json)",
+              file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from mars_ray.storage import ObjectPath, upath
+from mars_ray.storage import AnyPath, ObjectPath, upath
 
 
 @dataclass(frozen=True)
@@ -372,11 +372,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return cfg
 
 
-def dump_yaml(cfg: Config, path: "str | Path | ObjectPath") -> None:
+def dump_yaml(cfg: Config, path: AnyPath) -> None:
     """Write ``cfg`` as YAML to a local file or an object-store URI (atomically, see ``artifacts``)."""
     from mars_ray.artifacts import atomic_write_text
 
-    atomic_write_text(upath(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def slice_hash(*parts: Any) -> str:

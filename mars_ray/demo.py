@@ -48,8 +48,8 @@ def run_demo(
 
     out.mkdir(parents=True, exist_ok=True)
     root = _dataset(out, n_train=n_train, n_val=n_val, size=size, seed=seed)
-    cfg = C.build(overrides={"data.root": str(root), "data.pseudo_labels": str(root / "pseudo_labels"),
-                             **dict(overrides or {})})
+    pseudo = root / "pseudo_labels"
+    cfg = C.build(overrides={"data.root": str(root), "data.pseudo_labels": str(pseudo), **dict(overrides or {})})
     run_dir = out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     C.dump_yaml(cfg, run_dir / "config.yaml")
@@ -58,7 +58,7 @@ def run_demo(
 
     split = cfg.data.split
     rows = {
-        "pseudo labels (Y^b)": evaluate(root, cfg.data.pseudo_labels, split, ray_cfg=cfg.ray),
+        "pseudo labels (Y^b)": evaluate(root, pseudo, split, ray_cfg=cfg.ray),
         "debiased (Y^db)": evaluate(root, run_dir / "debias", split, ray_cfg=cfg.ray),
         "complemented (Y^co)": evaluate(root, run_dir / "complement", split, ray_cfg=cfg.ray),
     }

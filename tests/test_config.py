@@ -77,7 +77,7 @@ def test_config_on_an_object_store(s3_bucket: str):
     src.write_text("job: {description: ignored}\nselect:\n  alpha: 0.3\nfeatures:\n  k_bg: 4\n")
     cfg = C.build(f"{s3_bucket}/configs/c.yaml", {"debias.crf": False})
     assert cfg.select.alpha == pytest.approx(0.3) and cfg.features.k_bg == 4 and cfg.debias.crf is False
-    C.dump_yaml(cfg, f"{s3_bucket}/run/config.yaml")
+    C.dump_yaml(cfg, upath(s3_bucket) / "run" / "config.yaml")
     assert C.build(f"{s3_bucket}/run/config.yaml") == cfg
     with pytest.raises(FileNotFoundError, match=f"{s3_bucket}/nope.yaml"):
         C.build(f"{s3_bucket}/nope.yaml")

@@ -55,20 +55,19 @@ def check_label(
 def check_label_folder(
     dataset: VOCDataset,
     split: str,
-    folder: PathLike,
+    folder: storage.AnyPath,
     *,
     name: str = "pseudo label",
 ) -> dict[str, storage.AnyPath]:
     """Map each id of ``split`` to ``{folder}/{id}.png``, checking presence and size
     (``label_folder_sizes``, which raises what it finds wrong)."""
-    root = storage.upath(folder)
-    return {i: root / f"{i}.png" for i in label_folder_sizes(dataset, split, folder, name=name)}
+    return {i: folder / f"{i}.png" for i in label_folder_sizes(dataset, split, folder, name=name)}
 
 
 def label_folder_sizes(
     dataset: VOCDataset,
     split: str,
-    folder: PathLike,
+    folder: storage.AnyPath,
     *,
     name: str = "pseudo label",
 ) -> dict[str, tuple[int, int]]:
@@ -79,7 +78,7 @@ def label_folder_sizes(
     from its image. Reads PNG headers only (no pixel decode); values are checked by the reader
     of each label (``check_label``).
     """
-    root = storage.upath(folder)
+    root = folder
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: {name} folder does not exist")
     ids = dataset.ids(split)

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from mars_ray.models import small_cnn as _small_cnn  # noqa: F401  (registers "small_cnn")
 from mars_ray.models import vit as _vit  # registers the ViT presets
 from mars_ray import storage
+from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.models.registry import BACKBONES, FEATURES
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
@@ -199,11 +201,11 @@ _REQUIRED = ("format", "backbone", "backbone_kwargs", "head_in_dim", "head_dim",
 
 def save_stego_checkpoint(
     model: StegoModel,
-    path: PathLike,
+    path: AnyPath,
     backbone_name: str,
     backbone_kwargs: Optional[Mapping[str, Any]] = None,
     backbone_weights: Optional[PathLike] = None,
-) -> "storage.AnyPath":
+) -> AnyPath:
     """Write one self-describing STEGO checkpoint (atomically; ``path`` local or an object-store URI);
     returns the path.
 
@@ -223,16 +225,14 @@ def save_stego_checkpoint(
         "head_dim": model.head.dim,
         "head_state": model.head.state_dict(),
     }
-    path = storage.upath(path)
-    with storage.atomic_open(path) as f:
-        torch.save(ckpt, f)
-    return path
+    return save_torch_file(ckpt, path)
 
 
-def _load_backbone_weights(backbone: nn.Module, weights: "storage.AnyPath", ckpt_path: "storage.AnyPath") -> None:
-    if not weights.is_file():
-        raise FileNotFoundError(f"{ckpt_path}: backbone weights {weights} not found")
-    _vit.load_dino_checkpoint(backbone, weights)  # generic: raw / wrapped state dict, strict match
+def _load_backbone_weights(backbone: nn.Module, weights: str, ckpt_path: "str | AnyPath") -> None:
+    try:
+        _vit.load_dino_checkpoint(backbone, weights)  # generic: raw / wrapped state dict, strict match
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{ckpt_path}: names backbone weights that do not exist ({e})") from None
 
 
 def load_stego_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> StegoModel:
@@ -242,14 +242,7 @@ def load_stego_checkpoint(path: PathLike, device: Union[str, torch.device] = "cp
         FileNotFoundError: the checkpoint or the backbone weights it names do not exist.
         ValueError: unreadable file, missing keys, unknown backbone, or weights that do not fit.
     """
-    path = storage.upath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: STEGO checkpoint not found")
-    try:
-        with storage.open_read(path) as f:
-            ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot be read as a torch checkpoint: {exc}") from exc
+    ckpt = load_torch_file(path, "STEGO checkpoint")
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: not a STEGO checkpoint (got {type(ckpt).__name__})")
     missing = [k for k in _REQUIRED if k not in ckpt]
@@ -266,7 +259,7 @@ def load_stego_checkpoint(path: PathLike, device: Union[str, torch.device] = "cp
         except RuntimeError as exc:
             raise ValueError(f"{path}: embedded backbone weights do not fit {ckpt['backbone']}: {exc}") from exc
     elif ckpt.get("backbone_weights"):
-        _load_backbone_weights(backbone, storage.upath(ckpt["backbone_weights"]), path)
+        _load_backbone_weights(backbone, ckpt["backbone_weights"], path)
     else:
         raise ValueError(f"{path}: neither backbone_state nor backbone_weights is set")
     head = SegHead(int(ckpt["head_in_dim"]), int(ckpt["head_dim"]))

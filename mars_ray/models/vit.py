@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mars_ray import storage
+from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.models.registry import BACKBONES
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
@@ -205,15 +207,6 @@ def _abbrev(items: list[str], n: int = 5) -> str:
     return head + (f", … (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def _torch_load(path: "storage.AnyPath") -> Any:
-    """``torch.load`` with ``weights_only=True``; DINO full checkpoints also pickle ``args``."""
-    try:
-        with storage.open_read(path) as f, torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in several types
-        raise ValueError(f"{path}: cannot be read as a torch checkpoint (weights only): {exc}") from exc
-
-
 def extract_state_dict(obj: Any, path: PathLike = "<checkpoint>") -> dict[str, Tensor]:
     """Unwrap a checkpoint object into a flat backbone state dict.
 
@@ -253,10 +246,8 @@ def load_dino_checkpoint(model: nn.Module, path: PathLike) -> nn.Module:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, or missing / unexpected keys / shape mismatches (named).
     """
-    path = storage.upath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: DINO checkpoint not found")
-    state = extract_state_dict(_torch_load(path), path)
+    # DINO's full checkpoints also pickle their training ``args``
+    state = extract_state_dict(load_torch_file(path, "DINO checkpoint", safe_globals=[argparse.Namespace]), path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -279,9 +270,6 @@ def load_dino_checkpoint(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-def save_dino_checkpoint(model: nn.Module, path: PathLike) -> "storage.AnyPath":
+def save_dino_checkpoint(model: nn.Module, path: AnyPath) -> AnyPath:
     """Write ``model.state_dict()`` as a raw DINO-style state dict (atomically; local or URI); returns the path."""
-    path = storage.upath(path)
-    with storage.atomic_open(path) as f:
-        torch.save(model.state_dict(), f)
-    return path
+    return save_torch_file(model.state_dict(), path)

@@ -34,6 +34,7 @@ from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import predict_labels
 from mars_ray.models.deeplab import load_segmenter_checkpoint
 from mars_ray.stages.evaluate_labels import format_table
+from mars_ray.stages.inputs import config_path
 from mars_ray.stages.runtime import ensure_ray, map_images
 from mars_ray.storage import AnyPath, upath
 
@@ -101,14 +102,14 @@ class PredictImages:
 
 def predict_split(
     *,
-    checkpoint: "str | AnyPath",
+    checkpoint: AnyPath,
     dataset: VOCDataset,
     split: str,
-    out_dir: "str | AnyPath",
+    out_dir: AnyPath,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     crf: dict[str, float] | None = None,
-    fill_dir: "str | AnyPath | None" = None,
+    fill_dir: AnyPath | None = None,
     with_gt: bool = False,
     num_actors: int = 1,
     cpus_per_actor: float = 1.0,
@@ -142,11 +143,10 @@ def predict_split(
     return total
 
 
-def default_checkpoint(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
+def default_checkpoint(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """``evaluate.checkpoint`` or the ``train`` stage's ``model.pt`` (``train_baseline`` with ``train.baseline``)."""
-    if cfg.evaluate.checkpoint:
-        return upath(cfg.evaluate.checkpoint)
-    return upath(run_dir) / ("train_baseline" if cfg.train.baseline else "train") / "model.pt"
+    given = config_path(cfg.evaluate.checkpoint)
+    return given or run_dir / ("train_baseline" if cfg.train.baseline else "train") / "model.pt"
 
 
 def out_name(cfg: C.Config) -> str:
@@ -157,7 +157,7 @@ def _crf(cfg: C.Config) -> dict[str, float] | None:
     return {} if cfg.evaluate.crf else None  # dense_crf's defaults
 
 
-def validate_inputs(cfg: C.Config, run_dir: "str | AnyPath") -> tuple[VOCDataset, AnyPath, dict[str, Any]]:
+def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPath, dict[str, Any]]:
     """Dataset, checkpoint path and its ``extra``; ``ValueError``/``FileNotFoundError`` naming the file."""
     e = cfg.evaluate
     if not e.scales or any(s <= 0 for s in e.scales):
@@ -178,17 +178,16 @@ def validate_inputs(cfg: C.Config, run_dir: "str | AnyPath") -> tuple[VOCDataset
     return dataset, ckpt, extra
 
 
-def stage_dir(cfg: C.Config, run_dir: "str | AnyPath", dataset: VOCDataset, ckpt: AnyPath) -> StageDir:
+def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, ckpt: AnyPath) -> StageDir:
     e = cfg.evaluate
     slice_ = {"evaluate": {"scales": list(e.scales), "flip": e.flip, "crf": e.crf}, "split": cfg.data.eval_split,
               "checkpoint": storage.absolute(ckpt)}
     inputs = {"checkpoint": fingerprint_path(ckpt), "dataset": dataset.fingerprint(cfg.data.eval_split)}
-    return StageDir(upath(run_dir) / out_name(cfg), "evaluate", C.slice_hash(slice_, inputs), slice_, inputs)
+    return StageDir(run_dir / out_name(cfg), "evaluate", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
-def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
+def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Predict ``data.eval_split`` with the checkpoint and score it; returns ``RUN/evaluate`` (skipped when complete)."""
-    run_dir = upath(run_dir)
     dataset, ckpt, _ = validate_inputs(cfg, run_dir)
     sd = stage_dir(cfg, run_dir, dataset, ckpt)
     if sd.is_complete():

@@ -21,10 +21,11 @@ from mars_ray.data.label_io import read_label
 from mars_ray.data.validate import check_label, check_label_folder
 from mars_ray.data.voc import VOCDataset
 from mars_ray.stages.runtime import ensure_ray, map_images
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]", storage.ObjectPath]
+PathLike = Union[str, "os.PathLike[str]", storage.ObjectPath]  # the dataset root: VOCDataset converts it
 
 
 class _BatchConfusion:
@@ -47,7 +48,7 @@ class _BatchConfusion:
 
 
 def confusion(
-    root: PathLike, labels: PathLike, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
+    root: "PathLike", labels: AnyPath, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
 ) -> ConfusionMatrix:
     """The confusion matrix of ``labels/{id}.png`` vs ground truth over ``split``."""
     if biased_as not in ("background", "ignore"):
@@ -71,7 +72,7 @@ def confusion(
 
 
 def evaluate(
-    root: PathLike, labels: PathLike, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
+    root: "PathLike", labels: AnyPath, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
 ) -> dict[str, Any]:
     """JSON-ready metrics (``algo.metrics.summarize``) plus what was evaluated."""
     cm = confusion(root, labels, split, biased_as=biased_as, ray_cfg=ray_cfg)
