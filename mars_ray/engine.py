@@ -1,5 +1,10 @@
 """Plain torch loops: training epoch, prediction, evaluation, and the MARS complementing step.
 
+Also what feeds them: ``SegAugment`` (segmentation crops), ``fit_crop`` (whole-image crops for the
+label-free CAM and USS models) and ``sharded_loader`` (a worker's shard). At ~470 lines this is over
+the house's ~450: the loops and their batch makers are one torch-only unit that every Ray Train
+worker imports, and splitting the ~80 lines of batch makers off would leave a module of three helpers.
+
 No Ray here: a Ray Train worker (``stages/``) builds the model, optimiser and batches and calls
 these functions. A *step function* maps one batch to a dict of named terms; keys starting with
 ``m_`` are detached metrics (floats or tensors) that are averaged and reported but never summed into
@@ -36,6 +41,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SegAugment",
     "baseline_step",
+    "fit_crop",
+    "sharded_loader",
     "build_sgd",
     "complement_step",
     "evaluate",
@@ -434,3 +441,35 @@ class SegAugment:
             "image_uint8": img,
             "label": torch.from_numpy(out["label"]).long(),
         }
+
+
+def fit_crop(image: np.ndarray, size: int, rng: np.random.Generator, scale: Tuple[float, float] = (1.0, 1.5),
+             flip: bool = True) -> Tensor:
+    """uint8 ``[H, W, 3]`` → float ``[3, size, size]`` in [0, 1]: short side resized to ``size·s``
+    (s uniform in ``scale``), a random ``size²`` crop, a random horizontal flip.
+
+    Whole-image context survives (unlike a fixed-scale crop of a large image): the crops of the
+    label-free models (the CAM classifier, the USS), which see images without per-pixel labels.
+    """
+    h, w = image.shape[:2]
+    s = size / min(h, w) * float(rng.uniform(*scale))
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+    y = int(rng.integers(0, nh - size + 1))
+    x = int(rng.integers(0, nw - size + 1))
+    out = image[y : y + size, x : x + size]
+    if flip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).float().div_(255.0)
+
+
+def sharded_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, rank: int, world: int,
+                   seed: int) -> torch.utils.data.DataLoader:
+    """Worker ``rank`` of ``world``'s shard of ``dataset`` (``DistributedSampler``), reshuffled each
+    epoch by ``loader.sampler.set_epoch(epoch)``. The last incomplete round is dropped only when
+    every worker still gets two items or more, so a tiny dataset is never emptied."""
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=len(dataset) >= 2 * world,
+    )
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False)

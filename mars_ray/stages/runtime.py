@@ -1,4 +1,11 @@
-"""Connecting to Ray: a local instance on a laptop/CI, or the cluster under ``ray job submit``."""
+"""Ray plumbing every stage shares: connecting, Ray Data actor pools, Ray Train runs and their state.
+
+* ``ensure_ray``: a local instance on a laptop/CI, or the cluster under ``ray job submit``;
+* ``map_images``: a stage's Ray Data actor pool over image ids;
+* ``fit_torch`` → (workers: ``restored_state``, ``report_epoch``) → ``final_state``: one Ray Train
+  run, resumable, whose last checkpoint holds the whole training state (``state.pt``);
+* ``worker_seed``: every seed a Train worker derives from the run's seed.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from typing import Any, Callable
 import ray
 
 from mars_ray.config import RayConfig
-from mars_ray.storage import ObjectPath, ray_storage
+from mars_ray.storage import AnyPath, ray_storage
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +62,7 @@ def fit_torch(
     loop_config: dict[str, Any],
     *,
     name: str,
-    storage: "str | Path | ObjectPath",
+    storage: AnyPath,
     num_workers: int,
     use_gpu: bool,
     cpus_per_worker: float,
@@ -157,3 +164,40 @@ def restored_state(*, map_location: Any = "cpu", weights_only: bool = True) -> d
         return None
     with ckpt.as_directory() as d:
         return torch.load(Path(d) / STATE_FILE, map_location=map_location, weights_only=weights_only)
+
+
+def final_state(result: "ray.train.Result", where: AnyPath, *, weights_only: bool = True) -> dict[str, Any]:
+    """On the driver, after ``fit_torch``: the training state of the run's last checkpoint (CPU tensors).
+
+    ``where`` names the run in the ``RuntimeError`` raised when it reported no checkpoint (a Ray
+    failure, not user input). ``weights_only=False`` for states holding optimiser/scaler objects.
+    """
+    import torch
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"{where}: the Ray Train run reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=weights_only)
+
+
+#: (multiplier of the run's seed, of the epoch, of the rank) for each random stream of a Train worker
+_SEED_STREAMS: dict[str, tuple[int, int, int]] = {
+    "init": (1, 0, 1),  # torch.manual_seed: per rank (DDP broadcasts rank 0's weights anyway)
+    "crops": (1, 0, 1000),  # a worker's crop generator (its rng runs on across epochs)
+    "knn_crops": (1, 0, 2000),  # the USS head phase's crop generator (pairs with k-NN neighbours)
+    "augment": (100003, 101, 1),  # SegAugment of one epoch
+    "shuffle": (7919, 31, 1),  # Ray Data's local shuffle of one epoch
+}
+
+
+def worker_seed(base: int, rank: int, epoch: int = 0, *, stream: str) -> int:
+    """The seed of one random stream of Train worker ``rank`` in ``epoch``, from the run's seed ``base``.
+
+    ``base·a + epoch·b + rank·c`` with ``(a, b, c)`` per stream (``_SEED_STREAMS``): distinct per
+    worker within a run (and per epoch for the streams restarted each epoch; up to 101 workers),
+    identical on a rerun. The constants are the ones the stages have always used, so a seed keeps
+    its meaning across versions; two runs with nearby seeds may share a stream (``init``: seed 1
+    rank 0 = seed 0 rank 1), which is harmless since runs do not mix.
+    """
+    a, b, c = _SEED_STREAMS[stream]
+    return base * a + epoch * b + rank * c

@@ -26,7 +26,6 @@ directly, Ray Train keeps its checkpoints under ``RUN/wsss/ray`` there.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from typing import Any
 
@@ -37,17 +36,17 @@ from torch import Tensor, nn
 from mars_ray import config as C
 from mars_ray import storage
 from mars_ray.artifacts import StageDir, atomic_write_json
+from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.data.label_io import read_image, write_label
 from mars_ray.data.voc import VOCDataset
-from mars_ray.engine import build_sgd, poly_lr_lambda, train_one_epoch
-from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, map_images, report_epoch, restored_state
-from mars_ray.stages.uss import fit_crop
+from mars_ray.engine import build_sgd, fit_crop, poly_lr_lambda, sharded_loader, train_one_epoch
+from mars_ray.stages.runtime import (ensure_ray, final_state, fit_torch, map_images, report_epoch, restored_state,
+                                     worker_seed)
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
 CLASSIFIER = "classifier.pt"
-STATE = STATE_FILE
 RAY_NAME = "wsss"
 _EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "num_actors", "cpus_per_actor",
                    "cam_batch_size"}
@@ -108,12 +107,10 @@ def train_loop(
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(worker_seed(seed, rank, stream="init"))
     net: nn.Module = CLASSIFIERS.get(classifier, num_classes=int(targets.shape[1]))
-    data = _Labelled(paths, targets, crop_size, seed + 1000 * rank)
-    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                                  drop_last=len(data) >= 2 * world)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
+    data = _Labelled(paths, targets, crop_size, worker_seed(seed, rank, stream="crops"))
+    loader = sharded_loader(data, batch_size, rank=rank, world=world, seed=seed)
     opt = build_sgd(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr_lambda(max(1, epochs * len(loader))))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
@@ -127,7 +124,7 @@ def train_loop(
     model = ray.train.torch.prepare_model(net)
     start = state["epoch"]
     for epoch in range(start, epochs):
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         model.train()
         batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
         stats = train_one_epoch(lambda b: cam_loss(model, b["image"], b["target"]), batches, opt,
@@ -143,12 +140,9 @@ def train_loop(
         report_epoch({"epoch": state["epoch"], "step": state["step"]}, state if rank == 0 else None)
 
 
-def save_classifier(path: "str | AnyPath", name: str, num_classes: int, state_dict: dict[str, Tensor]) -> AnyPath:
+def save_classifier(path: AnyPath, name: str, num_classes: int, state_dict: dict[str, Tensor]) -> AnyPath:
     """A self-describing classifier file (CLASSIFIERS name, C, weights), written atomically (local or URI)."""
-    path = upath(path)
-    with storage.atomic_open(path) as f:
-        torch.save({"classifier": name, "num_classes": num_classes, "state": state_dict}, f)
-    return path
+    return save_torch_file({"classifier": name, "num_classes": num_classes, "state": state_dict}, path)
 
 
 def load_classifier(path: "str | AnyPath", device: str = "cpu") -> nn.Module:
@@ -157,12 +151,8 @@ def load_classifier(path: "str | AnyPath", device: str = "cpu") -> nn.Module:
     from mars_ray.models.registry import CLASSIFIERS
 
     load_all()
-    path = upath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such classifier checkpoint")
+    ckpt = load_torch_file(path, "classifier checkpoint")
     try:
-        with storage.open_read(path) as f:
-            ckpt = torch.load(f, map_location="cpu", weights_only=True)
         model = CLASSIFIERS.get(ckpt["classifier"], num_classes=int(ckpt["num_classes"]))
         model.load_state_dict(ckpt["state"])
     except (KeyError, RuntimeError, TypeError) as e:
@@ -270,7 +260,7 @@ def validate_inputs(cfg: C.Config) -> tuple[VOCDataset, list[str]]:
     return dataset, cam_splits(cfg, dataset)
 
 
-def stage_dir(cfg: C.Config, run_dir: "str | AnyPath", dataset: VOCDataset | None = None,
+def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None,
               splits: list[str] | None = None) -> StageDir:
     """``RUN/wsss`` and its key: wsss config slice + the dataset's fingerprint of every split written."""
     if dataset is None or splits is None:
@@ -280,7 +270,7 @@ def stage_dir(cfg: C.Config, run_dir: "str | AnyPath", dataset: VOCDataset | Non
         "wsss": {k: v for k, v in C.to_dict(cfg.wsss).items() if k not in _EXECUTION_KEYS},
     }
     inputs = {f"dataset:{s}": dataset.fingerprint(s) for s in splits}
-    return StageDir(upath(run_dir) / "wsss", "wsss", C.slice_hash(slice_, inputs), slice_, inputs)
+    return StageDir(run_dir / "wsss", "wsss", C.slice_hash(slice_, inputs), slice_, inputs)
 
 
 def _crf_kwargs(cfg: C.Config) -> dict[str, float] | None:
@@ -290,9 +280,8 @@ def _crf_kwargs(cfg: C.Config) -> dict[str, float] | None:
     return replace(cfg.debias, crf=True).crf_kwargs()
 
 
-def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
+def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Train the classifier and write the CAM pseudo labels; returns ``RUN/wsss`` (skipped when complete)."""
-    run_dir = upath(run_dir)
     dataset, splits = validate_inputs(cfg)
     sd = stage_dir(cfg, run_dir, dataset, splits)
     if sd.is_complete():
@@ -313,10 +302,7 @@ def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
             result = fit_torch(_train_worker, loop, name=RAY_NAME, storage=sd.path / "ray",
                                num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
                                max_failures=w.max_failures)
-            if result.checkpoint is None:
-                raise RuntimeError(f"wsss: Ray Train run {sd.path / 'ray'} reported no checkpoint")
-            with result.checkpoint.as_directory() as d:
-                state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
+            state = final_state(result, sd.path / "ray")
             save_classifier(ckpt, w.classifier, dataset.num_classes, state["model"])
             atomic_write_json(sd.path / "history.json", state["history"])
             storage.rmtree(sd.path / "ray")  # per-epoch checkpoints: only needed to resume
