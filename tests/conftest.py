@@ -35,6 +35,18 @@ os.environ.update({
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process torch runs tiny tensors here: intra-op threads oversubscribe the shared 2-core box
+    (up to 20× slower), one thread is fastest. Ray workers set their own thread counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _no_tracking_uri_leak():
     """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``: keep one test's store out of the next."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -72,8 +84,14 @@ def new_bucket(prefix: str) -> str:
 
 @pytest.fixture
 def s3_bucket(s3_server, request: pytest.FixtureRequest) -> str:
-    """A new empty bucket on the test S3 server: ``s3://<name>``."""
+    """A new empty bucket on the test S3 server for one test: ``s3://<name>``."""
     return new_bucket(request.node.name)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, request: pytest.FixtureRequest) -> str:
+    """A new empty bucket shared by the tests of one module (named after it): ``s3://<name>``."""
+    return new_bucket(request.module.__name__)
 
 
 def upload_tree(local: Path, uri: str) -> str:

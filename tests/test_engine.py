@@ -22,14 +22,6 @@ from mars_ray.engine import (
 from mars_ray.models.deeplab import deeplab_tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads oversubscribe the shared 2-core box (20× slower); one thread is fastest here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class FixedLogits(nn.Module):
     """Ignores the image content; returns a learnable (or fixed) ``[B,K,H,W]`` logit map."""

@@ -11,9 +11,10 @@ import pytest
 
 from mars_ray.cli import main
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 
+@pytest.mark.ray
 def test_run_then_evaluate_labels(tiny_data: Path, ray_local, tmp_path: Path, capsys):
     run = tmp_path / "run"
     rc = main(["run", "--data", str(tiny_data), "--pseudo-labels", str(tiny_data / "pseudo_labels"),
