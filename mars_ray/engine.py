@@ -1,7 +1,7 @@
 """Plain torch loops: training epoch, prediction, evaluation, and the MARS complementing step.
 
 Also what feeds them: ``SegAugment`` (segmentation crops), ``fit_crop`` (whole-image crops for the
-label-free CAM and USS models) and ``sharded_loader`` (a worker's shard). At ~470 lines this is over
+label-free CAM and USS models) and ``sharded_loader`` (a worker's shard). At ~475 lines this is over
 the house's ~450: the loops and their batch makers are one torch-only unit that every Ray Train
 worker imports, and splitting the ~80 lines of batch makers off would leave a module of three helpers.
 
