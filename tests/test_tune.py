@@ -178,6 +178,32 @@ def test_features_cache_computes_once_under_concurrency(tiny_data: Path, tmp_pat
     assert len(calls) == 2 and (tmp_path / "run0" / "features").resolve() == calls[1].resolve()
 
 
+def test_mlflow_artifact_failures_are_returned_not_swallowed(tmp_path: Path):
+    """An artifact store MLflow cannot write (its folder is a file) fails one trial's upload: the
+    error comes back (for summary.json) and the other trial's artifacts are still logged."""
+    from mlflow.tracking import MlflowClient
+
+    from mars_ray import tracking
+    from mars_ray.tune import sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    client = MlflowClient(uri)
+    client.create_run(tracking.ensure_experiment(uri, "bad", blocker.as_uri()), run_name="trial_a")
+    good_exp = tracking.ensure_experiment(uri, "good", (tmp_path / "art").as_uri())
+    good = client.create_run(good_exp, run_name="trial_b").info.run_id
+    run_dir = tmp_path / "run"
+    for t in ("a", "b"):
+        (run_dir / T.TRIALS_DIR / t).mkdir(parents=True)
+        (run_dir / T.TRIALS_DIR / t / "config.yaml").write_text("x: 1\n")
+    rows = [({"trial_id": "a"}, {})]
+    errors = sweep._log_artifacts(uri, "bad", rows, run_dir, run_dir / T.TUNE_DIR, best_trial="none")
+    assert len(errors) == 1 and errors[0].startswith("trial a: ") and "blocker" in errors[0]
+    assert sweep._log_artifacts(uri, "good", [({"trial_id": "b"}, {})], run_dir, run_dir / T.TUNE_DIR, "none") == []
+    assert [a.path for a in client.list_artifacts(good)] == ["config.yaml"]
+
+
 # -- a real sweep -------------------------------------------------------------------------------
 
 
@@ -239,6 +265,7 @@ def test_sweep_mlflow_runs(sweep):
     for m in ("debiased_miou", "debiased_fp", "debiased_fn", "target_ratio", "biased_fraction", "time_features_s"):
         assert runs[f"metrics.{m}"].notna().all(), m
     assert not any(c.startswith("metrics.config/") for c in runs.columns)
+    assert summary["artifact_errors"] == []
     client = MlflowClient(uri)
     names = {a.path for a in client.list_artifacts(runs["run_id"][0])}
     assert {"report.json", "montage.png", "stats.json", "config.yaml"} <= names

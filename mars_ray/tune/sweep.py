@@ -140,7 +140,7 @@ def _fit(space: Space, param_space: dict[str, Any], run_dir: AnyPath, uri: str, 
     def mars_trial(config: dict[str, Any]) -> None:
         trainable(config, run_dir=run_root, expensive=expensive, scheduler=sched)
 
-    trainable = tune.with_resources(mars_trial, tune.PlacementGroupFactory([{}, {"CPU": 1}]))
+    resourced = tune.with_resources(mars_trial, tune.PlacementGroupFactory([{}, {"CPU": 1}]))
     scheduler = None
     if space.scheduler["type"] == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -154,7 +154,7 @@ def _fit(space: Space, param_space: dict[str, Any], run_dir: AnyPath, uri: str, 
                                   reduction_factor=float(space.scheduler.get("reduction_factor", 2)))
     storage_path, storage_filesystem = storage.ray_storage(run_dir / TUNE_DIR)
     tuner = tune.Tuner(
-        trainable,
+        resourced,
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=space.metric, mode=space.mode, num_samples=space.num_samples, scheduler=scheduler,
