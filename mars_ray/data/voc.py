@@ -172,7 +172,7 @@ class VOCDataset:
             ids.append(image_id)
         return ids
 
-    def _known_ids(self) -> set[str]:
+    def known_ids(self) -> set[str]:
         """Every id of every split file (``ImageSets/Segmentation/*.txt`` and ``split_files``)."""
         paths = list(self.split_files.values())
         if self.split_dir.is_dir():
@@ -207,7 +207,7 @@ class VOCDataset:
             if not self.image_labels_given and not self.image_labels_path.is_file():
                 return None
             self._image_labels = read_image_labels(
-                self.image_labels_path, class_names=self.classes, known_ids=self._known_ids(),
+                self.image_labels_path, class_names=self.classes, known_ids=self.known_ids(),
                 include_difficult=self.image_labels_difficult)
         return self._image_labels
 
