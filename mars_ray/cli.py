@@ -31,6 +31,8 @@ def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True,
                                   "same as --set data.root=…")
     p.add_argument("--pseudo-labels", help="folder (or URI) of pseudo-label PNGs {id}.png from any WSSS method")
     p.add_argument("--features-dir", help="folder (or URI) of external USS features {id}.npy|npz|pt ([d, h, w])")
+    p.add_argument("--image-labels", help="image-level labels: cls_labels.npy (IRN/AMN/ToCo/MCTformer), VOC "
+                                          "Annotations/ or image_labels.json; same as --set data.image_labels=…")
     p.add_argument("--uss", action="store_true",
                    help="use the built-in learned USS (features.extractor=stego; `mars run` trains it first)")
     p.add_argument("--split", help=split_help)
@@ -47,7 +49,8 @@ def overrides_from_args(args: argparse.Namespace, *, split_key: str = "data.spli
     """
     overrides: dict[str, Any] = C.parse_set(args.set)
     flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
-             "data.features_dir": args.features_dir, split_key: args.split}
+             "data.features_dir": args.features_dir, split_key: args.split,
+             "data.image_labels": getattr(args, "image_labels", None)}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if getattr(args, "uss", False):
         overrides[pipeline.EXTRACTOR_KEY] = pipeline.LEARNED_EXTRACTOR
@@ -75,14 +78,6 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
 
     root = make_biased_dataset(args.root, n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed)
     print(f"built-in biased dataset written to {root} (pseudo labels in {Path(root) / 'pseudo_labels'})")
-    return 0
-
-
-def cmd_convert_coco(args: argparse.Namespace) -> int:
-    from mars_ray.data.coco import convert_coco
-
-    ds = convert_coco(args.src, args.dst, link=not args.copy)
-    print(f"{ds.root}: {len(ds.ids('train'))} train, {len(ds.ids('val'))} val images, {ds.num_classes} classes")
     return 0
 
 
@@ -187,12 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_dataset)
 
-    p = sub.add_parser("convert-coco", help="WSSS COCO 2014 layout (train2014/, val2014/, SegmentationClass/) → VOC-style")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--copy", action="store_true", help="copy files instead of symlinking them")
-    p.set_defaults(func=cmd_convert_coco)
-
     p = sub.add_parser("run", help="run the pipeline stages in order")
     _add_config_flags(p)
     p.add_argument("--until", choices=pipeline.PRE_STAGES + pipeline.STAGES, help="stop after this stage")
@@ -249,7 +238,158 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
+
+    _add_ecosystem_commands(sub)
     return parser
+
+
+# -- inputs from the WSSS / USS ecosystem (issue 13) ---------------------------------------------
+
+
+def cmd_convert_coco(args: argparse.Namespace) -> int:
+    from mars_ray.data.coco import convert_coco, rename_labels
+
+    if args.rename_labels:
+        if len(args.paths) != 1 or not args.data:
+            raise ValueError("convert-coco --rename-labels LABELS --data ROOT DST: give the dataset and one DST folder")
+        n = rename_labels(args.rename_labels, args.paths[0], root=args.data, category_ids=args.category_ids,
+                          link=not args.copy)
+        print(f"{n} labels renamed to the ids of {args.data} → {args.paths[0]}")
+        return 0
+    if len(args.paths) == 2:
+        src, dst = args.paths
+    elif len(args.paths) == 1 and args.images and args.gt:
+        src, dst = None, args.paths[0]
+    else:
+        raise ValueError("convert-coco SRC DST, or convert-coco --images IMAGES --gt GT DST")
+    ds = convert_coco(src, dst, images=args.images, gt=args.gt, gt_pattern=args.gt_pattern,
+                      category_ids=args.category_ids, splits=args.splits, link=not args.copy)
+    sizes = ", ".join(f"{len(ds.ids(s))} {s}" for s in args.splits)
+    print(f"{ds.root}: {sizes} images, {ds.num_classes} classes")
+    return 0
+
+
+def cmd_convert_cams(args: argparse.Namespace) -> int:
+    from mars_ray.data.cams import PRESETS
+    from mars_ray.stages.convert_cams import convert_cams
+
+    preset = dict(PRESETS[args.preset]) if args.preset else {}
+    fmt = args.format or preset.get("fmt")
+    bg = args.bg_threshold if args.bg_threshold is not None else preset.get("bg_threshold")
+    fg = args.fg_threshold if args.fg_threshold is not None else preset.get("fg_threshold")
+    if fmt is None or bg is None:
+        raise ValueError("convert-cams needs --format and --bg-threshold, or a --preset")
+    kwargs = {"split_files": {args.split: args.split_file}} if args.split_file and args.split else None
+    report = convert_cams(args.src, args.dst, fmt=fmt, bg_threshold=bg, fg_threshold=fg,
+                          crf=args.crf or bool(preset.get("crf")), root=args.data or "", split=args.split or "",
+                          dataset_kwargs=kwargs, num_actors=args.num_actors)
+    print(f"{report['images']} label PNGs → {args.dst} (format {fmt}, background score {bg}"
+          + (f", 255 band up to {fg}" if fg is not None else "") + (f", CRF {report['crf']}" if report["crf"] else "")
+          + f"; foreground {100 * report['fg_share']:.1f}%, ignore {100 * report['ignore_share']:.1f}%)")
+    return 0
+
+
+def cmd_convert_labels(args: argparse.Namespace) -> int:
+    from mars_ray.data.colormap import convert_colormap_folder
+
+    if not args.from_colormap:
+        raise ValueError("convert-labels: say what to convert from (--from-colormap)")
+    counts = convert_colormap_folder(args.src, args.dst, palette=args.palette)
+    print(f"{counts['colormap']} colour-map and {counts['indices']} index PNGs ({args.palette} palette) → {args.dst}")
+    return 0
+
+
+def cmd_import_uss(args: argparse.Namespace) -> int:
+    from mars_ray.models.import_uss import import_uss
+
+    out = import_uss(args.ckpt, args.out, source=args.source, num_heads=args.num_heads, prefix=args.prefix)
+    print(f"{args.source} checkpoint imported → {out}; use it with --set features.extractor=stego "
+          f"features.checkpoint={out}")
+    return 0
+
+
+def cmd_dump_features(args: argparse.Namespace) -> int:
+    from mars_ray.stages.dump_features import dump_features
+
+    overrides = C.parse_set(args.set)
+    overrides.update({k: v for k, v in {"data.root": args.data, "data.split": args.split}.items() if v})
+    cfg = C.build(args.config, overrides)
+    info = dump_features(cfg, args.out, overwrite=args.overwrite)
+    print(f"{info['written']} feature files written ({info['skipped']} already there), float16 [{info['dim']}, h, w] "
+          f"→ {args.out}; read them back with --features-dir {args.out}")
+    return 0
+
+
+def _add_ecosystem_commands(sub: Any) -> None:
+    """``convert-coco``, ``convert-cams``, ``convert-labels``, ``import-uss``, ``dump-features``."""
+    from mars_ray.data.cams import CAM_FORMATS, PRESETS
+    from mars_ray.data.coco import CATEGORY_IDS, GT_PATTERNS
+    from mars_ray.data.colormap import PALETTES
+
+    uss_sources = ("stego", "hp", "leopart")  # models.import_uss.SOURCES, not imported here: it loads torch
+
+    p = sub.add_parser("convert-coco", help="COCO 2014 layouts of WSSS repositories (ToCo, AMN, CLIMS/BECO, coco2voc) "
+                                            "→ VOC-style; or rename a label folder to a dataset's ids")
+    p.add_argument("paths", nargs="+", metavar="[SRC] DST",
+                   help="SRC (train2014/, val2014/, SegmentationClass/) and DST; DST alone with --images/--gt")
+    p.add_argument("--images", help="folder holding train2014/ and val2014/ images (AMN: coco_2014/JPEGImages)")
+    p.add_argument("--gt", help="GT folder, with {train,val}2014/ or flat (ToCo SegmentationClass, AMN coco_seg_anno, "
+                                "CLIMS/BECO mask, coco2voc class_labels)")
+    p.add_argument("--gt-pattern", choices=GT_PATTERNS, default="auto",
+                   help="GT names: coco = COCO_{split}2014_{012d}, 012d, int; auto tries them in that order")
+    p.add_argument("--category-ids", choices=CATEGORY_IDS, default="auto",
+                   help="coco91: raw COCO category ids (1..90) → 1..80; auto: remap when a value exceeds 80")
+    p.add_argument("--splits", nargs="+", choices=("train", "val"), default=["train", "val"])
+    p.add_argument("--rename-labels", metavar="LABELS",
+                   help="rename this label folder (000000000009.png, 9.png, …) to the ids of --data into DST")
+    p.add_argument("--data", help="converted dataset root (with --rename-labels)")
+    p.add_argument("--copy", action="store_true", help="copy files instead of symlinking them")
+    p.set_defaults(func=cmd_convert_coco)
+
+    p = sub.add_parser("convert-cams", help="CAM files of IRN/AMN/PSA/MCTformer/ToCo → pseudo-label PNGs "
+                                            "(0 background, 1..C, 255 band), on a Ray Data actor pool")
+    p.add_argument("src", help="folder of {id}.npy CAM files")
+    p.add_argument("dst", help="folder for {id}.png pseudo labels")
+    p.add_argument("--format", choices=CAM_FORMATS,
+                   help="irn: keys + high_res [K,H,W]; amn: high_res with a background channel first; "
+                        "psa: {class_idx: map} (PSA, MCTformer); toco: keys + high_res")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="published settings: irn (0.15), irn-band (0.05/0.30 + CRF), amn (0.25), amn-band "
+                        "(0.15/0.45 + CRF), toco-band (0.25/0.70 + CRF); explicit flags win")
+    p.add_argument("--bg-threshold", type=float, help="constant background score prepended to the CAMs")
+    p.add_argument("--fg-threshold", type=float,
+                   help="keep IRN's 255 band: foreground above this score, background below --bg-threshold")
+    p.add_argument("--crf", action="store_true", help="the dense CRF the format's repository applies (needs --data)")
+    p.add_argument("--data", help="dataset root: images for the CRF, ids for naming the outputs, class count check")
+    p.add_argument("--split", help="convert exactly this split (every id needs a CAM file)")
+    p.add_argument("--split-file", help="list file of --split (e.g. train_aug.txt outside ImageSets)")
+    p.add_argument("--num-actors", type=int, default=1)
+    p.set_defaults(func=cmd_convert_cams)
+
+    p = sub.add_parser("convert-labels", help="label PNGs as colour maps (ToCo's RGB predictions) → class indices")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--from-colormap", action="store_true", help="decode RGB colour-map PNGs to indices")
+    p.add_argument("--palette", choices=sorted(PALETTES), default="voc", help="voc: 20 classes, coco: 80")
+    p.set_defaults(func=cmd_convert_labels)
+
+    p = sub.add_parser("import-uss", help="STEGO .ckpt / HP ckpt.pth / Leopart .ckpt → a features.extractor=stego checkpoint")
+    p.add_argument("ckpt")
+    p.add_argument("out", help="checkpoint to write (then --set features.checkpoint=OUT)")
+    p.add_argument("--from", dest="source", choices=uss_sources, required=True)
+    p.add_argument("--num-heads", type=int, help="attention heads when neither config nor width tells (non-standard ViTs)")
+    p.add_argument("--prefix", help="Leopart: the state-dict prefix of the ViT when several are stored")
+    p.set_defaults(func=cmd_import_uss)
+
+    p = sub.add_parser("dump-features", help="float16 {id}.npz USS features of a split, readable with --features-dir")
+    p.add_argument("--data", required=True, help="dataset root (a folder or a URI)")
+    p.add_argument("--out", required=True, help="folder for the feature files (a folder or a URI)")
+    p.add_argument("--split", help="split to dump (default: data.split)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="e.g. features.extractor=stego features.checkpoint=CKPT")
+    p.add_argument("--overwrite", action="store_true", help="rewrite files that exist (default: skip them)")
+    p.set_defaults(func=cmd_dump_features)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

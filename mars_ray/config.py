@@ -28,6 +28,17 @@ class DataConfig:
     eval_split: str = "val"
     pseudo_labels: str = ""  # folder of Y^b PNGs from any WSSS method; "" → RUN/wsss (built-in CAM)
     features_dir: str = ""  # folder of external USS features {id}.npy|npz|pt; "" → features.extractor
+    # image-level labels in any format of mars_ray.data.image_labels (IRN/AMN/ToCo/MCTformer .npy,
+    # VOC Annotations/, image_labels.json); "" → ROOT/image_labels.json if present, else from GT
+    image_labels: str = ""
+    image_labels_difficult: bool = True  # VOC XML: count "difficult" objects (IRN's cls_labels.npy does)
+    gt_dir: str = "SegmentationClass"  # GT folder under ROOT (or absolute): SegmentationClassAug for VOC-aug
+    split_file: str = ""  # list file of data.split (plain ids or "/JPEGImages/x.jpg /SegClassAug/x.png")
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``mars_ray.data.voc.VOCDataset`` besides the root."""
+        return {"gt_dir": self.gt_dir, "split_files": {self.split: self.split_file} if self.split_file else None,
+                "image_labels": self.image_labels, "image_labels_difficult": self.image_labels_difficult}
 
 
 @dataclass(frozen=True)

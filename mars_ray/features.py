@@ -106,7 +106,8 @@ def load_feature_file(path: AnyPath) -> np.ndarray:
     """Read one external feature file (local or object store) → float32 ``[d, h, w]``.
 
     ``.npz`` takes the array named ``features`` (or the only array); ``.pt`` a tensor or a dict
-    with ``features``. Raises ``ValueError`` naming the file for a wrong rank or NaN/inf values.
+    with ``features``. Any float dtype is accepted (``mars dump-features`` writes float16) and
+    converted. Raises ``ValueError`` naming the file for a wrong rank or NaN/inf values.
     """
     try:
         arr = _read_array(path)
@@ -186,10 +187,13 @@ class FeatureSource:
     def describe(self) -> str:
         return f"external:{self.features_dir}" if self.features_dir else type(self.model).__name__
 
-    @torch.no_grad()
     def __call__(self, image_id: str, image: np.ndarray) -> np.ndarray:
         """``image`` uint8 ``[H, W, 3]`` → F float32 ``[d, H, W]``."""
-        h, w = image.shape[:2]
+        return upsample(self.native(image_id, image), image.shape[:2])
+
+    @torch.no_grad()
+    def native(self, image_id: str, image: np.ndarray) -> np.ndarray:
+        """F at the source's own resolution: float32 ``[d, h, w]`` (what ``mars dump-features`` stores)."""
         if self.features_dir is not None:
             path = find_feature_file(self.features_dir, image_id, self._listing)
             feats: Any = load_feature_file(path)
@@ -207,4 +211,4 @@ class FeatureSource:
         fh, fw = feats.shape[1:]
         if fh < 1 or fw < 1:
             raise ValueError(f"{where}: empty feature map {fh}x{fw}")
-        return upsample(feats, (h, w))
+        return np.asarray(feats, dtype=np.float32)

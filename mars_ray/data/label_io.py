@@ -74,11 +74,17 @@ def read_label(path: PathLike) -> np.ndarray:
     """Read a single-channel label PNG as ``uint8 [H, W]``.
 
     Mode ``P``: the raw palette indices (not the colours); ``L``: the grey values; ``I``/``I;16``:
-    accepted when every value fits in 0..255. RGB/RGBA and other modes raise ``ValueError``
-    naming the file; a corrupt file raises ``ValueError`` with PIL's reason.
+    accepted when every value fits in 0..255. RGB/RGBA (a colour map: the error points at
+    ``mars convert-labels --from-colormap``) and other modes raise ``ValueError`` naming the file;
+    a corrupt file raises ``ValueError`` with PIL's reason.
     """
     with _open(path) as im:
         mode = im.mode
+        if mode in ("RGB", "RGBA"):
+            raise ValueError(
+                f"{path}: expected a single-channel (palette or L) label PNG, got {mode}; this looks like a "
+                "colour-map PNG (ToCo writes its predictions that way): turn the folder into class indices with "
+                "`mars convert-labels SRC DST --from-colormap --palette voc|coco`")
         if mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
             raise ValueError(f"{path}: expected a single-channel (palette or L) label PNG, got {mode}")
         try:

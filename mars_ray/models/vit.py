@@ -99,7 +99,11 @@ class VisionTransformer(nn.Module):
 
     The input is ImageNet-normalised, zero-padded (bottom/right) to a multiple of the patch size,
     and the learned position embedding (for a ``img_size``² grid) is bicubically resized to the
-    patch grid. ``dim`` and ``stride`` describe the output map.
+    patch grid: to the grid's size (``pos_interp="size"``), or exactly as DINO's
+    ``interpolate_pos_encoding`` does (``"dino"``: unchanged for a square grid of the stored size,
+    else ``scale_factor=((h + 0.1) / √N, (w + 0.1) / √N)``), which STEGO, HP and Leopart inherit;
+    checkpoints imported from them use ``"dino"`` so that their features come out unchanged.
+    ``dim`` and ``stride`` describe the output map.
     """
 
     def __init__(
@@ -112,8 +116,12 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         img_size: int = 224,
+        pos_interp: str = "size",
     ) -> None:
         super().__init__()
+        if pos_interp not in ("size", "dino"):
+            raise ValueError(f"pos_interp must be 'size' or 'dino', got {pos_interp!r}")
+        self.pos_interp = pos_interp
         self.dim = embed_dim
         self.stride = patch_size
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
@@ -144,9 +152,15 @@ class VisionTransformer(nn.Module):
         side = int(math.sqrt(n))
         if side * side == n and side == h == w:
             return self.pos_embed
+        if self.pos_interp == "dino" and h * w == n and h == w:
+            return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
+        if self.pos_interp == "dino":  # DINO vision_transformer.py: +0.1 against floating-point floor errors
+            scale = ((h + 0.1) / math.sqrt(n), (w + 0.1) / math.sqrt(n))
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic")
+        else:
+            patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -189,6 +203,12 @@ def vit_base_8(**kw: Any) -> VisionTransformer:
 @BACKBONES.register("vit_base_16")
 def vit_base_16(**kw: Any) -> VisionTransformer:
     return _build(patch_size=16, embed_dim=768, depth=12, num_heads=12, **kw)
+
+
+@BACKBONES.register("vit")
+def vit(**kw: Any) -> VisionTransformer:
+    """Any DINO-layout ViT, sizes as keyword arguments (imported checkpoints record theirs); default ViT-S/16."""
+    return _build(**kw)
 
 
 @BACKBONES.register("vit_tiny_test")
