@@ -217,7 +217,7 @@ def import_uss(ckpt: PathLike, out: PathLike, *, source: str, num_heads: Optiona
         model, arch = import_leopart(ckpt, num_heads=num_heads, prefix=prefix)
     else:
         raise ValueError(f"unknown USS source {source!r}; known: {', '.join(SOURCES)}")
-    path = save_stego_checkpoint(model, out, "vit", arch)
+    path = save_stego_checkpoint(model, storage.upath(out), "vit", arch)
     head = "no head (patch tokens)" if model.head is None else (
         f"{'linear + nonlinear' if model.head.nonlinear is not None else 'linear'} head")
     logger.info("imported %s checkpoint %s: ViT width %d, depth %d, patch %d, %s, F dim %d → %s", source, ckpt,
