@@ -135,6 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = plan_stages(cfg, args.until)
     run_stages(cfg, run_dir, stages)
     print(f"done: {', '.join(stages)} → {run_dir}")
+    from mars_ray.report import write_report
+    print(f"report: {write_report(run_dir)}")
     return 0
 
 
@@ -215,6 +217,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
                        overrides=C.parse_set(args.set))
     print(summary["table"])
+    from mars_ray.report import write_report
+    print(f"report: {write_report(Path(args.out) / 'run')}")
     return 0
 
 

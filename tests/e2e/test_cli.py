@@ -23,6 +23,7 @@ def test_run_then_evaluate_labels(tiny_data: Path, ray_local, tmp_path: Path, ca
     assert (run / "select" / "centroids.npy").is_file() and (run / "select" / "report.json").is_file()
     assert len(list((run / "debias").glob("*.png"))) == 16
     assert "alpha: 0.5" in (run / "config.yaml").read_text()
+    assert (run / "report" / "index.html").is_file()  # `mars run` ends with the report
     before = sorted(p.name for p in (run / "debias").iterdir())
     rc = main(["evaluate-labels", "--data", str(tiny_data), "--labels", str(run / "debias"), "--split", "train"])
     assert rc == 0
