@@ -108,6 +108,20 @@ def sklearn_kmeans(algorithm: str) -> KMeansFn:
     return fit
 
 
+def faiss_kmeans() -> KMeansFn:
+    """faiss-cpu's ``Kmeans`` (optional; random initialisation, a fixed ``niter``, no subsampling)."""
+    import faiss
+
+    def fit(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, nredo=1, min_points_per_centroid=1,
+                          max_points_per_centroid=max(1, x.shape[0]), verbose=False)
+        km.train(x)
+        return km.centroids.copy(), km.index.search(x, 1)[1][:, 0].astype(np.int64)
+
+    return fit
+
+
 def library_kmeans() -> KMeansFn:
     from mars_ray.algo.clustering import kmeans
 
@@ -298,10 +312,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, seconds")
     p.add_argument("--json", help="write every measurement here")
+    p.add_argument("--faiss", action="store_true", help="also time faiss-cpu's Kmeans (when importable)")
     args = p.parse_args()
     if args.smoke_test:
         args.size, args.n_train, args.repeats, args.seeds = 48, 4, 1, 1
     methods = {"ours": handwritten_kmeans, "lloyd": sklearn_kmeans("lloyd"), "elkan": sklearn_kmeans("elkan")}
+    if args.faiss:
+        try:
+            methods["faiss"] = faiss_kmeans()
+        except ImportError as e:
+            print(f"faiss not measured: {e}")
     lib = library_kmeans()
     results: dict[str, Any] = {"args": vars(args), "synthetic": [], "dataset": {}}
     with threadpool_limits(args.threads):
@@ -357,6 +377,9 @@ def _summarise(results: dict[str, Any], real: list[dict[str, Any]], down: dict[s
         rows = [r for r in syn if r["n"] == n]
         out[f"synthetic n={n}: time lloyd/ours (geo-mean)"] = _geo([r["t_lloyd"] / r["t_ours"] for r in rows])
         out[f"synthetic n={n}: time elkan/ours (geo-mean)"] = _geo([r["t_elkan"] / r["t_ours"] for r in rows])
+        if "t_faiss" in rows[0]:
+            out[f"synthetic n={n}: time faiss/ours (geo-mean)"] = _geo([r["t_faiss"] / r["t_ours"] for r in rows])
+            out[f"synthetic n={n}: inertia faiss/ours (mean)"] = float(np.mean([r["inertia_faiss"] for r in rows]))
     for kind in sorted({r["dist"] for r in syn}):
         rows = [r for r in syn if r["dist"] == kind]
         out[f"synthetic {kind}: inertia lloyd/ours (mean)"] = float(np.mean([r["inertia_lloyd"] for r in rows]))

@@ -80,7 +80,10 @@ def training_curves(histories: Mapping[str, Sequence[Mapping[str, str]]]) -> byt
             ax2.plot(*zip(*val), marker="o", label=name)
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax2.set(xlabel="epoch", ylabel="val mIoU (%)", title="val mIoU")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return _png(fig)

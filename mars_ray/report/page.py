@@ -48,8 +48,10 @@ LABEL_SETS = (  # (key, row title, folder under RUN or None = the pseudo labels)
     ("debiased", "debiased (Y^db)", "debias"),
     ("complemented", "complemented (Y^co)", "complement"),
 )
-SEGMENTERS = (("evaluate_baseline", "trained on Y^b, plain CE (baseline)"), ("evaluate", "MARS: Y^db + complement (Eq 6-7)"))
+SEGMENTERS = (("evaluate_baseline", "trained on Y^b, plain CE (baseline)"),
+              ("evaluate", "MARS: Y^db + complement (Eq 6-7)"))
 HISTORIES = (("train", "MARS"), ("train_baseline", "baseline"))
+NAME_CLASS = ' class="name"'  # left-aligned text column
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; padding: 0 1em; }
@@ -99,6 +101,12 @@ def _cell(v: Any, *, metric: str = "") -> str:
     return f'<td data-metric="{_e(metric)}" data-value="{raw}">{_pct(v)}</td>'
 
 
+def _table(table_id: str, head: list[str], rows: list[str], cls: str = "") -> str:
+    """``<table id=…>``: a header row (first column left-aligned, the notation set with ``_y``) + rows."""
+    cells = "".join(f"<th{NAME_CLASS if j == 0 else ''}>{_y(h)}</th>" for j, h in enumerate(head))
+    return f'<table id="{_e(table_id)}" class="{_e(cls)}"><tr>{cells}</tr>{"".join(rows)}</table>'
+
+
 def _read_json(path: AnyPath) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -146,24 +154,21 @@ def _quality(page: _Page, cfg: C.Config, run: AnyPath, dataset: VOCDataset, fold
                             f'<td class="name muted">{_e(folders[key])}</td></tr>')
         parts.append(f"<p>Split <b>{_e(split)}</b>, {len(dataset.ids(split))} images, against ground truth; "
                      "biased pixels (254) count as background. In %.</p>"
-                     '<table id="label-quality"><tr><th class="name">labels</th><th>mIoU</th><th>FP</th><th>FN</th>'
-                     f'<th class="name">folder</th></tr>{"".join(rows)}</table>')
-        names = dataset.classes
-        head = "".join(f"<th>{_y(title.split(' (')[0])}</th>" for key, title, _ in LABEL_SETS if key in metrics)
-        body = "".join(
-            f'<tr><td class="name">{_e(n)}</td>'
-            + "".join(_cell(metrics[k]["per_class"][n]["iou"], metric=f"iou:{k}") for k, _, _ in LABEL_SETS if k in metrics)
-            + "</tr>" for n in names)
-        parts.append(f'<details><summary>IoU per class (%)</summary><table id="class-iou"><tr><th class="name">class</th>'
-                     f"{head}</tr>{body}</table></details>")
-    segs = [(title, m) for sub, title in SEGMENTERS if (m := _read_json(run / sub / "metrics.json")) and m.get("miou") is not None]
+                     + _table("label-quality", ["labels", "mIoU", "FP", "FN", "folder"], rows))
+        keys = [k for k, _, _ in LABEL_SETS if k in metrics]
+        per_class = [f'<tr><td class="name">{_e(n)}</td>'
+                     + "".join(_cell(metrics[k]["per_class"][n]["iou"], metric=f"iou:{k}") for k in keys) + "</tr>"
+                     for n in dataset.classes]
+        head = ["class"] + [title.split(" (")[0] for k, title, _ in LABEL_SETS if k in metrics]
+        parts.append(f"<details><summary>IoU per class (%)</summary>{_table('class-iou', head, per_class)}</details>")
+    segs = [(title, _read_json(run / sub / "metrics.json")) for sub, title in SEGMENTERS if _complete(run / sub)]
+    segs = [(title, m) for title, m in segs if m and m.get("miou") is not None]  # None: a split without GT
     if segs:
-        rows = "".join(f'<tr><td class="name">{_y(t)}</td>{_cell(m["miou"], metric="miou")}{_cell(m["fp"], metric="fp")}'
-                       f'{_cell(m["fn"], metric="fn")}</tr>' for t, m in segs)
+        rows = [f'<tr><td class="name">{_y(t)}</td>{_cell(m["miou"], metric="miou")}{_cell(m["fp"], metric="fp")}'
+                f'{_cell(m["fn"], metric="fn")}</tr>' for t, m in segs]
         split_e = segs[0][1].get("split", cfg.data.eval_split)
         parts.append(f"<p>Segmenters on split <b>{_e(split_e)}</b> ({_e(cfg.train.model)}), in %:</p>"
-                     f'<table id="segmenters"><tr><th class="name">trained on</th><th>mIoU</th><th>FP</th><th>FN</th></tr>'
-                     f"{rows}</table>")
+                     + _table("segmenters", ["trained on", "mIoU", "FP", "FN"], rows))
     if parts:
         page.add("quality", "Label quality", "".join(parts))
 
@@ -177,7 +182,8 @@ def _separation(entry: Any) -> str:
     score = next((v for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
     ok = entry.get("separates")
     text = f"{score:.2f}" if isinstance(score, (int, float)) else ""
-    flag = "" if ok is None else (' <span class="ok">separates</span>' if ok else ' <span class="warn">⚠ does not separate</span>')
+    flag = ("" if ok is None else ' <span class="ok">separates</span>' if ok
+            else ' <span class="warn">⚠ does not separate</span>')
     msg = f'<br><span class="muted">{_e(entry["message"])}</span>' if entry.get("message") else ""
     return f'<span data-separates="{_e(ok)}">{_e(text)}{flag}</span>{msg}'
 
@@ -203,15 +209,15 @@ def _classes(page: _Page, run: AnyPath) -> None:
                     f'<td class="name">{_separation(e.get("separation"))}</td><td>{img}</td></tr>')
     total = (f"; {_pct(stats['biased_fraction'])}% of the pseudo labels' foreground pixels marked biased"
              if stats else "")
-    ratio = (f"; target-centroid ratio {_pct(report['target_ratio'])}% of chosen vs {_pct(report.get('target_ratio_all'))}% "
-             "of all foreground centroids" if report.get("target_ratio") is not None else "")
-    body = (f"<p>α = {_e(report['alpha'])}: {report['n_chosen']} of {report['n_foreground_centroids']} foreground centroids "
-            f"chosen as V<sup>c</sup> (Eq 2-3){ratio}{total}. Target ratio: share of centroids whose pixels are mostly the "
-            "target object in the ground truth (our measure). The histogram stacks chosen (red) on not-chosen "
-            "(grey) centroids; the dashed line is the smallest chosen distance.</p>"
-            '<table id="classes"><tr><th class="name">class</th><th>chosen / all</th><th>target ratio chosen %</th>'
-            '<th>target ratio not chosen %</th><th>pixels removed %</th><th class="name">separation</th>'
-            f'<th>bias distance D</th></tr>{"".join(rows)}</table>')
+    ratio = (f"; target-centroid ratio {_pct(report['target_ratio'])}% of chosen vs "
+             f"{_pct(report.get('target_ratio_all'))}% of all foreground centroids"
+             if report.get("target_ratio") is not None else "")
+    body = (f"<p>α = {_e(report['alpha'])}: {report['n_chosen']} of {report['n_foreground_centroids']} foreground "
+            f"centroids chosen as V<sup>c</sup> (Eq 2-3){ratio}{total}. Target ratio: share of centroids whose "
+            "pixels are mostly the target object in the ground truth (our measure). The histogram stacks chosen "
+            "(red) on not-chosen (grey) centroids; the dashed line is the smallest chosen distance.</p>"
+            + _table("classes", ["class", "chosen / all", "target ratio chosen %", "target ratio not chosen %",
+                                 "pixels removed %", "separation", "bias distance D"], rows))
     page.add("classes", "Per class: centroid selection and removal", body)
 
 
@@ -239,8 +245,8 @@ def _grid(page: _Page, cfg: C.Config, run: AnyPath, dataset: VOCDataset, folders
         page.add("images", "Images that changed most", "<p>No pixel was marked biased.</p>")
         return
     has_gt = all(dataset.gt_path(r["image_id"]) is not None for r in top)
-    cols = ["image", "Y^b (pseudo)", "Y^db (biased = magenta)"] + (["Y^co (complemented)"] if "complemented" in folders else [])
-    cols += ["ground truth"] if has_gt else []
+    cols = ["image", "Y^b (pseudo)", "Y^db (biased = magenta)"]
+    cols += (["Y^co (complemented)"] if "complemented" in folders else []) + (["ground truth"] if has_gt else [])
     rows = []
     for rank, r in enumerate(top):
         i = r["image_id"]
@@ -251,15 +257,14 @@ def _grid(page: _Page, cfg: C.Config, run: AnyPath, dataset: VOCDataset, folders
             tiles.append((read_label(folders["complemented"] / f"{i}.png"), True))
         if has_gt:
             tiles.append((read_label(dataset.gt_path(i)), True))
-        cells = "".join(f"<td>{page.image(f'grid/{rank:02d}-{c}.png', figures.tile_png(a, label=lab), f'{i}: {cols[c]}')}</td>"
-                        for c, (a, lab) in enumerate(tiles))
+        cells = "".join(f"<td>{page.image(f'grid/{rank:02d}-{c}.png', figures.tile_png(a, label=lab), f'{i}: {col}')}"
+                        "</td>" for c, ((a, lab), col) in enumerate(zip(tiles, cols)))
         rows.append(f'<tr data-image="{_e(i)}"><td class="name">{_e(i)}<br><span class="muted">'
                     f'{_pct(r["biased_share"])}% biased</span></td>{cells}</tr>')
-    head = "".join(f"<th>{_y(c)}</th>" for c in cols)
     page.add("images", "Images that changed most",
              f"<p>The {len(top)} images of split {_e(cfg.data.split)} with the largest share of pixels marked "
              "biased (Eq 5). In Y<sup>db</sup>, kept labels are blended with the image.</p>"
-             f'<table class="grid" id="grid"><tr><th class="name">image</th>{head}</tr>{"".join(rows)}</table>')
+             + _table("grid", ["image", *cols], rows, cls="grid"))
 
 
 def _training(page: _Page, run: AnyPath) -> None:
@@ -272,13 +277,15 @@ def _training(page: _Page, run: AnyPath) -> None:
                 histories[name] = rows
     if not histories:
         return
-    last = "".join(f'<tr><td class="name">{_e(n)}</td><td>{rows[-1]["epoch"]}</td><td>{float(rows[-1]["loss"]):.4f}</td>'
-                   f'{_cell(float(rows[-1]["val_miou"]) if rows[-1].get("val_miou") else None, metric="val_miou")}</tr>'
-                   for n, rows in histories.items())
+    last = []
+    for name, rows in histories.items():
+        r = rows[-1]
+        val = float(r["val_miou"]) if r.get("val_miou") else None
+        last.append(f'<tr><td class="name">{_e(name)}</td><td>{_e(r["epoch"])}</td><td>{float(r["loss"]):.4f}</td>'
+                    f'{_cell(val, metric="val_miou")}</tr>')
     page.add("training", "Training",
              page.image("curves.png", figures.training_curves(histories), "training curves", width=800)
-             + '<table id="training"><tr><th class="name">run</th><th>epochs</th><th>last loss</th>'
-             f"<th>last val mIoU %</th></tr>{last}</table>")
+             + _table("training", ["run", "epochs", "last loss", "last val mIoU %"], last))
 
 
 def _sweep(page: _Page, run: AnyPath) -> None:
@@ -307,7 +314,8 @@ def _sweep(page: _Page, run: AnyPath) -> None:
 
 def _header(cfg: C.Config, run: AnyPath) -> str:
     f, s, d = cfg.features, cfg.select, cfg.debias
-    items = [("dataset", cfg.data.root), ("split", cfg.data.split), ("pseudo labels", cfg.data.pseudo_labels or "RUN/wsss"),
+    items = [("dataset", cfg.data.root), ("split", cfg.data.split),
+             ("pseudo labels", cfg.data.pseudo_labels or "RUN/wsss"),
              ("features", cfg.data.features_dir or f.extractor), ("K_fg / K_bg", f"{f.k_fg} / {f.k_bg}"),
              ("α", s.alpha), ("debias threshold / CRF", f"{d.threshold} / {d.crf}")]
     rows = "".join(f'<tr><th class="name">{_e(k)}</th><td class="name">{_e(v)}</td></tr>' for k, v in items)
