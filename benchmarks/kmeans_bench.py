@@ -19,7 +19,8 @@ Gaussians one σ apart), ``single`` (one isotropic Gaussian: no structure), ``lo
 signal + noise, ViT-like anisotropy).
 
 ``library`` is whatever ``mars_ray.algo.clustering.kmeans`` is now (scikit-learn Lloyd since this
-benchmark's first run; ``results_kmeans_bench.json`` holds that run's summary, when it was still ours).
+benchmark's first run); ``results_kmeans_bench.json`` holds the summaries of that run (library still
+ours) and of one after the switch with ``--faiss`` (faiss-cpu installed beside the environment).
 
     python benchmarks/kmeans_bench.py [--size 128 --n-train 24] [--smoke-test] [--json OUT.json]
 """

@@ -10,11 +10,13 @@ Lloyd iterations until the assignments settle). It replaced a hand-written NumPy
 d = 19-384, k = 2-4): scikit-learn is slower on small regions by a fixed ~1 ms a call (time ratio
 sklearn/ours 4.7 at 100 pixels, 1.75 at 1,000, 1.1 at 5,000) and faster on large ones (0.87 at
 20,000; 0.5-0.7 where many iterations are needed); on the built-in dataset's 104 regions at 128 px
-clustering took 1.17x as long in total (8.9 vs 5.7 ms an image, beside 13 ms of texture features and
-far more for a learned USS). Its seeding finds equal or tighter clusters (inertia ratio 0.985 on the
+clustering took 1.17-1.20x as long in total (8.3-8.9 vs 5.0-5.7 ms an image, beside 8-13 ms of
+texture features and far more for a learned USS). Its seeding finds equal or tighter clusters (inertia ratio 0.985 on the
 dataset's regions, 0.94 on separated blobs where the single-candidate k-means++ merged two blobs),
 and downstream the debiased labels were as good or slightly better (mIoU 83.6 vs 83.1, 92% of the
 chosen centroids the same, V^c cosine >= 0.99). Nothing measurably better remained in our own.
+faiss-cpu (random initialisation) was faster on small regions but slower at 20,000 pixels (1.5x)
+and looser (inertia 1.03-1.12x); not used. Figures: ``benchmarks/results_kmeans_bench.json``.
 Threads: scikit-learn's OpenMP loop honours ``OMP_NUM_THREADS`` (Ray sets it to an actor's CPUs)
 and ``threadpoolctl`` limits; results are deterministic for a seed and a thread count.
 """
