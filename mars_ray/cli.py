@@ -87,6 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = pipeline.plan_stages(cfg, args.until)
     pipeline.run_stages(cfg, run_dir, stages)
     print(f"done: {', '.join(stages)} → {run_dir}")
+    from mars_ray.report import write_report
+    print(f"report: {write_report(run_dir)}")
     return 0
 
 
@@ -126,14 +128,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate_labels(args: argparse.Namespace) -> int:
     from mars_ray.artifacts import atomic_write_json
-    from mars_ray.stages.evaluate_labels import evaluate, format_table
+    from mars_ray.data.voc import VOCDataset
+    from mars_ray.stages import evaluate_labels as EL
 
-    labels = upath(args.labels)
-    metrics = evaluate(args.data, labels, args.split, biased_as=args.biased_as)
-    out = upath(args.out) if args.out else labels / "metrics.json"
-    atomic_write_json(out, metrics)
-    print(format_table(metrics))
-    print(f"mIoU {100 * metrics['miou']:.1f}  FP {100 * metrics['fp']:.1f}  FN {100 * metrics['fn']:.1f}  → {out}")
+    if args.out and args.run:
+        raise ValueError("pass --out FILE or --run RUN, not both")
+    out = upath(args.out) if args.out else EL.metrics_path(args.run, args.labels) if args.run else None
+    if out is not None:  # never into an input: the labels are often someone else's dataset, or read-only
+        EL.check_not_inside(out, {"labels": args.labels, "dataset": args.data})
+    metrics = EL.evaluate(args.data, args.labels, args.split, biased_as=args.biased_as)
+    if out is not None:
+        dataset = VOCDataset(args.data)  # the fingerprint lets `mars report RUN` reuse the result while current
+        atomic_write_json(out, {**metrics, "fingerprint": EL.labels_fingerprint(dataset, args.labels, args.split)})
+    print(EL.format_table(metrics))
+    print(f"mIoU {100 * metrics['miou']:.1f}  FP {100 * metrics['fp']:.1f}  FN {100 * metrics['fn']:.1f}  → "
+          + (str(out) if out is not None else "not saved (--out FILE or --run RUN to keep it)"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mars_ray.report import write_report
+
+    print(f"report: {write_report(args.run, max_images=args.max_images)}")
     return 0
 
 
@@ -163,6 +179,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
                        overrides=C.parse_set(args.set))
     print(summary["table"])
+    from mars_ray.report import write_report
+    print(f"report: {write_report(Path(args.out) / 'run')}")
     return 0
 
 
@@ -216,8 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="folder of label PNGs {id}.png (a folder or a URI)")
     p.add_argument("--split", default="train")
     p.add_argument("--biased-as", choices=("background", "ignore"), default="background")
-    p.add_argument("--out", help="metrics JSON, a file or a URI (default LABELS/metrics.json)")
+    p.add_argument("--out", help="metrics JSON, a file or a URI (never inside --labels or --data)")
+    p.add_argument("--run", help="run folder: write RUN/evaluate_labels/<labels folder name>.json "
+                                 "(without --out or --run the metrics are printed only)")
     p.set_defaults(func=cmd_evaluate_labels)
+
+    p = sub.add_parser("report", help="RUN/report/index.html: tables, per-class plots, image grids (static, no server)")
+    p.add_argument("run", help="run folder (or URI) holding config.yaml and the stage folders")
+    p.add_argument("--max-images", type=int, default=12, help="rows of the image grid (default 12)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a tune_spaces/*.yaml space, tracked in MLflow")
     p.add_argument("--space", required=True, help="search space YAML (tune_spaces/alpha_kbg.yaml, …)")

@@ -285,3 +285,17 @@ def test_best_yaml_reruns_to_the_same_objective(sweep, tmp_path: Path):
     assert main(["run", "--config", str(best), "--out", str(tmp_path / "rerun"), "--until", "debias"]) == 0
     m = evaluate(cfg.data.root, tmp_path / "rerun" / "debias", cfg.data.split)
     assert m["miou"] == pytest.approx(summary["best"]["debiased_miou"], abs=1e-9)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_of_a_sweep_shows_its_heatmap_and_table(sweep):
+    from mars_ray.report import write_report
+
+    run_dir, summary = sweep
+    index = write_report(run_dir)
+    html = index.read_text()
+    assert '<section id="sweep">' in html and 'src="sweep-heatmap.png"' in html
+    assert (index.parent / "sweep-heatmap.png").read_bytes() == (run_dir / "tune" / "heatmap.png").read_bytes()
+    assert f"{summary['trials']} trials" in html and "0.6" in html
+    assert 'id="label-quality"' in html  # the pseudo labels' own score: the sweep's reference point

@@ -6,12 +6,14 @@ binarisation, then foreground pixels of Y^b with M = 0 become BIASED (254) (Eq 5
 by the actors themselves with deterministic names (temp + rename locally, one upload on an object
 store), so a retried task overwrites cleanly and a resumed run skips the ids already written (each
 actor lists the folder once). Output: ``RUN/debias/{id}.png`` and ``RUN/debias/stats.json``
-(foreground / biased pixel counts). ``RUN``, the dataset and the pseudo labels may be local or
-object-store URIs (``mars_ray.storage``).
+(foreground / biased pixel counts, in total and per class, and the images with the largest share
+of biased pixels). ``RUN``, the dataset and the pseudo labels may be local or object-store URIs
+(``mars_ray.storage``).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from typing import Any
 
@@ -26,12 +28,14 @@ from mars_ray.data.label_io import read_image, read_label, write_label
 from mars_ray.data.validate import check_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource
-from mars_ray.labels import MAX_CLASSES
+from mars_ray.labels import BIASED, MAX_CLASSES
 from mars_ray.stages import inputs
 from mars_ray.stages.runtime import ensure_ray, map_images
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
+
+MOST_BIASED = 16  # images with the largest share of biased pixels kept in stats.json, for the report
 
 
 def debias_one(
@@ -90,11 +94,17 @@ class DebiasImages:
         self.written: frozenset[str] = frozenset(storage.list_files(self.out_dir)) if skip_existing else frozenset()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ids → ``n_fg``/``n_biased``/``n_pixels`` ``[B]``; ``fg_per_class``/``biased_per_class`` ``[B, C+1]``."""
         ids = [str(i) for i in batch["image_id"]]
-        fg, biased = zip(*(self._one(i) for i in ids)) if ids else ((), ())
-        return {"image_id": np.array(ids), "n_fg": np.array(fg, np.int64), "n_biased": np.array(biased, np.int64)}
+        n = self.dataset.num_classes + 1
+        counts = [self._one(i) for i in ids]
+        fg = np.stack([c[0] for c in counts]) if ids else np.zeros((0, n), np.int64)
+        biased = np.stack([c[1] for c in counts]) if ids else np.zeros((0, n), np.int64)
+        return {"image_id": np.array(ids), "n_fg": fg.sum(axis=1), "n_biased": biased.sum(axis=1),
+                "n_pixels": np.array([c[2] for c in counts], np.int64), "fg_per_class": fg, "biased_per_class": biased}
 
-    def _one(self, image_id: str) -> tuple[int, int]:
+    def _one(self, image_id: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """Per-class foreground and biased pixel counts ``[C+1]`` of one image, and its pixel count."""
         out = self.out_dir / f"{image_id}.png"
         label_path = self.pseudo_dir / f"{image_id}.png"
         pseudo = read_label(label_path)
@@ -113,7 +123,9 @@ class DebiasImages:
             )
             write_label(out, debiased)
         is_fg = (pseudo >= 1) & (pseudo <= MAX_CLASSES)
-        return int(is_fg.sum()), int((is_fg & (debiased == 254)).sum())
+        n = self.dataset.num_classes + 1  # check_label (or the earlier run) bounds the pseudo classes by C
+        return (np.bincount(pseudo[is_fg], minlength=n)[:n].astype(np.int64),
+                np.bincount(pseudo[is_fg & (debiased == BIASED)], minlength=n)[:n].astype(np.int64), int(pseudo.size))
 
 
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
@@ -164,16 +176,32 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
             batch_size=d.batch_size,
         )
         n_images = n_fg = n_biased = 0
+        fg_c = biased_c = np.zeros(dataset.num_classes + 1, np.int64)
+        top: list[tuple[float, str, int]] = []  # (biased share of the image, id, biased pixels), a min-heap
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             n_images += len(batch["image_id"])
             n_fg += int(batch["n_fg"].sum())
             n_biased += int(batch["n_biased"].sum())
+            fg_c = fg_c + batch["fg_per_class"].sum(axis=0)
+            biased_c = biased_c + batch["biased_per_class"].sum(axis=0)
+            for i, b, p in zip(batch["image_id"], batch["n_biased"], batch["n_pixels"]):
+                if b:
+                    heapq.heappush(top, (int(b) / int(p), str(i), int(b)))
+                    if len(top) > MOST_BIASED:
+                        heapq.heappop(top)
         stats = {
             "images": n_images,
             "foreground_pixels": n_fg,
             "biased_pixels": n_biased,
             "biased_fraction": n_biased / n_fg if n_fg else 0.0,
             "resumed": resuming,
+            "per_class": {  # classes present in the pseudo labels: the share of their pixels removed
+                dataset.classes[c]: {"class_id": c, "foreground_pixels": int(fg_c[c]),
+                                     "biased_pixels": int(biased_c[c]), "biased_fraction": float(biased_c[c] / fg_c[c])}
+                for c in range(1, dataset.num_classes + 1) if fg_c[c]
+            },
+            "most_biased": [{"image_id": i, "biased_pixels": b, "biased_share": share}  # the report's image grid
+                            for share, i, b in sorted(top, reverse=True)],
         }
         atomic_write_json(sd.path / "stats.json", stats)
         sd.finish(stats)

@@ -28,3 +28,8 @@ def test_demo_removes_bias(ray_local, tmp_path: Path, capsys):
     assert set(summary["val"]) == {"baseline", "mars"}
     assert all(0 <= v["miou"] <= 1 for v in summary["val"].values())
     assert "baseline (Y^b)" in out and "vs MARS" in out
+    # the run report, written at the end; its label table (in-process) agrees with the demo's (Ray)
+    index = tmp_path / "demo" / "run" / "report" / "index.html"
+    assert f"report: {index}" in out and index.is_file()
+    saved = json.loads((tmp_path / "demo" / "run" / "evaluate_labels" / "debias.json").read_text())
+    assert saved["miou"] == pytest.approx(debiased["miou"], abs=1e-12)

@@ -44,11 +44,13 @@ def test_run_and_evaluate_labels_on_s3(s3_data: str, bucket: str, ray_local, cap
     assert "alpha: 0.5" in (r / "config.yaml").read_text()
     assert (r / "select" / "report.json").is_file() and (r / "select" / "centroids.npy").is_file()
     assert len(list((r / "debias").glob("*.png"))) == 16
-    rc = main(["evaluate-labels", "--data", s3_data, "--labels", f"{run}/debias", "--split", "train"])
+    assert (r / "report" / "index.html").is_file() and list((r / "report" / "grid").glob("*.png"))  # the run report
+    rc = main(["evaluate-labels", "--data", s3_data, "--labels", f"{run}/debias", "--split", "train", "--run", run])
     assert rc == 0
     assert "mIoU" in capsys.readouterr().out
-    metrics = json.loads((r / "debias" / "metrics.json").read_text())
+    metrics = json.loads((r / "evaluate_labels" / "debias.json").read_text())
     assert 0 <= metrics["miou"] <= 1
+    assert not (r / "debias" / "metrics.json").exists()  # never into the evaluated folder
     _no_stray_local_folder()
 
 

@@ -169,3 +169,30 @@ def test_out_of_range_label_value_is_named_and_old_artifact_kept(run: Path, tiny
     # artifact of the earlier inputs is back in place, untouched
     assert (other / "features" / "manifest.json").read_text() == before
     assert (other / "features" / features.TABLE).is_dir()
+
+
+def test_select_histograms_and_debias_per_class_counts(run: Path, tiny_data: Path):
+    """report.json's per-class histograms hold every centroid on shared edges; stats.json's per-class
+    and most-biased counts equal those counted from the PNGs (what the run report shows)."""
+    report = json.loads((run / "select" / "report.json").read_text())
+    chosen = pads.dataset(str(run / "select" / "chosen.parquet")).to_table().to_pandas()
+    for name, e in report["per_class"].items():
+        h = e["histogram"]
+        assert len(h["edges"]) == len(h["chosen"]) + 1 == len(h["not_chosen"]) + 1
+        assert sum(h["chosen"]) == e["n_chosen"] and sum(h["chosen"]) + sum(h["not_chosen"]) == e["n_centroids"]
+        mine = chosen[chosen["class_id"] == e["class_id"]]["distance"].to_numpy()
+        assert np.histogram(mine, np.asarray(h["edges"]))[0].tolist() == h["chosen"]
+    ds = VOCDataset(tiny_data)
+    fg, biased, share = np.zeros(ds.num_classes + 1, int), np.zeros(ds.num_classes + 1, int), {}
+    for i in ds.ids("train"):
+        y_b, y_db = read_label(tiny_data / "pseudo_labels" / f"{i}.png"), read_label(run / "debias" / f"{i}.png")
+        m = (y_b >= 1) & (y_b <= ds.num_classes)
+        fg += np.bincount(y_b[m], minlength=ds.num_classes + 1)
+        biased += np.bincount(y_b[m & (y_db == 254)], minlength=ds.num_classes + 1)
+        share[i] = float((y_db == 254).mean())
+    stats = json.loads((run / "debias" / "stats.json").read_text())
+    assert {n: (e["foreground_pixels"], e["biased_pixels"]) for n, e in stats["per_class"].items()} == {
+        ds.classes[c]: (int(fg[c]), int(biased[c])) for c in range(1, ds.num_classes + 1) if fg[c]}
+    top = sorted((s for s in share.values() if s > 0), reverse=True)[:16]  # compared by value: ties may swap ids
+    assert [r["biased_share"] for r in stats["most_biased"]] == pytest.approx(top)
+    assert all(r["biased_share"] == pytest.approx(share[r["image_id"]]) for r in stats["most_biased"])
