@@ -164,6 +164,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     best = summary["best"]
     print(f"best {summary['objective']['metric']} = {best[summary['objective']['metric']]:.4f} at "
           + ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("trial_id", summary['objective']['metric'])))
+    if summary.get("reference_note"):
+        print(summary["reference_note"])
     print(f"{summary['trials']} trials ({summary['failed']} failed) in {summary['wall_s']}s; "
           f"best config → {summary['best_config']}; MLflow: {summary['tracking_uri']}")
     if summary["artifact_errors"]:

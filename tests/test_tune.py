@@ -207,6 +207,10 @@ def test_mlflow_artifact_failures_are_returned_not_swallowed(tmp_path: Path):
 # -- a real sweep -------------------------------------------------------------------------------
 
 
+def tiny_data_root(run_dir: Path) -> str:
+    return C.build(run_dir / "config.yaml").data.root
+
+
 @pytest.fixture(scope="module")
 def sweep(tiny_data: Path, ray_local, tmp_path_factory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("tune") / "run"
@@ -245,6 +249,13 @@ def test_sweep_reuses_features_per_k_bg(sweep):
     assert {(r["select.alpha"], r["features.k_bg"]) for r in rows} == {("0.2", "1"), ("0.2", "2"), ("0.6", "1"), ("0.6", "2")}
     assert (run_dir / "tune" / "heatmap.png").stat().st_size > 1000
     assert "0.2" in summary["table"] and "0.6" in summary["table"]
+    # the reference point: the pseudo labels' own score, in the summary, the table and the log note
+    from mars_ray.stages.evaluate_labels import evaluate
+
+    ref = evaluate(tiny_data_root(run_dir), C.build(run_dir / "config.yaml").data.pseudo_labels, "train")
+    assert summary["reference"]["value"] == pytest.approx(ref["miou"])
+    assert f"pseudo labels (reference, no debiasing): debiased_miou {100 * ref['miou']:.2f}" in summary["table"]
+    assert "beat" in summary["reference_note"]
 
 
 @pytest.mark.ray

@@ -66,11 +66,20 @@ def _pivot(rows: list[dict[str, Any]], x: str, y: str, metric: str) -> tuple[lis
     return xs, ys, grid
 
 
-def format_table(rows: list[dict[str, Any]], searched: list[str], metric: str, mode: str = "max") -> str:
-    """Objective over the two main searched keys as text (rows: second key, columns: first key)."""
+def format_table(rows: list[dict[str, Any]], searched: list[str], metric: str, mode: str = "max",
+                 reference: float | None = None) -> str:
+    """Objective over the two main searched keys as text (rows: second key, columns: first key);
+    ``reference`` (the pseudo labels' own figure for ``metric``) adds a last line to compare with."""
     ok = [r for r in rows if r["status"] == "ok" and finite(r.get(metric))]
     if not ok:
         return "no finished trials"
+    table = _table(ok, searched, metric, mode)
+    if reference is not None and finite(reference):
+        table += f"\npseudo labels (reference, no debiasing): {metric} {100 * reference:.2f}"
+    return table
+
+
+def _table(ok: list[dict[str, Any]], searched: list[str], metric: str, mode: str) -> str:
     axes = _axes(searched, ok)
     if axes is None:  # one key, or continuous domains: one line a trial
         lines = ["".join(f"{k:>20}" for k in searched) + f"{metric:>16}"]
@@ -85,8 +94,12 @@ def format_table(rows: list[dict[str, Any]], searched: list[str], metric: str, m
     return "\n".join(lines)
 
 
-def heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path: AnyPath) -> AnyPath | None:
-    """``heatmap.png``: the objective over the two main searched keys (or over one key as a line)."""
+def heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path: AnyPath,
+            reference: float | None = None) -> AnyPath | None:
+    """``heatmap.png``: the objective over the two main searched keys (or over one key as a line).
+
+    ``reference`` (the pseudo labels' figure for the objective) is drawn as a red line on the
+    colour bar (or a dashed line on the plot) and named in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -107,7 +120,9 @@ def heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path:
                     ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=7, color="white")
         ax.set_xlabel(x)
         ax.set_ylabel(y)
-        fig.colorbar(im, ax=ax, label=f"{metric} ({space.mode})")
+        cbar = fig.colorbar(im, ax=ax, label=f"{metric} ({space.mode})")
+        if reference is not None and finite(reference):
+            cbar.ax.axhline(reference, color="red", lw=2)
     else:
         k = searched[0]
         pts = sorted((r[k], r[metric]) for r in rows if isinstance(r[k], (int, float)))
@@ -116,9 +131,13 @@ def heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if len(searched) == 1 else "")
         if space.params[k].get("loguniform"):
             ax.set_xscale("log")
+        if reference is not None and finite(reference):
+            ax.axhline(reference, color="red", ls="--", label="pseudo labels")
+            ax.legend(loc="best", fontsize=8)
         ax.set_xlabel(k)
         ax.set_ylabel(metric)
-    ax.set_title(f"{space.name}: {metric} ({space.mode})")
+    ref = f"; pseudo labels {100 * reference:.1f}" if reference is not None and finite(reference) else ""
+    ax.set_title(f"{space.name}: {metric} ({space.mode}){ref}")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

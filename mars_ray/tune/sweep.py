@@ -91,6 +91,7 @@ def run_sweep(
     Which extractor and which pre-stages: the planning rule of ``mars run`` (``pipeline``), with the
     searched keys counting as chosen.
     """
+    from mars_ray.stages.evaluate_labels import pseudo_label_reference
     from mars_ray.stages.inputs import validate_inputs
     from mars_ray.stages.runtime import ensure_ray
 
@@ -112,6 +113,7 @@ def run_sweep(
     validate_inputs(base, run_dir)
     param_space = validate_space(space, base)
     ensure_ray(base.ray)
+    reference = pseudo_label_reference(base, space.metric)  # the score every trial must beat
     _check_capacity(space, base)
     C.dump_yaml(base, run_dir / "config.yaml")
     tracking.ensure_experiment(uri, exp_name, artifact_location)
@@ -122,7 +124,7 @@ def run_sweep(
     with tracking.isolated_tracking_uri():
         results = _fit(space, param_space, run_dir, uri, exp_name, verbose)
         wall = time.perf_counter() - t0
-        return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke)
+        return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke, reference)
 
 
 def _fit(space: Space, param_space: dict[str, Any], run_dir: AnyPath, uri: str, exp_name: str, verbose: int) -> Any:
@@ -189,9 +191,15 @@ def _rows(space: Space, results: Any) -> list[tuple[dict[str, Any], dict[str, An
 
 
 def _finish(space: Space, base: C.Config, run_dir: AnyPath, results: Any, uri: str, exp_name: str, wall: float,
-            smoke: bool) -> dict[str, Any]:
+            smoke: bool, reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.csv, best.yaml, heatmap.png, MLflow artifacts, then summary.json (which records any
-    artifact that could not be logged); ``RuntimeError`` when no trial reported the objective."""
+    artifact that could not be logged); ``RuntimeError`` when no trial reported the objective.
+
+    ``reference``: the pseudo labels' own score (``evaluate_labels.pseudo_label_reference``), shown
+    in the table, the heatmap, ``summary.json`` and the log, so a sweep whose best point does not
+    beat the labels it started from says so."""
+    from mars_ray.stages.evaluate_labels import reference_note
+
     searched = list(space.params)
     rows = _rows(space, results)
     ok = [(row, cfg) for row, cfg in rows if row["status"] == "ok" and report.finite(row.get(space.metric))]
@@ -204,7 +212,8 @@ def _finish(space: Space, base: C.Config, run_dir: AnyPath, results: Any, uri: s
     report.write_csv([row for row, _ in rows], out_dir / "results.csv")
     best = C.build(overrides={**best_cfg, "features.cache_dir": ""})
     C.dump_yaml(best, out_dir / "best.yaml")
-    heatmap = report.heatmap([row for row, _ in ok], searched, space, out_dir / "heatmap.png")
+    ref_value = reference.get("value") if reference else None
+    heatmap = report.heatmap([row for row, _ in ok], searched, space, out_dir / "heatmap.png", reference=ref_value)
     artifact_errors = _log_artifacts(uri, exp_name, rows, run_dir, out_dir, best_row["trial_id"])
     summary = {
         "space": space.path, "smoke": smoke, "objective": {"metric": space.metric, "mode": space.mode},
@@ -214,9 +223,14 @@ def _finish(space: Space, base: C.Config, run_dir: AnyPath, results: Any, uri: s
                  space.metric: best_row[space.metric]},
         "results": str(out_dir / "results.csv"), "best_config": str(out_dir / "best.yaml"),
         "heatmap": str(heatmap) if heatmap else None, "tracking_uri": uri, "experiment": exp_name,
-        "artifact_errors": artifact_errors,
-        "table": report.format_table([row for row, _ in rows], searched, space.metric, space.mode),
+        "artifact_errors": artifact_errors, "reference": reference,
+        "table": report.format_table([row for row, _ in rows], searched, space.metric, space.mode,
+                                     reference=ref_value),
     }
+    note = reference_note(reference, best_row[space.metric], space.mode)
+    if note:
+        logger.info("tune: %s", note)
+        summary["reference_note"] = note
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
