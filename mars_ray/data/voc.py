@@ -27,7 +27,7 @@ import hashlib
 import logging
 import os
 from pathlib import PurePosixPath
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
@@ -84,6 +84,20 @@ class VOCDataset:
         self._gt_dir_warned = False
         self._ids_cache: dict[str, list[str]] = {}
         self._listings: dict[str, dict[str, object]] = {}  # object stores only: folder → {name: stat}
+
+    def spec(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this dataset in another process: ``VOCDataset(**ds.spec())``.
+
+        Every path is absolute (a Ray actor's working directory differs from the driver's); what Ray
+        actors get instead of the dataset object.
+        """
+        return {
+            "root": storage.absolute(self.root),
+            "gt_dir": storage.absolute(self.gt_dir),
+            "split_files": {k: storage.absolute(v) for k, v in self.split_files.items()} or None,
+            "image_labels": storage.absolute(self.image_labels_path) if self.image_labels_given else "",
+            "image_labels_difficult": self.image_labels_difficult,
+        }
 
     def _listed(self, folder: storage.AnyPath) -> Optional[dict[str, object]]:
         """On an object store, the folder's files (listed once): no request per image. Locally ``None``."""

@@ -38,6 +38,7 @@ from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.labels import BIASED
 from mars_ray.report import figures
+from mars_ray.stages.inputs import open_dataset, pseudo_label_dir
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def _label_folders(cfg: C.Config, run: AnyPath, dataset: VOCDataset) -> dict[str
     out: dict[str, AnyPath] = {}
     for key, _, sub in LABEL_SETS:
         if sub is None:
-            folder = upath(cfg.data.pseudo_labels) if cfg.data.pseudo_labels else run / "wsss"
+            folder = pseudo_label_dir(cfg, run)
         else:
             folder = run / sub
         if sub == "debias" and not _complete(folder):
@@ -347,7 +348,7 @@ def write_report(run_dir: "str | os.PathLike[str] | storage.ObjectPath", *, max_
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run / 'config.yaml'}: not a run folder (no config.yaml)")
     cfg = C.build(run / "config.yaml")
-    dataset = VOCDataset(cfg.data.root)
+    dataset = open_dataset(cfg)
     folders = _label_folders(cfg, run, dataset)
     page = _Page()
     _quality(page, cfg, run, dataset, folders)

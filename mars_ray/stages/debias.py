@@ -69,7 +69,7 @@ class DebiasImages:
     def __init__(
         self,
         *,
-        root: str,
+        dataset: dict[str, Any],
         pseudo_dir: str,
         out_dir: str,
         select_dir: str,
@@ -80,7 +80,7 @@ class DebiasImages:
         threads: int = 1,
     ) -> None:
         torch.set_num_threads(max(1, threads))
-        self.dataset = VOCDataset(root)
+        self.dataset = VOCDataset(**dataset)
         self.pseudo_dir = upath(pseudo_dir)
         self.out_dir = upath(out_dir)
         select = upath(select_dir)
@@ -149,7 +149,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     run); their inputs are not checked again: each label is checked as its actor reads it.
     """
     sd = stage_dir(cfg, run_dir)
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     if sd.is_complete():
         logger.info("debias: up to date in %s, skipping", sd.path)
         return sd.path
@@ -161,7 +161,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
             ids,
             DebiasImages,
             dict(
-                root=storage.absolute(dataset.root),
+                dataset=dataset.spec(),
                 pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
                 out_dir=storage.absolute(sd.path),
                 select_dir=storage.absolute(run_dir / "select"),

@@ -43,10 +43,10 @@ def to_fp16(features: np.ndarray, where: str) -> np.ndarray:
 class DumpFeatures:
     """Ray Data callable: a batch of image ids → ``{id}.npz`` written; returns each id's ``[d, h, w]``."""
 
-    def __init__(self, *, root: str, out_dir: str, source_kwargs: dict[str, Any], skip_existing: bool,
-                 dataset_kwargs: dict[str, Any] | None = None, threads: int = 1) -> None:
+    def __init__(self, *, dataset: dict[str, Any], out_dir: str, source_kwargs: dict[str, Any], skip_existing: bool,
+                 threads: int = 1) -> None:
         torch.set_num_threads(max(1, threads))
-        self.dataset = VOCDataset(root, **(dataset_kwargs or {}))
+        self.dataset = VOCDataset(**dataset)
         self.out_dir = upath(out_dir)
         self.source = FeatureSource(**source_kwargs)
         self.existing = set(storage.list_files(self.out_dir)) if skip_existing else set()
@@ -93,8 +93,7 @@ def dump_features(cfg: C.Config, out: "str | AnyPath", *, overwrite: bool = Fals
         raise ValueError("no dataset: pass --data ROOT")
     skw = source_kwargs(cfg)
     FeatureSource(**skw)  # builds the extractor once here: an unknown name or a bad checkpoint fails now
-    dataset_kwargs = cfg.data.dataset_kwargs()
-    ds = VOCDataset(cfg.data.root, **dataset_kwargs)
+    ds = VOCDataset(cfg.data.root, **cfg.data.dataset_kwargs())
     ids = ds.ids(cfg.data.split)
     for i in ids:
         ds.image_path(i)
@@ -104,8 +103,8 @@ def dump_features(cfg: C.Config, out: "str | AnyPath", *, overwrite: bool = Fals
     f = cfg.features
     result = map_images(
         ids, DumpFeatures,
-        dict(root=storage.absolute(cfg.data.root), out_dir=storage.absolute(folder), source_kwargs=skw,
-             skip_existing=not overwrite, dataset_kwargs=dataset_kwargs, threads=max(1, int(f.cpus_per_actor))),
+        dict(dataset=ds.spec(), out_dir=storage.absolute(folder), source_kwargs=skw,
+             skip_existing=not overwrite, threads=max(1, int(f.cpus_per_actor))),
         num_actors=f.num_actors, cpus_per_actor=f.cpus_per_actor, batch_size=f.batch_size)
     written, dims = 0, set()
     for batch in result.iter_batches(batch_size=1024, batch_format="numpy"):

@@ -35,6 +35,7 @@ from mars_ray.engine import predict_labels
 from mars_ray.models.deeplab import load_segmenter_checkpoint
 from mars_ray.stages.evaluate_labels import format_table
 from mars_ray.stages.inputs import config_path
+from mars_ray.stages import inputs
 from mars_ray.stages.runtime import ensure_ray, map_images
 from mars_ray.storage import AnyPath, upath
 
@@ -55,7 +56,7 @@ class PredictImages:
         self,
         *,
         checkpoint: str,
-        root: str,
+        dataset: dict[str, Any],
         out_dir: str,
         num_classes: int,
         scales: Sequence[float] = (1.0,),
@@ -69,7 +70,7 @@ class PredictImages:
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, _ = load_segmenter_checkpoint(checkpoint, expect_num_classes=num_classes, map_location=self.device)
-        self.dataset = VOCDataset(root)
+        self.dataset = VOCDataset(**dataset)
         self.out_dir = upath(out_dir)
         self.num_classes = num_classes
         self.kw = dict(scales=tuple(scales), flip=flip, crf=crf)
@@ -123,7 +124,7 @@ def predict_split(
         ids,
         PredictImages,
         dict(
-            checkpoint=storage.absolute(checkpoint), root=storage.absolute(dataset.root),
+            checkpoint=storage.absolute(checkpoint), dataset=dataset.spec(),
             out_dir=storage.absolute(out_dir), num_classes=num_classes, scales=tuple(scales), flip=flip, crf=crf,
             fill_dir=storage.absolute(fill_dir) if fill_dir else None,
             with_gt=with_gt, use_gpu=use_gpu, threads=max(1, int(cpus_per_actor)),
@@ -165,7 +166,7 @@ def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPat
     for key in ("num_actors", "batch_size"):
         if getattr(e, key) < 1:
             raise ValueError(f"evaluate.{key} must be >= 1, got {getattr(e, key)}")
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     dataset.ids(cfg.data.eval_split)  # names the split file when it is missing
     ckpt = default_checkpoint(cfg, run_dir)
     if not ckpt.is_file():

@@ -28,6 +28,7 @@ from mars_ray.config import Config, RayConfig
 from mars_ray.data.label_io import read_label
 from mars_ray.data.validate import check_label, check_label_folder
 from mars_ray.data.voc import VOCDataset
+from mars_ray.stages import inputs
 from mars_ray.stages.runtime import ensure_ray, map_images
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ PathLike = Union[str, "os.PathLike[str]", storage.ObjectPath]
 
 
 class _BatchConfusion:
-    def __init__(self, root: str, labels: str, biased_as: str) -> None:
-        self.dataset = VOCDataset(root)
+    def __init__(self, dataset: dict[str, Any], labels: str, biased_as: str) -> None:
+        self.dataset = VOCDataset(**dataset)
         self.labels = storage.upath(labels)
         self.biased_as = biased_as
 
@@ -81,7 +82,7 @@ def confusion(
     ids = _check_split(dataset, split, biased_as)
     check_label_folder(dataset, split, labels, name="label")
     ensure_ray(ray_cfg or RayConfig())
-    ds = map_images(ids, _BatchConfusion, dict(root=storage.absolute(dataset.root), labels=storage.absolute(labels),
+    ds = map_images(ids, _BatchConfusion, dict(dataset=dataset.spec(), labels=storage.absolute(labels),
                                                 biased_as=biased_as),
                     batch_size=64)
     total = ConfusionMatrix(dataset.num_classes + 1)
@@ -212,7 +213,7 @@ def pseudo_label_reference(cfg: Config, metric: str) -> dict[str, Any] | None:
     """
     if not cfg.data.pseudo_labels:
         raise ValueError("pseudo_label_reference needs data.pseudo_labels (run wsss first)")
-    if not VOCDataset(cfg.data.root).has_gt(cfg.data.split):
+    if not inputs.open_dataset(cfg).has_gt(cfg.data.split):
         return None
     m = evaluate(cfg.data.root, cfg.data.pseudo_labels, cfg.data.split, ray_cfg=cfg.ray)
     key = REFERENCE_OF.get(metric)

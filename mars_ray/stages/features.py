@@ -76,7 +76,7 @@ class ClusterImages:
     def __init__(
         self,
         *,
-        root: str,
+        dataset: dict[str, Any],
         pseudo_dir: str,
         source_kwargs: dict[str, Any],
         k_fg: int,
@@ -87,7 +87,7 @@ class ClusterImages:
         threads: int = 1,
     ) -> None:
         torch.set_num_threads(max(1, threads))
-        self.dataset = VOCDataset(root)
+        self.dataset = VOCDataset(**dataset)
         self.pseudo_dir = upath(pseudo_dir)
         self.source = FeatureSource(**source_kwargs)
         self.kw = dict(k_fg=k_fg, k_bg=k_bg, max_pixels=max_pixels, iters=iters, seed=seed)
@@ -133,7 +133,7 @@ class ClusterImages:
 
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     """The ``features`` artifact folder and its key (config slice + input fingerprints)."""
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
     pseudo = inputs.pseudo_label_dir(cfg, run_dir)
     source = inputs.feature_source_kwargs(cfg, run_dir)
@@ -199,7 +199,7 @@ def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir)
             ids,
             ClusterImages,
             dict(
-                root=storage.absolute(dataset.root),
+                dataset=dataset.spec(),
                 pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
                 source_kwargs=inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
                 k_fg=fc.k_fg,

@@ -32,6 +32,12 @@ def config_path(value: str) -> AnyPath | None:
     return storage.upath(value) if value else None
 
 
+def open_dataset(cfg: C.Config) -> VOCDataset:
+    """The dataset the config names: ``data.root`` with ``data.gt_dir``, ``data.split_file`` and
+    ``data.image_labels`` (Ray actors get ``dataset.spec()`` and rebuild it)."""
+    return VOCDataset(cfg.data.root, **cfg.data.dataset_kwargs())
+
+
 def pseudo_label_dir(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Y^b folder: ``--pseudo-labels`` or the built-in CAM baseline's ``RUN/wsss`` (local or URI)."""
     return config_path(cfg.data.pseudo_labels) or run_dir / "wsss"
@@ -77,7 +83,7 @@ def feature_source_fingerprint(source_kwargs: dict[str, Any]) -> dict[str, str]:
 def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> VOCDataset:
     """Y^b (every id present, sizes matching the images) and external F (every id, ``.npy`` headers),
     checked before any output is touched; ``ValueError``/``FileNotFoundError`` naming the file."""
-    dataset = VOCDataset(cfg.data.root)
+    dataset = open_dataset(cfg)
     check_label_folder(dataset, cfg.data.split, pseudo_label_dir(cfg, run_dir), name="pseudo label")
     features_dir = config_path(cfg.data.features_dir)
     if features_dir is not None:
@@ -85,5 +91,5 @@ def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> VOCDataset:
     return dataset
 
 
-__all__ = ["USS_CHECKPOINT", "config_path", "feature_source_fingerprint", "feature_source_kwargs",
+__all__ = ["USS_CHECKPOINT", "config_path", "open_dataset", "feature_source_fingerprint", "feature_source_kwargs",
            "pseudo_label_dir", "uss_checkpoint", "validate_inputs"]

@@ -33,6 +33,7 @@ from mars_ray.algo.centroids import BackgroundMean, bias_distance, class_sums, m
 from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, require_complete
 from mars_ray.data.voc import VOCDataset
 from mars_ray.stages import features as features_stage
+from mars_ray.stages import inputs
 from mars_ray.stages.runtime import ensure_ray
 from mars_ray.storage import AnyPath, upath
 
@@ -189,7 +190,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     if sd.is_complete():
         logger.info("select: up to date in %s, skipping", sd.path)
         return sd.path
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     with sd.guard():
         ensure_ray(cfg.ray)
         actor = ray.remote(num_cpus=1)(CentroidSelector).remote(

@@ -130,7 +130,7 @@ def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPat
     """
     t = cfg.train
     _check_numbers(t)
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     labels = labels_dir(cfg, run_dir)
     if not t.labels and not t.baseline:
         require_complete(labels, "debias")
@@ -151,7 +151,7 @@ def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPat
 
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     """``RUN/train`` (or ``RUN/train_baseline``) and its key: config slice minus execution knobs + inputs."""
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     labels = labels_dir(cfg, run_dir)
     t = cfg.train
     slice_ = {
@@ -177,8 +177,8 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
 class _LoadPair:
     """Ray Data callable: ids → (image uint8 [H,W,3], label uint8 [H,W]) rows, labels checked."""
 
-    def __init__(self, root: str, labels: str) -> None:
-        self.dataset = VOCDataset(root)
+    def __init__(self, dataset: dict[str, Any], labels: str) -> None:
+        self.dataset = VOCDataset(**dataset)
         self.labels = upath(labels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -230,7 +230,7 @@ def _training_dataset(dataset: VOCDataset, split: str, labels: AnyPath, *, train
     trainer (memory stays flat as the dataset grows); materialised first on a small machine, where
     a lazy read would wait behind the trainer's CPUs forever (RAY_NOTES)."""
     ids = dataset.ids(split)
-    ds = map_images(ids, _LoadPair, {"root": storage.absolute(dataset.root), "labels": storage.absolute(labels)},
+    ds = map_images(ids, _LoadPair, {"dataset": dataset.spec(), "labels": storage.absolute(labels)},
                     batch_size=16)
     spare = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus
     return ds.materialize() if spare < 2 else ds
@@ -319,7 +319,7 @@ def loop_settings(cfg: C.Config, dataset: VOCDataset) -> TrainLoop:
         crop_size=t.crop_size, scale_range=(t.scale_min, t.scale_max), batch_size=t.batch_size,
         n_train=len(dataset.ids(cfg.data.split)), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
         poly_power=t.poly_power, epochs=t.epochs, ema_momentum=t.ema_momentum, crf=t.crf_kwargs(), amp=t.amp,
-        checkpoint_every=t.checkpoint_every, val_every=t.val_every, root=storage.absolute(dataset.root),
+        checkpoint_every=t.checkpoint_every, val_every=t.val_every, dataset=dataset.spec(),
         val_ids=tuple(_val_ids(dataset, cfg.data.eval_split)), seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
     )
 

@@ -42,9 +42,9 @@ def _augmented_batches(shard: Any, augment: SegAugment, batch_size: int, seed: i
                "label": torch.from_numpy(np.stack([p["label"] for p in pairs])).long()}
 
 
-def _val_miou(model: torch.nn.Module, root: str, ids: list[str], num_classes: int) -> float:
-    """Single-scale mIoU of ``model`` on ``ids`` (read from the dataset root, local or URI; rank 0 only)."""
-    dataset = VOCDataset(root)
+def _val_miou(model: torch.nn.Module, spec: dict[str, Any], ids: list[str], num_classes: int) -> float:
+    """Single-scale mIoU of ``model`` on ``ids`` (``VOCDataset(**spec)``, local or URI; rank 0 only)."""
+    dataset = VOCDataset(**spec)
     device = next(model.parameters()).device
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
@@ -96,7 +96,7 @@ class TrainLoop:
     amp: bool
     checkpoint_every: int
     val_every: int
-    root: str
+    dataset: dict[str, Any]  # VOCDataset.spec()
     val_ids: tuple[str, ...]  # eval-split ids with ground truth (empty: no per-epoch val mIoU)
     seed: int
     threads: int
@@ -160,7 +160,7 @@ def fit(s: TrainLoop) -> None:
         row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": nets.optimizer.param_groups[0]["lr"], **terms}
         last = epoch + 1 == s.epochs
         if rank == 0 and s.val_ids and s.val_every and ((epoch + 1) % s.val_every == 0 or last):
-            row["val_miou"] = _val_miou(nets.core if s.baseline else nets.teacher, s.root, s.val_ids, s.num_classes)
+            row["val_miou"] = _val_miou(nets.core if s.baseline else nets.teacher, s.dataset, s.val_ids, s.num_classes)
         row["time"] = time.perf_counter() - t0
         history.append(row)
         due = rank == 0 and ((epoch + 1) % s.checkpoint_every == 0 or last)

@@ -347,7 +347,7 @@ def check_config(u: C.UssConfig) -> None:
 def validate_inputs(cfg: C.Config) -> VOCDataset:
     """Config, dataset, images and backbone weights, checked before any output is touched."""
     check_config(cfg.uss)
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
     if len(ids) < 2:
         raise ValueError(f"uss needs at least 2 images in split {cfg.data.split!r} (k-NN and random pairs), got {len(ids)}")
@@ -362,7 +362,7 @@ def validate_inputs(cfg: C.Config) -> VOCDataset:
 
 def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None) -> StageDir:
     """``RUN/uss`` and its key: uss config slice + dataset fingerprint + backbone weights fingerprint."""
-    dataset = dataset or VOCDataset(cfg.data.root)
+    dataset = dataset or inputs.open_dataset(cfg)
     slice_ = {
         "data": {"root": _storage.absolute(cfg.data.root), "split": cfg.data.split},
         "uss": {k: v for k, v in C.to_dict(cfg.uss).items() if k not in _EXECUTION_KEYS},

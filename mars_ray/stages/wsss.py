@@ -40,6 +40,7 @@ from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.data.label_io import read_image, write_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import build_sgd, fit_crop, poly_lr_lambda, sharded_loader, train_one_epoch
+from mars_ray.stages import inputs
 from mars_ray.stages.runtime import (ensure_ray, final_state, fit_torch, map_images, report_epoch, restored_state,
                                      worker_seed)
 from mars_ray.storage import AnyPath, upath
@@ -169,7 +170,7 @@ class CamImages:
     def __init__(
         self,
         *,
-        root: str,
+        dataset: dict[str, Any],
         checkpoint: str,
         out_dir: str,
         scales: tuple[float, ...],
@@ -181,7 +182,7 @@ class CamImages:
         threads: int = 1,
     ) -> None:
         torch.set_num_threads(max(1, threads))
-        self.dataset = VOCDataset(root)
+        self.dataset = VOCDataset(**dataset)
         self.device = torch.device(device)
         self.model = load_classifier(checkpoint, device)
         self.out_dir = upath(out_dir)
@@ -231,7 +232,7 @@ def cam_splits(cfg: C.Config, dataset: VOCDataset) -> list[str]:
     """The splits that get pseudo labels: ``data.split``, plus ``data.eval_split`` when asked and usable."""
     splits = [cfg.data.split]
     ev = cfg.data.eval_split
-    if cfg.wsss.cam_eval_split and ev and ev != cfg.data.split and (dataset.split_dir / f"{ev}.txt").is_file():
+    if cfg.wsss.cam_eval_split and ev and ev != cfg.data.split and dataset.split_path(ev).is_file():
         try:
             for i in dataset.ids(ev):
                 dataset.image_labels(i)
@@ -250,8 +251,9 @@ def validate_inputs(cfg: C.Config) -> tuple[VOCDataset, list[str]]:
     check_config(cfg.wsss)
     load_all()
     CLASSIFIERS.builder(cfg.wsss.classifier)  # unknown name → ValueError listing the known ones
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
+    dataset.check_image_labels(cfg.data.split)  # one line: which file/format, how many ids matched
     labels = [dataset.image_labels(i) for i in ids]  # raises naming the id without labels
     for i in ids:
         dataset.image_path(i)
@@ -311,7 +313,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
             ids,
             CamImages,
             dict(
-                root=storage.absolute(dataset.root), checkpoint=storage.absolute(ckpt),
+                dataset=dataset.spec(), checkpoint=storage.absolute(ckpt),
                 out_dir=storage.absolute(sd.path), scales=tuple(w.cam_scales),
                 flip=w.cam_flip, bg_threshold=w.bg_threshold, crf=_crf_kwargs(cfg), skip_existing=resuming,
                 device="cuda" if w.use_gpu else "cpu", threads=max(1, int(w.cpus_per_actor)),

@@ -148,12 +148,12 @@ def heatmap(rows: list[dict[str, Any]], searched: list[str], space: Space, path:
 def montage(cfg: C.Config, trial_dir: AnyPath) -> AnyPath | None:
     """``trial_dir/montage.png``: image | Y^b | Y^db of the split's first images (``None`` before debias)."""
     from mars_ray.data.label_io import read_image, read_label
-    from mars_ray.data.voc import VOCDataset
+    from mars_ray.stages.inputs import open_dataset
     from mars_ray.stages.inputs import pseudo_label_dir
 
     if not (trial_dir / "debias").is_dir():
         return None
-    dataset = VOCDataset(cfg.data.root)
+    dataset = open_dataset(cfg)
     pseudo = pseudo_label_dir(cfg, trial_dir)
     rows = []
     for image_id in dataset.ids(cfg.data.split)[:MONTAGE_IMAGES]:
