@@ -133,6 +133,7 @@ def predict_split(
         cpus_per_actor=cpus_per_actor,
         gpus_per_actor=1 if use_gpu else 0,
         batch_size=batch_size,
+        progress=f"{split} predictions",
     )
     total = ConfusionMatrix(num_classes)
     n = 0

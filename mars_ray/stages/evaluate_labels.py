@@ -84,7 +84,7 @@ def confusion(
     ensure_ray(ray_cfg or RayConfig())
     ds = map_images(ids, _BatchConfusion, dict(dataset=dataset.spec(), labels=storage.absolute(labels),
                                                 biased_as=biased_as),
-                    batch_size=64)
+                    batch_size=64, progress=labels.name or "labels")
     total = ConfusionMatrix(dataset.num_classes + 1)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         total.mat += batch["mat"].sum(axis=0)

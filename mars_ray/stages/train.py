@@ -230,10 +230,10 @@ def _training_dataset(dataset: VOCDataset, split: str, labels: AnyPath, *, train
     trainer (memory stays flat as the dataset grows); materialised first on a small machine, where
     a lazy read would wait behind the trainer's CPUs forever (RAY_NOTES)."""
     ids = dataset.ids(split)
+    materialize = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus < 2
     ds = map_images(ids, _LoadPair, {"dataset": dataset.spec(), "labels": storage.absolute(labels)},
-                    batch_size=16)
-    spare = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus
-    return ds.materialize() if spare < 2 else ds
+                    batch_size=16, progress="loading" if materialize else None)  # streamed: read once per epoch
+    return ds.materialize() if materialize else ds
 
 
 def _mark_extendable(sd: StageDir, epochs: int) -> None:

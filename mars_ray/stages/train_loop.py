@@ -164,7 +164,7 @@ def fit(s: TrainLoop) -> None:
         row["time"] = time.perf_counter() - t0
         history.append(row)
         due = rank == 0 and ((epoch + 1) % s.checkpoint_every == 0 or last)
-        report_epoch(row, nets.state(epoch + 1, step, history) if due else None)
+        report_epoch(row, nets.state(epoch + 1, step, history) if due else None, epochs=s.epochs)
 
 
 def _build_nets(s: TrainLoop, world: int, device: torch.device) -> _Nets:

@@ -244,7 +244,7 @@ def _report(s: UssLoop, w: _Worker, state: dict[str, Any], phase: str, epoch: in
     state = {**state, _DONE[phase]: epoch, "step": step, "history": [*state["history"], entry],
              "backbone": None if s.backbone_weights else net.state_dict(), "head": head.state_dict(),
              "opt_phase": phase, "opt": opt.state_dict()}
-    report_epoch(entry, state if w.rank == 0 else None)
+    report_epoch(entry, state if w.rank == 0 else None, epochs=s.ssl_epochs if phase == "ssl" else s.epochs)
     return state
 
 

@@ -135,7 +135,7 @@ def train_loop(
         state["history"].append(entry)
         state.update(epoch=epoch + 1, model=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
         logger.info("wsss epoch %d/%d: cls loss %.4f", epoch + 1, epochs, stats["loss"])
-        report_epoch(entry, state if rank == 0 else None)
+        report_epoch(entry, state if rank == 0 else None, epochs=epochs)
     if start >= epochs:  # resumed after the last epoch: hand the state back
         state.update(model=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
         report_epoch({"epoch": state["epoch"], "step": state["step"]}, state if rank == 0 else None)
