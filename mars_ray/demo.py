@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mars_ray import config as C
-from mars_ray import pipeline
+from mars_ray import console, pipeline
 from mars_ray.artifacts import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -23,9 +23,13 @@ def _dataset(out: Path, **params: Any) -> Path:
 
     root = out / "data"
     stamp = root / "params.json"
-    if not (stamp.is_file() and json.loads(stamp.read_text()) == params):
-        make_biased_dataset(root, **params)
-        atomic_write_text(stamp, json.dumps(params))
+    with console.stage("dataset", "the built-in biased dataset") as st:
+        fresh = not (stamp.is_file() and json.loads(stamp.read_text()) == params)
+        if fresh:
+            make_biased_dataset(root, **params)
+            atomic_write_text(stamp, json.dumps(params))
+        st.finish(root, status="done" if fresh else "up to date",
+                  summary=f"{params['n_train']} train + {params['n_val']} val images, {params['size']} px")
     return root
 
 
@@ -57,11 +61,13 @@ def run_demo(
     pipeline.run_stages(with_baseline(cfg), run_dir, ("train", "evaluate"))
 
     split = cfg.data.split
-    rows = {
-        "pseudo labels (Y^b)": evaluate(root, pseudo, split, ray_cfg=cfg.ray),
-        "debiased (Y^db)": evaluate(root, run_dir / "debias", split, ray_cfg=cfg.ray),
-        "complemented (Y^co)": evaluate(root, run_dir / "complement", split, ray_cfg=cfg.ray),
-    }
+    with console.stage("labels", f"Y^b, Y^db and Y^co against the ground truth ({split} split)") as st:
+        rows = {
+            "pseudo labels (Y^b)": evaluate(root, pseudo, split, ray_cfg=cfg.ray),
+            "debiased (Y^db)": evaluate(root, run_dir / "debias", split, ray_cfg=cfg.ray),
+            "complemented (Y^co)": evaluate(root, run_dir / "complement", split, ray_cfg=cfg.ray),
+        }
+        st.finish()
     val = {name: json.loads((run_dir / folder / "metrics.json").read_text())
            for name, folder in (("baseline", "evaluate_baseline"), ("mars", "evaluate"))}
     report = json.loads((run_dir / "select" / "report.json").read_text())

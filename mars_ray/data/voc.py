@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from mars_ray import storage
+from mars_ray.console import SHOW
 from mars_ray.data.image_labels import ImageLabels, read_image_labels
 from mars_ray.data.label_io import read_label
 from mars_ray.labels import MAX_CLASSES
@@ -259,7 +260,7 @@ class VOCDataset:
                 more = f" … (+{len(missing) - 5} more)" if len(missing) > 5 else ""
                 raise ValueError(f"{table.path}: no image-level labels for {len(missing)} of {len(ids)} ids of split "
                                  f"{split!r}: {missing[:5]}{more}")
-        logger.info(line)
+        logger.info(line, extra=SHOW)  # the terminal shows it: which file was read is worth knowing
         return line
 
     # -- fingerprint ----------------------------------------------------------------------------
