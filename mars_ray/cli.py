@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mars_ray import config as C
-from mars_ray import pipeline
+from mars_ray import console, pipeline
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger("mars_ray")
@@ -191,7 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mars", description="MARS biased-object removal on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print every log line here, Ray's included (they always go to RUN/logs/mars.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-dataset", help="write the built-in biased dataset")
@@ -421,11 +422,7 @@ def _add_ecosystem_commands(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    console.setup(args.verbose, _log_dir(args))  # stage lines and progress here; Ray's logs to RUN/logs
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - user errors get one clear line, the rest a traceback
@@ -436,6 +433,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _shutdown_ray()
+        console.close()
+
+
+def _log_dir(args: argparse.Namespace) -> AnyPath | None:
+    """``RUN/logs`` of the commands that write into a run folder (``demo``: ``OUT/run/logs``); ``None``
+    for the others (their Ray logs stay in Ray's session folder)."""
+    if args.command == "demo":
+        return upath(args.out) / "run" / "logs"
+    if args.command in (*pipeline.PRE_STAGES, *pipeline.STAGES, "run", "tune"):
+        return upath(args.out) / "logs"
+    run = getattr(args, "run", None)  # `report RUN`, `evaluate-labels --run RUN`: a run folder that exists
+    return upath(run) / "logs" if run and upath(run).is_dir() else None
 
 
 def _user_error(e: BaseException) -> BaseException | None:
