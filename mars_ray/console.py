@@ -28,6 +28,7 @@ capture, file descriptor 2) is put back by :func:`close`.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -62,8 +63,10 @@ REDRAW_S = 0.2  # a terminal: redraw the bar at most this often
 class Progress:
     """One pass of work: ``done`` of ``total`` images (``unit="img"``) or epochs (``unit="epoch"``).
 
-    ``elapsed``: seconds since the pass began; ``metrics``: shown after the count (``loss``,
-    ``val_miou`` as a fraction); ``finished``: the last event of the pass.
+    ``elapsed``: seconds since the pass began; ``per_item``: seconds per unit when measured
+    directly (epochs: from the last two epochs of the phase), else the rate is ``done / elapsed``;
+    ``metrics``: shown after the count (``loss``, ``val_miou`` as a fraction); ``finished``: the
+    last event of the pass.
     """
 
     task: str
@@ -74,6 +77,8 @@ class Progress:
     unit: str = "img"
     metrics: Mapping[str, float] = field(default_factory=dict)
     finished: bool = False
+    per_item: float | None = None
+    stage: int = 0  # the StageEvent.id of the stage the pass belongs to (``current_stage()`` when it began)
 
     @property
     def fraction(self) -> float | None:
@@ -91,6 +96,7 @@ class StageEvent:
     out: str = ""
     status: str = "done"  # end: "done" | "up to date" | "reused"
     summary: str = ""
+    id: int = 0  # one per stage run: its passes' progress events carry it
 
 
 def report_progress(p: Progress) -> None:
@@ -116,24 +122,38 @@ class StageRun:
         self.out, self.status, self.summary = str(out), status, summary
 
 
+_stage_ids = itertools.count(1)
+_open_stage = 0
+
+
+def current_stage() -> int:
+    """The id of the stage running now (0: none); a pass that begins records it in its events."""
+    return _open_stage
+
+
 @contextmanager
 def stage(name: str, what: str) -> Iterator[StageRun]:
     """``with stage("features", "USS features …") as st: … st.finish(out, status=…, summary=…)``:
     a start line now, an end line (or a "failed" line, then the exception goes on) after."""
+    global _open_stage
     log = logging.getLogger(EVENTS)
-    _log_event(log, StageEvent("start", name, what))
+    sid, outer = next(_stage_ids), _open_stage
+    _log_event(log, StageEvent("start", name, what, id=sid))
+    _open_stage = sid
     st = StageRun(name)
     try:
         yield st
     except BaseException:
-        _log_event(log, StageEvent("failed", name, what, seconds=st.seconds), level=logging.INFO)
+        _log_event(log, StageEvent("failed", name, what, id=sid, seconds=st.seconds))
         raise
-    _log_event(log, StageEvent("end", name, what, seconds=st.seconds, out=st.out, status=st.status,
+    finally:
+        _open_stage = outer
+    _log_event(log, StageEvent("end", name, what, id=sid, seconds=st.seconds, out=st.out, status=st.status,
                                summary=st.summary))
 
 
-def _log_event(log: logging.Logger, e: StageEvent, level: int = logging.INFO) -> None:
-    log.log(level, "%s", format_stage(e), extra={"mars_event": e})
+def _log_event(log: logging.Logger, e: StageEvent) -> None:
+    log.info("%s", format_stage(e), extra={"mars_event": e})
 
 
 # -- formatting (pure) ----------------------------------------------------------------------------
@@ -183,19 +203,28 @@ def _metric_text(metrics: Mapping[str, float]) -> str:
     return "  ".join(parts)
 
 
+def _seconds_per_item(p: Progress) -> float | None:
+    if p.per_item is not None:
+        return p.per_item if p.per_item > 0 else None
+    if p.unit == "epoch" or p.done <= 0 or p.elapsed <= 0:  # epochs: only measured ones (phases differ)
+        return None
+    return p.elapsed / p.done
+
+
 def _rate_text(p: Progress) -> str:
-    if p.done <= 0 or p.elapsed <= 0:
+    s = _seconds_per_item(p)
+    if s is None:
         return ""
-    rate = p.done / p.elapsed
     if p.unit == "epoch":
-        return f"{format_duration(1 / rate)}/epoch"
-    return f"{rate:.1f} {p.unit}/s" if rate >= 1 else f"{1 / rate:.1f} s/{p.unit}"
+        return f"{format_duration(s)}/epoch"
+    return f"{1 / s:.1f} {p.unit}/s" if s <= 1 else f"{s:.1f} s/{p.unit}"
 
 
 def _eta_text(p: Progress) -> str:
-    if p.finished or not p.total or p.done <= 0 or p.elapsed <= 0:
+    s = _seconds_per_item(p)
+    if p.finished or not p.total or s is None:
         return ""
-    return f"ETA {format_duration((p.total - p.done) * p.elapsed / p.done)}"
+    return f"ETA {format_duration((p.total - p.done) * s)}"
 
 
 def _bar(fraction: float | None, width: int, unicode: bool) -> str:
@@ -212,7 +241,7 @@ def format_progress(p: Progress, *, bar_width: int = 0, unicode: bool = True) ->
     epochs: ``epoch 1/2 (50%)  loss 1.27  val mIoU 41.2  0:45/epoch  ETA 0:45``."""
     total = "?" if p.total is None else str(p.total)
     if p.unit == "epoch":
-        count = f"{p.label} {p.done}/{total}"
+        count = f"{p.label} {p.done}/{total}" if p.done else f"first {p.label} running"
     elif p.label in ("", "images"):
         count = f"{p.done}/{total} {p.unit}"
     else:
@@ -277,6 +306,7 @@ class ConsoleHandler(logging.Handler):
         self._clock = clock
         self._throttle = LineThrottle()
         self._stage = ""
+        self._stage_id = 0  # StageEvent.id of the open stage, 0 when none
         self._bar = ""  # the bar drawn on the current terminal line, "" when none
         self._drawn_at = -math.inf
 
@@ -303,7 +333,8 @@ class ConsoleHandler(logging.Handler):
             if isinstance(event, Progress):
                 self._progress(event)
             elif isinstance(event, StageEvent):
-                self._stage = event.name if event.kind == "start" else ""
+                started = event.kind == "start"
+                self._stage, self._stage_id = (event.name, event.id) if started else ("", 0)
                 self._line(f"{_clock(record)} {format_stage(event)}")
             else:
                 self._line(self._plain(record))
@@ -322,6 +353,8 @@ class ConsoleHandler(logging.Handler):
         return f"{_clock(record)} {message}"
 
     def _progress(self, p: Progress) -> None:
+        if p.stage != self._stage_id:  # a late event of a stage that has ended (the poller lags)
+            return
         prefix = f"{' ' * 8} {self._stage or p.label:<{NAME_WIDTH}}"
         now = self._clock()
         if self.tty:
@@ -330,8 +363,11 @@ class ConsoleHandler(logging.Handler):
             width = shutil.get_terminal_size((100, 24)).columns
             text = f"{prefix} {format_progress(p, bar_width=20, unicode=self.unicode)}"[: width - 1]
             self.stream.write("\r" + text + "\x1b[K")
-            self.stream.flush()
             self._bar, self._drawn_at = text, now
+            if p.finished and not self._stage:  # no end line will replace it: keep it, on its own line
+                self.stream.write("\n")
+                self._bar = ""
+            self.stream.flush()
         elif self._throttle(p, now):
             self._line(f"{time.strftime('%H:%M:%S')} {prefix[9:]} {format_progress(p)}")
 
@@ -533,7 +569,7 @@ class _Session:
                     ray.__version__, session_logs)
         where = f"its logs go to {_short_path(str(self.log_path))}" if self.log_path else f"its logs: {session_logs}"
         if not self.verbose:
-            logger.info("Ray %s started; %s (-v prints them here)", ray.__version__, where, extra=SHOW)
+            logger.info("Ray %s: %s (-v prints them here)", ray.__version__, where, extra=SHOW)
 
     # teardown ---------------------------------------------------------------------------------
     def close(self) -> None:

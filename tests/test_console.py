@@ -27,10 +27,12 @@ def test_format_progress_lines_and_bars() -> None:
         "val predictions 2/16 img (12%)  5.0 s/img  ETA 1:10"
     assert format_progress(_p(0, total=None)) == "0/? img"  # nothing counted yet: no rate, no ETA
     assert format_progress(_p(16, finished=True)) == "16/16 img (100%)  4.0 img/s"
+    # epochs: rate and ETA only from measured epochs of the phase (its first has none)
     epoch = Progress("e", "epoch", 1, 2, 30.0, unit="epoch", metrics={"loss": 1.25, "val_miou": 0.4123})
-    assert format_progress(epoch) == "epoch 1/2 (50%)  loss 1.25  val mIoU 41.2  0:30/epoch  ETA 0:30"
-    assert format_progress(Progress("e", "ssl epoch", 3, 20, 7300.0, unit="epoch")) == \
-        "ssl epoch 3/20 (15%)  40:33/epoch  ETA 11:29:27"
+    assert format_progress(epoch) == "epoch 1/2 (50%)  loss 1.25  val mIoU 41.2"
+    assert format_progress(Progress("e", "epoch", 0, None, 40.0, unit="epoch")) == "first epoch running"
+    assert format_progress(Progress("e", "stego epoch", 3, 20, 9999.0, unit="epoch", per_item=2433.3)) == \
+        "stego epoch 3/20 (15%)  40:33/epoch  ETA 11:29:26"
 
 
 def test_format_stage_lines() -> None:
@@ -66,10 +68,10 @@ def _feed(handler: ConsoleHandler, clock: _Clock) -> None:
     log.propagate = False
     log.handlers = [handler]
     log.setLevel(logging.DEBUG)
-    log.info("x", extra={"mars_event": StageEvent("start", "features", "USS features")})
+    log.info("x", extra={"mars_event": StageEvent("start", "features", "USS features", id=7)})
     for i, t in enumerate((0.0, 0.1, 11.0, 22.0, 33.0)):
         clock.t = t
-        log.debug("x", extra={"mars_event": _p(4 * i, 16, elapsed=t + 1)})
+        log.debug("x", extra={"mars_event": _p(4 * i, 16, elapsed=t + 1, stage=7)})
     log.warning("disk nearly full")
     log.info("chatter nobody asked for")
     logging.getLogger("ray.data").propagate = True  # a Ray record reaching our handler
@@ -77,8 +79,9 @@ def _feed(handler: ConsoleHandler, clock: _Clock) -> None:
     handler.handle(rec)
     log.info("image labels: 16 ids matched", extra=console.SHOW)
     clock.t = 34.0
-    log.debug("x", extra={"mars_event": _p(16, 16, elapsed=35.0, finished=True)})
-    log.info("x", extra={"mars_event": StageEvent("end", "features", seconds=35.0, out="/r/features")})
+    log.debug("x", extra={"mars_event": _p(16, 16, elapsed=35.0, finished=True, stage=7)})
+    log.info("x", extra={"mars_event": StageEvent("end", "features", seconds=35.0, out="/r/features", id=7)})
+    log.debug("x", extra={"mars_event": _p(16, 16, elapsed=35.5, finished=True, stage=7, task="late")})
 
 
 def test_console_handler_in_a_terminal_draws_one_bar() -> None:
@@ -116,6 +119,14 @@ def test_console_handler_not_a_terminal_prints_throttled_lines() -> None:
         "image labels: 16 ids matched",
         "features  done in 35.0 s → /r/features",
     ]
+
+
+def test_a_pass_outside_any_stage_keeps_its_last_bar_on_its_own_line() -> None:
+    out, clock = io.StringIO(), _Clock()
+    handler = ConsoleHandler(stream=out, tty=True, clock=clock)
+    handler.handle(logging.makeLogRecord({"name": console.EVENTS, "levelno": logging.DEBUG, "msg": "x",
+                                          "mars_event": _p(16, 16, finished=True, label="convert")}))
+    assert out.getvalue().endswith("#################### convert 16/16 img  4.0 img/s\x1b[K\n")
 
 
 def test_verbose_shows_every_record_but_workers_output() -> None:

@@ -253,7 +253,14 @@ class ProgressBoard:
         self.tasks.setdefault(task, {"done": 0})["done"] += n
 
     def epoch(self, task: str, done: int, total: int | None, label: str, metrics: dict[str, float]) -> None:
-        self.tasks[task] = {"done": done, "total": total, "label": label, "metrics": metrics}
+        """Epoch ``done`` of ``total`` of phase ``label``; seconds per epoch from the previous
+        report of the same phase (a phase's first epoch has none yet)."""
+        now, prev = time.monotonic(), self.tasks.get(task) or {}
+        per_item = None
+        if prev.get("label") == label and done > prev.get("done", done):
+            per_item = (now - prev["at"]) / (done - prev["done"])
+        self.tasks[task] = {"done": done, "total": total, "label": label, "metrics": metrics, "at": now,
+                            "per_item": per_item}
 
     def read(self, tasks: list[str]) -> dict[str, dict[str, Any] | None]:
         return {t: self.tasks.get(t) for t in tasks}
@@ -346,7 +353,7 @@ class _Tracker:
         with self.lock:
             stale = list(self.tasks)
             self.tasks = {task: {"label": label, "total": total, "unit": unit, "t0": time.monotonic(),
-                                 "seen": None, "shown_at": 0.0}}
+                                 "seen": None, "shown_at": 0.0, "stage": console.current_stage()}}
         if stale:
             self.board.drop.remote(stale)
         return task
@@ -402,4 +409,5 @@ class _Tracker:
         info["seen"], info["shown_at"] = seen, now
         console.report_progress(console.Progress(
             task=task, label=state.get("label", info["label"]), done=seen[0], total=seen[1],
-            elapsed=now - info["t0"], unit=info["unit"], metrics=state.get("metrics", {}), finished=finished))
+            elapsed=now - info["t0"], unit=info["unit"], metrics=state.get("metrics", {}), finished=finished,
+            per_item=state.get("per_item"), stage=info["stage"]))
