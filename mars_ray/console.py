@@ -563,8 +563,10 @@ class _Session:
         self._undo.append(undo)
 
     def _say_where(self, ray: Any) -> None:
-        node = getattr(ray._private.worker, "_global_node", None)
-        session_logs = node.get_logs_dir_path() if node is not None else "(on the cluster's head node)"
+        try:  # no public API names the session folder
+            session_logs = ray._private.worker._global_node.get_logs_dir_path()
+        except AttributeError:
+            session_logs = "Ray's session folder on the head node (/tmp/ray/session_latest/logs)"
         logger.info("Ray %s: session logs (raylet, GCS, every worker's stdout/stderr, ray-data*.log) in %s",
                     ray.__version__, session_logs)
         where = f"its logs go to {_short_path(str(self.log_path))}" if self.log_path else f"its logs: {session_logs}"

@@ -374,12 +374,13 @@ class _Tracker:
 
     def _run(self) -> None:
         while not self.stopped.wait(self.POLL_S):
+            if not console.active() or not ray.is_initialized():  # nobody listens any more: leave Ray as found
+                self._retire()
+                return
             with self.lock:
                 tasks = dict(self.tasks)
             if not tasks:
                 continue
-            if not ray.is_initialized():
-                return
             try:
                 states = ray.get(self.board.read.remote(list(tasks)), timeout=10)
             except (ray.exceptions.RayError, TimeoutError) as e:  # the board is only for display
@@ -398,6 +399,17 @@ class _Tracker:
                     for task in done:
                         self.tasks.pop(task, None)
                 self.board.drop.remote(done)
+
+    def _retire(self) -> None:
+        with _Tracker._guard:
+            if _Tracker._instance is self:
+                _Tracker._instance = None
+        self.stopped.set()
+        if ray.is_initialized():
+            try:
+                ray.kill(self.board)
+            except (ray.exceptions.RayError, ValueError) as e:  # already gone with its Ray session
+                logger.debug("progress board: %s", e)
 
     def _emit(self, task: str, info: dict[str, Any], state: dict[str, Any] | None, *, finished: bool) -> None:
         """Log a ``Progress`` when the count moved, the pass finished, or every 30 s (a heartbeat)."""
