@@ -238,7 +238,7 @@ def _bar(fraction: float | None, width: int, unicode: bool) -> str:
 def format_progress(p: Progress, *, bar_width: int = 0, unicode: bool = True) -> str:
     """One progress line: ``images 12/16 img (75%)  3.1 img/s  ETA 0:02`` (``bar_width=0``), or
     with a bar of ``bar_width`` cells instead of the percentage: ``images ████░ 12/16 img …``;
-    epochs: ``epoch 1/2 (50%)  loss 1.27  val mIoU 41.2  0:45/epoch  ETA 0:45``."""
+    epochs: ``epoch 1/2 (50%)  0:45/epoch  ETA 0:45  loss 1.27  val mIoU 41.2``."""
     total = "?" if p.total is None else str(p.total)
     if p.unit == "epoch":
         count = f"{p.label} {p.done}/{total}" if p.done else f"first {p.label} running"
@@ -251,7 +251,7 @@ def format_progress(p: Progress, *, bar_width: int = 0, unicode: bool = True) ->
         head = f"{_bar(frac, bar_width, unicode)} {count}"
     else:
         head = count + (f" ({100 * frac:.0f}%)" if frac is not None else "")
-    parts = [head, _metric_text(p.metrics), _rate_text(p), _eta_text(p)]
+    parts = [head, _rate_text(p), _eta_text(p), _metric_text(p.metrics)]  # a narrow terminal cuts the metrics
     return "  ".join(x for x in parts if x)
 
 
