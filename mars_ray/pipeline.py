@@ -158,5 +158,5 @@ def run_stages(cfg: C.Config, run_dir: AnyPath, stages: Sequence[str]) -> dict[s
     return {name: run_stage(cfg, run_dir, name)[0] for name in stages}
 
 
-__all__ = ["STAGES", "PRE_STAGES", "LEARNED_EXTRACTOR", "DESCRIPTIONS", "build_config", "default_extractor", "needs_uss",
-           "plan_stages", "run_stage", "run_stages", "stage_module"]
+__all__ = ["STAGES", "PRE_STAGES", "LEARNED_EXTRACTOR", "DESCRIPTIONS", "build_config", "default_extractor",
+           "needs_uss", "plan_stages", "run_stage", "run_stages", "stage_module"]

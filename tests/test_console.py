@@ -31,8 +31,8 @@ def test_format_progress_lines_and_bars() -> None:
     epoch = Progress("e", "epoch", 1, 2, 30.0, unit="epoch", metrics={"loss": 1.25, "val_miou": 0.4123})
     assert format_progress(epoch) == "epoch 1/2 (50%)  loss 1.25  val mIoU 41.2"
     assert format_progress(Progress("e", "epoch", 0, None, 40.0, unit="epoch")) == "first epoch running"
-    assert format_progress(Progress("e", "stego epoch", 3, 20, 9999.0, unit="epoch", per_item=2433.3,
-                                    metrics={"loss": 0.5})) == "stego epoch 3/20 (15%)  40:33/epoch  ETA 11:29:26  loss 0.5"
+    stego = Progress("e", "stego epoch", 3, 20, 9999.0, unit="epoch", per_item=2433.3, metrics={"loss": 0.5})
+    assert format_progress(stego) == "stego epoch 3/20 (15%)  40:33/epoch  ETA 11:29:26  loss 0.5"
 
 
 def test_format_stage_lines() -> None:
