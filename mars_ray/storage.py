@@ -113,7 +113,12 @@ def atomic_open(p: AnyPath) -> Iterator[IO[bytes]]:
 
 
 def rmtree(p: AnyPath) -> None:
-    """Delete a folder and everything below it; a missing folder is fine."""
+    """Delete a folder (or a file, or a link) and everything below it.
+
+    Only "not found" is ignored — a missing folder, or an entry that vanished while deleting; any
+    other failure (permission, a busy mount, an object store refusing) raises, so a stale artifact
+    never survives silently to confuse a later step.
+    """
     q = _typed(p)
     if isinstance(q, ObjectPath):
         import pyarrow.fs as pafs
@@ -126,8 +131,14 @@ def rmtree(p: AnyPath) -> None:
         return
     if q.is_symlink() or q.is_file():
         q.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(q, ignore_errors=True)
+    elif q.is_dir():
+        shutil.rmtree(q, onerror=_raise_unless_missing)
+
+
+def _raise_unless_missing(func: Callable[..., Any], path: str, exc_info: Any) -> None:
+    """``shutil.rmtree`` error handler: an entry already gone is fine, anything else raises."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def move(src: AnyPath, dst: AnyPath) -> AnyPath:
