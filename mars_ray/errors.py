@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 #: ``OSError`` numbers that are about the machine or the run folder, not a bug: shown as one line
-ENV_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+ENV_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS})
 LOGS = "logs"
 
 # "ValueError: msg", "builtins.ValueError: msg", "ray.exceptions.UserCodeException: msg" at column 0
