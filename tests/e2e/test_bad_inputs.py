@@ -191,6 +191,8 @@ CASES = [
     Case("empty tune grid", _space([]), ("params.select.alpha: grid_search needs a non-empty list",)),
     Case("unreachable tracking URI", lambda d, r: [*_space([0.4])(d, r), "--tracking-uri", "http://127.0.0.1:9"],
          ("http://127.0.0.1:9", "unreachable")),
+    Case("NaN features inside every tune trial", lambda d, r: [*_space([0.3, 0.5])(d, r), "--quiet", "--features-dir", "FEATS"],
+         ("{data}/feats/train_0002.npz: features contain NaN or inf",), setup=_features("nan-npz"), marks=SLOW_RAY),
     Case("second run into a locked folder", _stage("debias"),
          ("{run}: run folder in use by pid", "(mars run --out held-by-test)")),
 ]
