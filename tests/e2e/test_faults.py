@@ -327,7 +327,7 @@ def test_kill_9_matrix(stage: str, full_run: dict, tmp_path_factory):
 def test_kill_9_of_a_tune_sweep_mid_trial(tiny_data: Path, tmp_path: Path, ray_local):
     """A sweep killed while a trial debiases; the rerun completes, reusing every finished features cache entry."""
     space = ROOT / "tune_spaces" / "alpha_kbg_smoke.yaml"
-    args = ["tune", "--space", str(space), "--smoke-test", "--quiet", "--data", str(tiny_data), "--pseudo-labels",
+    args = ["tune", "--space", str(space), "--quiet", "--data", str(tiny_data), "--pseudo-labels",
             str(tiny_data / "pseudo_labels"), "--out", str(tmp_path / "run"), "--set", "debias.crf=false"]
     trials = tmp_path / "run" / "trials"
     rc, out = mars(args, kill_when=lambda: any(trials.glob("*/debias/*.png")))
