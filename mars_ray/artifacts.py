@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -49,6 +49,24 @@ def atomic_write_json(path: AnyPath, obj: Any) -> None:
 def atomic_save_npy(path: AnyPath, array: np.ndarray) -> None:
     with storage.atomic_open(path) as f:
         np.save(f, array)
+
+
+@contextmanager
+def provisional(path: AnyPath, write: Callable[[], None]) -> Iterator[None]:
+    """``write()`` a file for the block; if the block raises, the file's previous bytes come back.
+
+    For ``RUN/config.yaml``: it names the config of the command now running, and again the one of
+    the artifacts in ``RUN`` when that command fails. A file that did not exist stays as written
+    (it tells what was tried).
+    """
+    previous = path.read_bytes() if path.is_file() else None
+    write()
+    try:
+        yield
+    except BaseException:
+        if previous is not None:
+            atomic_write_bytes(path, previous)
+        raise
 
 
 def load_npy(path: AnyPath) -> np.ndarray:

@@ -73,19 +73,13 @@ def config_from_args(args: argparse.Namespace, *, build_missing: bool = False) -
 def _locked_run(args: argparse.Namespace, cfg: C.Config) -> Iterator[AnyPath]:
     """Hold ``--out`` (``runlock``: one writer per run folder), then write its ``config.yaml`` — the
     previous one comes back when the command fails, as the stages bring back their previous artifacts."""
-    from mars_ray.artifacts import atomic_write_bytes
+    from mars_ray.artifacts import provisional
     from mars_ray.runlock import run_lock
 
     with run_lock(upath(args.out), command=_command(args), wait=args.wait, ray_cfg=cfg.ray) as run_dir:
         path = run_dir / "config.yaml"
-        previous = path.read_bytes() if path.is_file() else None
-        C.dump_yaml(cfg, path)
-        try:
+        with provisional(path, lambda: C.dump_yaml(cfg, path)):
             yield run_dir
-        except BaseException:
-            if previous is not None:
-                atomic_write_bytes(path, previous)
-            raise
 
 
 def _command(args: argparse.Namespace) -> str:

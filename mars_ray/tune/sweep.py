@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from mars_ray import config as C
 from mars_ray import errors, pipeline, storage, tracking
-from mars_ray.artifacts import atomic_write_json
+from mars_ray.artifacts import atomic_write_json, provisional
 from mars_ray.runlock import run_lock
 from mars_ray.storage import AnyPath, upath
 from mars_ray.tune import report
@@ -126,16 +126,17 @@ def _sweep(space: Space, base: C.Config, run_dir: AnyPath, uri: str, experiment:
     ensure_ray(base.ray)
     reference = pseudo_label_reference(base, space.metric)  # the score every trial must beat
     _check_capacity(space, base)
-    C.dump_yaml(base, run_dir / "config.yaml")
-    tracking.ensure_experiment(uri, exp_name, artifact_location)
-
-    n = grid_size(space)
-    logger.info("tune: %s, %d trial(s), objective %s (%s), tracking %s", space.path, n, space.metric, space.mode, uri)
-    t0 = time.perf_counter()
-    with tracking.isolated_tracking_uri():
-        results = _fit(space, param_space, run_dir, uri, exp_name, verbose)
-        wall = time.perf_counter() - t0
-        return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke, reference)
+    config = run_dir / "config.yaml"
+    with provisional(config, lambda: C.dump_yaml(base, config)):  # a failed sweep leaves the previous one
+        tracking.ensure_experiment(uri, exp_name, artifact_location)
+        n = grid_size(space)
+        logger.info("tune: %s, %d trial(s), objective %s (%s), tracking %s", space.path, n, space.metric, space.mode,
+                    uri)
+        t0 = time.perf_counter()
+        with tracking.isolated_tracking_uri():
+            results = _fit(space, param_space, run_dir, uri, exp_name, verbose)
+            wall = time.perf_counter() - t0
+            return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke, reference)
 
 
 def _fit(space: Space, param_space: dict[str, Any], run_dir: AnyPath, uri: str, exp_name: str, verbose: int) -> Any:
