@@ -94,6 +94,10 @@ class DebiasConfig:
         """Keyword arguments for ``algo.crf.dense_crf``; ``None`` when the CRF is off."""
         return _crf_kwargs(self) if self.crf else None
 
+    def crf_kernels(self) -> dict[str, float]:
+        """The ``crf_*`` kernels whether ``debias.crf`` is on or not (``wsss.crf`` borrows them)."""
+        return _crf_kwargs(self)
+
 
 @dataclass(frozen=True)
 class WsssConfig:
@@ -361,17 +365,108 @@ def build(config_file: "str | Path | ObjectPath | None" = None, overrides: Mappi
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that do not need the data (``ValueError`` naming the key)."""
+    """Every check that needs no data, before Ray starts (``ValueError`` naming the key).
+
+    Ranges of every section, combinations (``train.batch_size`` divisible by ``train.num_workers``,
+    ``uss`` weights for ViT backbones) and registry names (``features.extractor``, ``train.model``,
+    ``wsss.classifier``, ``uss.backbone``). ``build`` calls it; so do ``mars tune`` for every point
+    of a search space (``tune.space.validate_space``) and the stages for a config made with ``merge``.
+    """
+    _validate_ranges(cfg)
+    _validate_names(cfg)
+
+
+def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: float) -> None:
+    for key in keys:
+        if getattr(obj, key) < low:
+            raise ValueError(f"{section}.{key} must be >= {low:g}, got {getattr(obj, key)}")
+
+
+def _positive(section: str, obj: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if not getattr(obj, key) > 0:
+            raise ValueError(f"{section}.{key} must be > 0, got {getattr(obj, key)}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{key} must be in [{low:g}, {high:g}], got {value}")
+
+
+def _factors(key: str, values: tuple[float, ...]) -> None:
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{key} must be positive factors, got {list(values)}")
+
+
+_CRF_KERNELS = ("crf_gauss_sxy", "crf_gauss_compat", "crf_bilateral_sxy", "crf_bilateral_srgb", "crf_bilateral_compat")
+
+
+def _validate_ranges(cfg: Config) -> None:
     if not 0.0 < cfg.select.alpha <= 1.0:
         raise ValueError(f"select.alpha must be in (0, 1], got {cfg.select.alpha}")
-    for key in ("k_fg", "k_bg", "max_pixels", "kmeans_iters", "num_actors", "batch_size"):
-        if getattr(cfg.features, key) < 1:
-            raise ValueError(f"features.{key} must be >= 1, got {getattr(cfg.features, key)}")
-    for key in ("num_actors", "batch_size", "crf_iters"):
-        if getattr(cfg.debias, key) < 1:
-            raise ValueError(f"debias.{key} must be >= 1, got {getattr(cfg.debias, key)}")
-    if cfg.select.chunk_rows < 1:
-        raise ValueError(f"select.chunk_rows must be >= 1, got {cfg.select.chunk_rows}")
+    _at_least("select", cfg.select, ("chunk_rows",), 1)
+    f = cfg.features
+    _at_least("features", f, ("k_fg", "k_bg", "max_pixels", "kmeans_iters", "num_actors", "batch_size"), 1)
+    _positive("features", f, ("cpus_per_actor",))
+    d = cfg.debias
+    _at_least("debias", d, ("num_actors", "batch_size", "crf_iters"), 1)
+    _positive("debias", d, ("cpus_per_actor", *_CRF_KERNELS))
+    _in_range("debias.threshold", d.threshold, 0.0, 1.0)
+    w = cfg.wsss
+    _at_least("wsss", w, ("epochs", "batch_size", "crop_size", "num_workers", "num_actors", "cam_batch_size"), 1)
+    _at_least("wsss", w, ("max_failures",), -1)
+    _positive("wsss", w, ("lr", "cpus_per_worker", "cpus_per_actor"))
+    _at_least("wsss", w, ("weight_decay",), 0)
+    _factors("wsss.cam_scales", w.cam_scales)
+    _in_range("wsss.bg_threshold", w.bg_threshold, 0.0, 1.0)
+    u = cfg.uss
+    _at_least("uss", u, ("epochs", "dim", "batch_size", "crop_size", "knn", "n_samples", "num_workers"), 1)
+    _at_least("uss", u, ("ssl_epochs",), 0)
+    _at_least("uss", u, ("max_failures",), -1)
+    _positive("uss", u, ("lr", "ssl_lr", "cpus_per_worker"))
+    if not u.backbone_weights:
+        if u.backbone.startswith("vit"):
+            raise ValueError(
+                f"uss.backbone={u.backbone} needs uss.backbone_weights: a DINO checkpoint file or URI "
+                "(e.g. dino_vitbase8_pretrain.pth); weights are never downloaded"
+            )
+        if u.ssl_epochs < 1:
+            raise ValueError("uss.ssl_epochs must be >= 1 without uss.backbone_weights (a random frozen backbone teaches nothing)")
+    t = cfg.train
+    _at_least("train", t, ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters"), 1)
+    _at_least("train", t, ("val_every", "weight_decay", "poly_power"), 0)
+    _at_least("train", t, ("max_failures",), -1)
+    _positive("train", t, ("lr", "cpus_per_worker", *_CRF_KERNELS))
+    if t.batch_size % t.num_workers:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} is not divisible by train.num_workers={t.num_workers}: "
+            "every worker takes batch_size / num_workers images per step"
+        )
+    if not 0 < t.scale_min <= t.scale_max:
+        raise ValueError(f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}")
+    _in_range("train.ema_momentum", t.ema_momentum, 0.0, 1.0)
+    _in_range("train.momentum", t.momentum, 0.0, 1.0)
+    if t.output_stride not in (8, 16):
+        raise ValueError(f"train.output_stride must be 8 or 16, got {t.output_stride}")
+    e = cfg.evaluate
+    _factors("evaluate.scales", e.scales)
+    _at_least("evaluate", e, ("num_actors", "batch_size"), 1)
+    _positive("evaluate", e, ("cpus_per_actor",))
+    _at_least("ray", cfg.ray, ("num_cpus", "object_store_mb"), 0)
+
+
+def _validate_names(cfg: Config) -> None:
+    """Registry names; the model modules are imported on first use (they load torch)."""
+    from mars_ray.models import load_all
+    from mars_ray.models.registry import BACKBONES, CLASSIFIERS, FEATURES, SEGMENTERS
+
+    load_all()
+    for key, value, registry in (("features.extractor", cfg.features.extractor, FEATURES),
+                                 ("train.model", cfg.train.model, SEGMENTERS),
+                                 ("wsss.classifier", cfg.wsss.classifier, CLASSIFIERS),
+                                 ("uss.backbone", cfg.uss.backbone, BACKBONES)):
+        if value not in registry:
+            raise ValueError(f"{key}={value!r} is not a {registry.kind}; known: {', '.join(registry.names())}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

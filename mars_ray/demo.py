@@ -39,14 +39,24 @@ def _pct(v: float | None) -> str:
 
 def run_demo(
     out: Path, *, n_train: int = 60, n_val: int = 20, size: int = 96, seed: int = 0,
-    overrides: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None, wait: bool = False,
 ) -> dict[str, Any]:
     """Build the dataset, run every stage for MARS and train/evaluate the baseline too; returns the figures.
 
     Rows: train-split mIoU/FP/FN of the pseudo labels Y^b, the debiased Y^db and the complemented
     Y^co (``RUN/complement``, from the final MARS teacher); then val mIoU of the segmenter trained
     on Y^b with plain CE (``RUN/evaluate_baseline``) against MARS (``RUN/evaluate``).
+
+    ``out`` is held for the whole demo (``runlock``; ``wait``: queue behind another holder).
     """
+    from mars_ray.runlock import run_lock
+
+    with run_lock(out, command="mars demo", wait=wait):
+        return _run_demo(out, n_train=n_train, n_val=n_val, size=size, seed=seed, overrides=overrides)
+
+
+def _run_demo(out: Path, *, n_train: int, n_val: int, size: int, seed: int,
+              overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     from mars_ray.stages.evaluate_labels import evaluate
     from mars_ray.stages.train import with_baseline
 

@@ -28,12 +28,18 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import sklearn
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from mars_ray.labels import BACKGROUND, MAX_CLASSES
 
 logger = logging.getLogger(__name__)
+
+#: which K-means produces the centroids; part of the ``features`` stage key, so an artifact made by
+#: another implementation (the hand-written one before, or another scikit-learn) is recomputed
+IMPLEMENTATION = f"sklearn.KMeans/{'.'.join(sklearn.__version__.split('.')[:2])}/k-means++,n_init=1"
+
 
 _EPS = 1e-12
 

@@ -173,8 +173,9 @@ class VOCDataset:
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) > 2:
-                raise ValueError(f"{path}: line {n} has {len(parts)} fields, expected an id or 'image gt' paths")
+            if len(parts) > 2 or len(parts) == 2 and not any("/" in q or "." in q for q in parts):
+                raise ValueError(f"{path}: line {n} {line.strip()!r}: an image id cannot contain spaces "
+                                 "(expected one id, or 'image gt' paths as in train_aug.txt)")
             image_id = PurePosixPath(parts[0]).stem if len(parts) == 2 else parts[0]
             if len(parts) == 2:
                 gt = PurePosixPath(parts[1])

@@ -35,6 +35,7 @@ from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
+_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "batch_size"}  # how the labels are computed, not what
 MOST_BIASED = 16  # images with the largest share of biased pixels kept in stats.json, for the report
 
 
@@ -134,12 +135,14 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     upstream = require_complete(run_dir / "select", "select")
     feats = require_complete(run_dir / "features", "features")
     d = cfg.debias
-    slice_ = {
-        "debias": {k: v for k, v in C.to_dict(d).items() if k not in {"num_actors", "cpus_per_actor", "batch_size"}},
-        "split": cfg.data.split,
+    slice_ = {  # F is recomputed here: its source is part of the key, as are Y^b's folder and the dataset
+        "debias": {k: v for k, v in C.to_dict(d).items() if k not in _EXECUTION_KEYS},
+        "data": inputs.dataset_key(cfg, [cfg.data.split]),
+        "pseudo_labels": storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
+        "source": inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
     }
-    inputs = {"select": upstream["key"], "features": feats["key"]}
-    return StageDir(run_dir / "debias", "debias", C.slice_hash(slice_, inputs), slice_, inputs)
+    fingerprints = {"select": upstream["key"], "features": feats["key"]}
+    return StageDir(run_dir / "debias", "debias", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
 def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:

@@ -42,6 +42,7 @@ from mars_ray.storage import AnyPath, upath
 logger = logging.getLogger(__name__)
 
 PRED = "pred"
+_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "use_gpu", "batch_size"}  # how, not what, is predicted
 
 
 class PredictImages:
@@ -66,6 +67,7 @@ class PredictImages:
         with_gt: bool = True,
         use_gpu: bool = False,
         threads: int = 1,
+        skip_existing: bool = False,
     ) -> None:
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -76,6 +78,9 @@ class PredictImages:
         self.kw = dict(scales=tuple(scales), flip=flip, crf=crf)
         self.fill_dir = upath(fill_dir) if fill_dir else None
         self.with_gt = with_gt
+        # a resumed run reads back the predictions written before it stopped: one listing, not a request per id
+        self.written: frozenset[str] = frozenset(storage.list_files(self.out_dir)) if skip_existing \
+            and self.out_dir.is_dir() else frozenset()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cm = ConfusionMatrix(self.num_classes)
@@ -90,6 +95,8 @@ class PredictImages:
         return {"mat": cm.mat[None], "n": np.array([len(ids)], np.int64)}
 
     def _one(self, image_id: str) -> np.ndarray:
+        if f"{image_id}.png" in self.written:
+            return read_label(self.out_dir / f"{image_id}.png")
         image = read_image(self.dataset.image_path(image_id))
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)
         batch = {"id": [image_id], "image": x, "image_uint8": torch.from_numpy(image)[None]}
@@ -116,8 +123,12 @@ def predict_split(
     cpus_per_actor: float = 1.0,
     use_gpu: bool = False,
     batch_size: int = 4,
+    skip_existing: bool = False,
 ) -> ConfusionMatrix:
-    """Write ``out_dir/{id}.png`` for every id of ``split`` on a Ray Data actor pool; the summed confusion matrix."""
+    """Write ``out_dir/{id}.png`` for every id of ``split`` on a Ray Data actor pool; the summed confusion matrix.
+
+    ``skip_existing`` (a resumed stage): predictions already in ``out_dir`` are read back, not recomputed.
+    """
     ids = dataset.ids(split)
     num_classes = dataset.num_classes + 1
     ds = map_images(
@@ -127,7 +138,7 @@ def predict_split(
             checkpoint=storage.absolute(checkpoint), dataset=dataset.spec(),
             out_dir=storage.absolute(out_dir), num_classes=num_classes, scales=tuple(scales), flip=flip, crf=crf,
             fill_dir=storage.absolute(fill_dir) if fill_dir else None,
-            with_gt=with_gt, use_gpu=use_gpu, threads=max(1, int(cpus_per_actor)),
+            with_gt=with_gt, use_gpu=use_gpu, threads=max(1, int(cpus_per_actor)), skip_existing=skip_existing,
         ),
         num_actors=num_actors,
         cpus_per_actor=cpus_per_actor,
@@ -161,12 +172,7 @@ def _crf(cfg: C.Config) -> dict[str, float] | None:
 
 def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPath, dict[str, Any]]:
     """Dataset, checkpoint path and its ``extra``; ``ValueError``/``FileNotFoundError`` naming the file."""
-    e = cfg.evaluate
-    if not e.scales or any(s <= 0 for s in e.scales):
-        raise ValueError(f"evaluate.scales must be positive factors, got {list(e.scales)}")
-    for key in ("num_actors", "batch_size"):
-        if getattr(e, key) < 1:
-            raise ValueError(f"evaluate.{key} must be >= 1, got {getattr(e, key)}")
+    C.validate(cfg)  # evaluate.scales, num_actors, batch_size, …
     dataset = inputs.open_dataset(cfg)
     dataset.ids(cfg.data.eval_split)  # names the split file when it is missing
     ckpt = default_checkpoint(cfg, run_dir)
@@ -182,10 +188,10 @@ def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPat
 
 def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, ckpt: AnyPath) -> StageDir:
     e = cfg.evaluate
-    slice_ = {"evaluate": {"scales": list(e.scales), "flip": e.flip, "crf": e.crf}, "split": cfg.data.eval_split,
-              "checkpoint": storage.absolute(ckpt)}
-    inputs = {"checkpoint": fingerprint_path(ckpt), "dataset": dataset.fingerprint(cfg.data.eval_split)}
-    return StageDir(run_dir / out_name(cfg), "evaluate", C.slice_hash(slice_, inputs), slice_, inputs)
+    slice_ = {"evaluate": {"scales": list(e.scales), "flip": e.flip, "crf": e.crf},
+              "data": inputs.dataset_key(cfg, [cfg.data.eval_split]), "checkpoint": storage.absolute(ckpt)}
+    fingerprints = {"checkpoint": fingerprint_path(ckpt), "dataset": dataset.fingerprint(cfg.data.eval_split)}
+    return StageDir(run_dir / out_name(cfg), "evaluate", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
 def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
@@ -195,8 +201,8 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     if sd.is_complete():
         logger.info("evaluate: up to date in %s, skipping", sd.path)
         return sd.path
-    with sd.guard():
-        metrics = _predict_and_score(cfg, sd, dataset, ckpt)
+    with sd.guard() as resuming:
+        metrics = _predict_and_score(cfg, sd, dataset, ckpt, resuming=resuming)
         sd.finish({k: metrics[k] for k in ("miou", "fp", "fn", "images")})
     if metrics["miou"] is not None:
         logger.info("evaluate: %s mIoU %.1f FP %.1f FN %.1f", cfg.data.eval_split, 100 * metrics["miou"],
@@ -204,7 +210,8 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     return sd.path
 
 
-def _predict_and_score(cfg: C.Config, sd: StageDir, dataset: VOCDataset, ckpt: AnyPath) -> dict[str, Any]:
+def _predict_and_score(cfg: C.Config, sd: StageDir, dataset: VOCDataset, ckpt: AnyPath, *,
+                       resuming: bool = False) -> dict[str, Any]:
     ensure_ray(cfg.ray)
     e = cfg.evaluate
     split = cfg.data.eval_split
@@ -212,7 +219,7 @@ def _predict_and_score(cfg: C.Config, sd: StageDir, dataset: VOCDataset, ckpt: A
     cm = predict_split(
         checkpoint=ckpt, dataset=dataset, split=split, out_dir=sd.path / PRED, scales=e.scales, flip=e.flip,
         crf=_crf(cfg), with_gt=has_gt, num_actors=e.num_actors, cpus_per_actor=e.cpus_per_actor,
-        use_gpu=e.use_gpu, batch_size=e.batch_size,
+        use_gpu=e.use_gpu, batch_size=e.batch_size, skip_existing=resuming,
     )
     if has_gt:
         metrics = summarize(cm, dataset.classes)

@@ -17,7 +17,6 @@ content-addressed and shared between runs (``stages/cache.py``): readers find th
 from __future__ import annotations
 
 import logging
-import shutil
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,8 @@ import pyarrow as pa
 import torch
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
+from mars_ray.algo.clustering import IMPLEMENTATION as CLUSTERING
 from mars_ray.algo.clustering import cluster_regions
 from mars_ray.artifacts import StageDir, fingerprint_files
 from mars_ray.data.label_io import read_image, read_label
@@ -138,9 +138,11 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     pseudo = inputs.pseudo_label_dir(cfg, run_dir)
     source = inputs.feature_source_kwargs(cfg, run_dir)
     slice_ = {
-        "data": {"root": storage.absolute(cfg.data.root), "split": cfg.data.split},
+        "data": inputs.dataset_key(cfg, [cfg.data.split]),
+        "pseudo_labels": storage.absolute(pseudo),
         "features": {k: v for k, v in C.to_dict(cfg.features).items() if k not in _EXECUTION_KEYS},
         "source": source,
+        "clustering": CLUSTERING,  # a new K-means gives other centroids: never "up to date" across it
     }
     fingerprints = {
         "dataset": dataset.fingerprint(cfg.data.split),
@@ -222,9 +224,10 @@ def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir)
             ds.write_parquet(path, filesystem=fs)
         else:
             tmp = sd.path / f".{TABLE}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+            storage.rmtree(tmp)
             ds.write_parquet(str(tmp))
-            shutil.rmtree(out, ignore_errors=True)
+            faults.point("features.table")
+            storage.rmtree(out)
             tmp.rename(out)
         stats = table_stats(out)
         sd.finish({"table": TABLE, **stats})

@@ -18,7 +18,7 @@ from typing import Any
 from mars_ray import config as C
 from mars_ray import storage
 from mars_ray.artifacts import fingerprint_files, fingerprint_path
-from mars_ray.data.validate import check_label_folder
+from mars_ray.data.validate import label_folder_sizes
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import check_feature_folder
 from mars_ray.storage import AnyPath
@@ -36,6 +36,19 @@ def open_dataset(cfg: C.Config) -> VOCDataset:
     """The dataset the config names: ``data.root`` with ``data.gt_dir``, ``data.split_file`` and
     ``data.image_labels`` (Ray actors get ``dataset.spec()`` and rebuild it)."""
     return VOCDataset(cfg.data.root, **cfg.data.dataset_kwargs())
+
+
+def dataset_key(cfg: C.Config, splits: "list[str] | tuple[str, ...]") -> dict[str, Any]:
+    """The dataset as a stage key names it: every ``data.*`` setting ``open_dataset`` reads, and the splits.
+
+    Every stage key holds it (each stage opens the dataset), so no stage is "up to date" for
+    another ground-truth folder, list file or image-label source (``tests/test_stage_keys.py``).
+    """
+    d = cfg.data
+    return {"root": storage.absolute(d.root), "gt_dir": d.gt_dir,
+            "split_file": storage.absolute(d.split_file) if d.split_file else "",
+            "image_labels": storage.absolute(d.image_labels) if d.image_labels else "",
+            "image_labels_difficult": d.image_labels_difficult, "splits": list(splits)}
 
 
 def pseudo_label_dir(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
@@ -84,12 +97,20 @@ def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> VOCDataset:
     """Y^b (every id present, sizes matching the images) and external F (every id, ``.npy`` headers),
     checked before any output is touched; ``ValueError``/``FileNotFoundError`` naming the file."""
     dataset = open_dataset(cfg)
-    check_label_folder(dataset, cfg.data.split, pseudo_label_dir(cfg, run_dir), name="pseudo label")
+    folder = pseudo_label_dir(cfg, run_dir)
+    sizes = label_folder_sizes(dataset, cfg.data.split, folder, name="pseudo label")
+    smallest = min(sizes, key=lambda i: sizes[i][0] * sizes[i][1])
+    pixels = sizes[smallest][0] * sizes[smallest][1]
+    for key in ("k_fg", "k_bg"):
+        k = getattr(cfg.features, key)
+        if k > pixels:
+            raise ValueError(f"{folder / f'{smallest}.png'}: features.{key}={k} exceeds the {pixels} pixels of "
+                             "this image, the split's smallest (a region smaller than K gets fewer clusters)")
     features_dir = config_path(cfg.data.features_dir)
     if features_dir is not None:
         check_feature_folder(features_dir, dataset.ids(cfg.data.split))
     return dataset
 
 
-__all__ = ["USS_CHECKPOINT", "config_path", "open_dataset", "feature_source_fingerprint", "feature_source_kwargs",
+__all__ = ["USS_CHECKPOINT", "config_path", "dataset_key", "open_dataset", "feature_source_fingerprint", "feature_source_kwargs",
            "pseudo_label_dir", "uss_checkpoint", "validate_inputs"]

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
 from mars_ray.algo.centroids import BackgroundMean, bias_distance, class_sums, means_from_sums, top_alpha_mask
 from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, require_complete
 from mars_ray.data.voc import VOCDataset
@@ -40,6 +40,7 @@ from mars_ray.storage import AnyPath, upath
 logger = logging.getLogger(__name__)
 
 TARGET_MATCH = 0.5  # a centroid "is the target object" when most of its pixels are GT of its class
+_EXECUTION_KEYS = {"chunk_rows"}  # rows per streamed batch: how the table is read, not what is chosen
 HIST_BINS = 20  # bins of the per-class bias-distance histograms in report.json (our choice: readable at C ≤ 80)
 
 
@@ -179,9 +180,9 @@ def _ratio(match: np.ndarray) -> float | None:
 
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     upstream = require_complete(run_dir / "features", "features")
-    slice_ = {"select": {"alpha": cfg.select.alpha}}
-    inputs = {"features": upstream["key"]}
-    return StageDir(run_dir / "select", "select", C.slice_hash(slice_, inputs), slice_, inputs)
+    slice_ = {"select": {"alpha": cfg.select.alpha}, "data": inputs.dataset_key(cfg, [])}  # classes, report names
+    fingerprints = {"features": upstream["key"]}
+    return StageDir(run_dir / "select", "select", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
 def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
@@ -201,6 +202,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
             result = ray.get(actor.run.remote(storage.absolute(sd.path / "chosen.parquet")))
         finally:
             ray.kill(actor)
+        faults.point("select.chosen")
         report = result["report"]
         report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
         report["classes_without_centroids"] = [

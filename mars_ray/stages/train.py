@@ -51,7 +51,7 @@ import ray
 import torch
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
 from mars_ray.artifacts import StageDir, atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint_files
 from mars_ray.artifacts import fingerprint_path, read_manifest, require_complete
 from mars_ray.data.label_io import read_image, read_label
@@ -102,25 +102,6 @@ def _model_kwargs(cfg: C.Config, num_classes: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _check_numbers(t: C.TrainConfig) -> None:
-    for key in ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if t.batch_size % t.num_workers:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} is not divisible by train.num_workers={t.num_workers}: "
-            "every worker takes batch_size / num_workers images per step"
-        )
-    if not 0 < t.scale_min <= t.scale_max:
-        raise ValueError(f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}")
-    if not 0.0 <= t.ema_momentum <= 1.0:
-        raise ValueError(f"train.ema_momentum must be in [0, 1], got {t.ema_momentum}")
-    if t.lr <= 0:
-        raise ValueError(f"train.lr must be positive, got {t.lr}")
-    if t.model not in SEGMENTERS:
-        raise ValueError(f"train.model={t.model!r} is not a segmenter; known: {', '.join(SEGMENTERS.names())}")
-
-
 def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPath]:
     """Every check that needs no training, before any output is touched; returns (dataset, labels folder).
 
@@ -129,7 +110,7 @@ def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPat
     model or class count; ``FileNotFoundError`` when the debias stage has not run.
     """
     t = cfg.train
-    _check_numbers(t)
+    C.validate(cfg)  # ranges and names (``mars train`` built the config so; a merged one may not be)
     dataset = inputs.open_dataset(cfg)
     labels = labels_dir(cfg, run_dir)
     if not t.labels and not t.baseline:
@@ -156,7 +137,8 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     t = cfg.train
     slice_ = {
         "train": {k: v for k, v in C.to_dict(t).items() if k not in _EXECUTION_KEYS},
-        "data": {"root": storage.absolute(cfg.data.root), "split": cfg.data.split, "eval_split": cfg.data.eval_split},
+        "data": {**inputs.dataset_key(cfg, [cfg.data.split]), "eval_split": cfg.data.eval_split},
+        "labels": storage.absolute(labels),
     }
     if not t.labels and not t.baseline:
         label_fp = "debias:" + str(require_complete(labels, "debias")["key"])
@@ -292,6 +274,7 @@ def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOC
     )
     history = state["history"]
     write_history(history, sd.path)
+    faults.point("train.model")
 
     predict = dict(checkpoint=model_path, dataset=dataset, num_actors=1, cpus_per_actor=1.0, use_gpu=t.use_gpu)
     if names["complement"]:
