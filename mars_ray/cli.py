@@ -76,7 +76,11 @@ def _prepare_run(args: argparse.Namespace, cfg: C.Config) -> AnyPath:
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     from mars_ray.data.synthetic import make_biased_dataset
 
-    root = make_biased_dataset(args.root, n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed)
+    root = make_biased_dataset(
+        args.root, n_train=args.n_train, n_val=args.n_val, size=args.size, height=args.height, width=args.width,
+        seed=args.seed, cue=args.cue, n_classes=args.n_classes, biased_share=args.biased_share,
+        unbiased_classes=args.unbiased_classes, bias_kind=args.bias_kind, image_format=args.image_format,
+    )
     print(f"built-in biased dataset written to {root} (pseudo labels in {Path(root) / 'pseudo_labels'})")
     return 0
 
@@ -194,12 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-dataset", help="write the built-in biased dataset")
+    from mars_ray.data.synthetic import BIAS_KINDS, CUES, IMAGE_FORMATS
+
+    p = sub.add_parser("make-dataset", help="write the built-in biased dataset (or a variant of it)")
     p.add_argument("root")
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--n-val", type=int, default=20)
-    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--size", type=int, default=96, help="square image side in px (default 96)")
+    p.add_argument("--height", type=int, default=None, help="image height in px (default: --size)")
+    p.add_argument("--width", type=int, default=None, help="image width in px (default: --size)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cue", choices=CUES, default="texture",
+                   help="what separates an object from its context: texture (default), colour, or both")
+    p.add_argument("--n-classes", type=int, default=4, help="object classes, 4 (default) to 12")
+    p.add_argument("--biased-share", type=float, default=1.0,
+                   help="share of object instances on their co-occurring context, swallowed by the pseudo label "
+                        "(default 1.0; the rest sit on generic background)")
+    p.add_argument("--unbiased-classes", type=int, default=0,
+                   help="the last N classes never sit on their context (classes without bias; default 0)")
+    p.add_argument("--bias-kind", choices=BIAS_KINDS, default="context",
+                   help="how a biased pseudo label swallows the context (default: context)")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png", help="image files (default png)")
     p.set_defaults(func=cmd_make_dataset)
 
     p = sub.add_parser("run", help="run the pipeline stages in order")
