@@ -154,8 +154,9 @@ class TrainConfig:
 
     The paper states the segmenter (DeepLabV3+ ResNet-101) and the CRF; it does not state the EMA
     momentum, output stride, crop, batch, lr, weight decay or epochs. Every default here is our
-    choice, CPU-sized for small data; ``jobs/voc.yaml`` holds our choices for VOC (DeepLab's usual
-    recipe: OS 16, crop 512, batch 16, lr 1e-3, wd 4e-5; EMA 0.999 as mean-teacher work uses).
+    choice, CPU-sized for small data; ``jobs/voc.yaml`` holds our choices at VOC scale (OS 16, crop
+    512, batch 16, wd 4e-5 after DeepLabV3+'s training setup; lr 1e-3; EMA 0.999, a common
+    mean-teacher value). README "Stated vs chosen settings" lists them with the reasons.
     """
 
     model: str = "deeplab_tiny"  # a name in SEGMENTERS
