@@ -239,7 +239,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
             "biased_pixels": n_biased,
             "biased_fraction": n_biased / n_fg if n_fg else 0.0,
             "resumed": resuming,
-            "image_classes": source,  # where Eq 4's C_I came from
+            "image_classes": source["kind"],  # where Eq 4's C_I came from (the log names the file)
             "image_label_disagreements": {"images": n_disagree, "examples": disagree_examples},
             "per_class": {  # classes present in the pseudo labels: the share of their pixels removed
                 dataset.classes[c]: {"class_id": c, "foreground_pixels": int(fg_c[c]),

@@ -100,7 +100,7 @@ def test_debias_counts_images_whose_labels_disagree_with_y_b(run: Path, tiny_dat
     with caplog.at_level(logging.INFO, logger="mars_ray.stages.debias"):
         debias.run(_cfg(tiny_data, **{"data.image_labels": str(path)}), run)
     stats = json.loads((run / "debias" / "stats.json").read_text())
-    assert stats["image_classes"] == {"kind": "image_labels", "path": str(path)}
+    assert stats["image_classes"] == "image_labels"
     assert stats["image_label_disagreements"]["images"] == 3
     assert {e["image_id"]: e["classes"] for e in stats["image_label_disagreements"]["examples"]} == {
         i: [c] for i, c in dropped.items()}
