@@ -157,7 +157,7 @@ def cmd_evaluate_labels(args: argparse.Namespace) -> int:
     out = upath(args.out) if args.out else EL.metrics_path(args.run, args.labels) if args.run else None
     if out is not None:  # never into an input: the labels are often someone else's dataset, or read-only
         EL.check_not_inside(out, {"labels": args.labels, "dataset": args.data})
-    metrics = EL.evaluate(args.data, args.labels, args.split, biased_as=args.biased_as)
+    metrics = EL.evaluate(args.data, args.labels, args.split, biased_as=args.biased_as, pred_ignore=args.pred_ignore)
     if out is not None:
         dataset = VOCDataset(args.data)  # the fingerprint lets `mars report RUN` reuse the result while current
         atomic_write_json(out, {**metrics, "fingerprint": EL.labels_fingerprint(dataset, args.labels, args.split)})
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="folder of label PNGs {id}.png (a folder or a URI)")
     p.add_argument("--split", default="train")
     p.add_argument("--biased-as", choices=("background", "ignore"), default="background")
+    p.add_argument("--pred-ignore", choices=("ignore", "background"), default="ignore",
+                   help="255 in the evaluated labels: ignored (default) or counted as background (IRN's convention)")
     p.add_argument("--out", help="metrics JSON, a file or a URI (never inside --labels or --data)")
     p.add_argument("--run", help="run folder: write RUN/evaluate_labels/<labels folder name>.json "
                                  "(without --out or --run the metrics are printed only)")

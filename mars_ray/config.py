@@ -69,17 +69,23 @@ class SelectConfig:
 
 
 def _crf_kwargs(section: Any) -> dict[str, float]:
-    """``algo.crf.dense_crf`` kwargs from a section's ``crf_*`` fields (debias, train)."""
+    """``algo.crf.dense_crf`` kwargs from a section's ``crf_*`` fields (debias, train, evaluate)."""
     names = ("iters", "gauss_sxy", "gauss_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat")
     return {n: getattr(section, f"crf_{n}") for n in names}
 
 
 @dataclass(frozen=True)
 class DebiasConfig:
-    """Stage ``debias``: Eq 4–5 with dense-CRF refinement and binarisation."""
+    """Stage ``debias``: Eq 4–5 with dense-CRF refinement and binarisation.
 
-    threshold: float = 0.5
-    crf: bool = True
+    The paper says only that M is refined ("e.g. CRF") before Eq 5. How M^db is binarised is our
+    choice: a two-label CRF whose background score is the constant ``threshold`` (without the CRF:
+    keep = M > ``threshold``). 0.5 is the midpoint of M's [0, 1] range, not a tuned value;
+    ``tune_spaces/debias.yaml`` sweeps threshold × CRF, ``benchmarks/debias_sensitivity.py`` measures it.
+    """
+
+    threshold: float = 0.5  # our choice (the paper states none): keep where M beats this constant
+    crf: bool = True  # paper: "refinement (e.g. CRF)"
     crf_iters: int = 10
     crf_gauss_sxy: float = 3.0
     crf_gauss_compat: float = 3.0
@@ -150,8 +156,11 @@ class UssConfig:
 class TrainConfig:
     """Stage ``train`` (Sec 3.4 complementing): EMA teacher, CRF fill, certain mask, WCE on Ray Train.
 
-    Defaults are CPU-sized for the built-in dataset; ``jobs/voc.yaml`` holds the paper's settings
-    (DeepLabV3+ ResNet-101, crop 512, batch 16, lr 1e-3, wd 4e-5, EMA 0.999).
+    The paper states the segmenter (DeepLabV3+ ResNet-101) and the CRF; it does not state the EMA
+    momentum, output stride, crop, batch, lr, weight decay or epochs. Every default here is our
+    choice, CPU-sized for small data; ``jobs/voc.yaml`` holds our choices at VOC scale (OS 16, crop
+    512, batch 16, wd 4e-5 after DeepLabV3+'s training setup; lr 1e-3; EMA 0.999, a common
+    mean-teacher value). README "Stated vs chosen settings" lists them with the reasons.
     """
 
     model: str = "deeplab_tiny"  # a name in SEGMENTERS
@@ -168,7 +177,8 @@ class TrainConfig:
     weight_decay: float = 4e-5
     poly_power: float = 0.9
     epochs: int = 30
-    ema_momentum: float = 0.9  # CPU demo: ~240 steps; 0.99 left the teacher at all-background (paper: 0.999)
+    ema_momentum: float = 0.9  # our choice (paper: none stated); CPU demo, ~240 steps: 0.99 stayed all-background
+    wce: bool = True  # Eq 7 weighted CE (paper); false = plain CE on Y^co (the paper's Table 6 ablation)
     teacher_crf: bool = True
     crf_iters: int = 10  # dense CRF of the teacher's fill (Y^co); same kernels as debias.crf_*
     crf_gauss_sxy: float = 3.0
@@ -198,11 +208,24 @@ class EvaluateConfig:
     checkpoint: str = ""  # "" → RUN/train/model.pt
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    crf: bool = False  # dense CRF with dense_crf's defaults (the debias.crf_* kernels)
+    # paper: "multi-scale inference and CRF with conventional settings" (jobs/voc.yaml turns both on);
+    # conventional = DeepLab's CRF, as the authors' earlier code uses it: bilateral weight 4, sxy 67,
+    # srgb 3; Gaussian weight 3, sxy 1; 10 mean-field iterations. Its own kernels, not debias.crf_*.
+    crf: bool = False
+    crf_iters: int = 10
+    crf_gauss_sxy: float = 1.0
+    crf_gauss_compat: float = 3.0
+    crf_bilateral_sxy: float = 67.0
+    crf_bilateral_srgb: float = 3.0
+    crf_bilateral_compat: float = 4.0
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     use_gpu: bool = False  # one GPU per actor
     batch_size: int = 4
+
+    def crf_kwargs(self) -> dict[str, float] | None:
+        """``algo.crf.dense_crf`` kwargs of the evaluation CRF; ``None`` when ``crf`` is off."""
+        return _crf_kwargs(self) if self.crf else None
 
 
 @dataclass(frozen=True)
@@ -411,7 +434,8 @@ def _validate_ranges(cfg: Config) -> None:
     d = cfg.debias
     _at_least("debias", d, ("num_actors", "batch_size", "crf_iters"), 1)
     _positive("debias", d, ("cpus_per_actor", *_CRF_KERNELS))
-    _in_range("debias.threshold", d.threshold, 0.0, 1.0)
+    if not 0.0 < d.threshold < 1.0:  # M is in [0, 1]: 0 or 1 would keep everything or nothing
+        raise ValueError(f"debias.threshold must be in (0, 1), got {d.threshold}")
     w = cfg.wsss
     _at_least("wsss", w, ("epochs", "batch_size", "crop_size", "num_workers", "num_actors", "cam_batch_size"), 1)
     _at_least("wsss", w, ("max_failures",), -1)
@@ -451,7 +475,9 @@ def _validate_ranges(cfg: Config) -> None:
     e = cfg.evaluate
     _factors("evaluate.scales", e.scales)
     _at_least("evaluate", e, ("num_actors", "batch_size"), 1)
-    _positive("evaluate", e, ("cpus_per_actor",))
+    _positive("evaluate", e, ("cpus_per_actor", "crf_gauss_sxy", "crf_bilateral_sxy", "crf_bilateral_srgb"))
+    _at_least("evaluate", e, ("crf_iters",), 1)
+    _at_least("evaluate", e, ("crf_gauss_compat", "crf_bilateral_compat"), 0)
     _at_least("ray", cfg.ray, ("num_cpus", "object_store_mb"), 0)
 
 

@@ -6,9 +6,11 @@ from mars_ray import config as C
 
 
 def test_defaults_are_the_paper_settings():
+    """Only what the paper states (README "Stated vs chosen settings"): K_fg, K_bg, alpha, WCE."""
     cfg = C.build()
     assert cfg.select.alpha == pytest.approx(0.40)
     assert cfg.features.k_bg == 2 and cfg.features.k_fg == 2
+    assert cfg.train.wce
 
 
 def test_yaml_then_set_then_types(tmp_path: Path):
@@ -31,6 +33,10 @@ def test_yaml_then_set_then_types(tmp_path: Path):
         ("select.alpha=1.5", r"select.alpha must be in \(0, 1\]"),
         ("select.alpha=0", r"select.alpha must be in \(0, 1\]"),
         ("features.k_fg=0", "features.k_fg must be >= 1"),
+        ("debias.threshold=1.0", r"debias.threshold must be in \(0, 1\)"),
+        ("evaluate.crf_iters=0", "evaluate.crf_iters must be >= 1"),
+        ("evaluate.crf_bilateral_srgb=0", "evaluate.crf_bilateral_srgb must be > 0"),
+        ("evaluate.crf_gauss_compat=-1", "evaluate.crf_gauss_compat must be >= 0"),
     ],
 )
 def test_bad_overrides_name_the_key(item: str, match: str):

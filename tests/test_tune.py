@@ -56,6 +56,8 @@ def test_shipped_spaces_validate(name: str, smoke: bool):
         assert space.metric == "debiased_miou" and space.mode == "max"
     if name == "complement.yaml":
         assert space.metric == "val_miou" and space.scheduler["type"] == "asha"
+    if name == "debias.yaml":  # threshold × CRF on/off: the binarisation, our choice (README)
+        assert T.grid_size(space) == (2 if smoke else 10) and space.metric == "debiased_miou"
 
 
 @pytest.mark.parametrize(

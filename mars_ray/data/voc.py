@@ -227,6 +227,13 @@ class VOCDataset:
                 include_difficult=self.image_labels_difficult)
         return self._image_labels
 
+    def image_label_table(self) -> Optional[ImageLabels]:
+        """The dataset's own image-level labels (``image_labels`` or ``ROOT/image_labels.json``), read
+        once; ``None`` when it has none. Unlike :meth:`image_labels` there is no ground-truth fallback:
+        what MARS's Eq 4 and Eq 6 may use (ground truth is not an input of WSSS). Raises what
+        ``read_image_labels`` raises (naming the file and the bad id or class)."""
+        return self._load_image_labels()
+
     def image_labels(self, image_id: str) -> list[int]:
         """Sorted foreground class ids (1..C) present in the image.
 

@@ -7,7 +7,11 @@ centroid:
 
     image_id: string, class_id: int16, is_bg: bool, k: int16, count: int64,
     gt_match: float32 (share of the centroid's pixels whose ground truth is its class; NaN without GT),
+    gt_iou: float32 (IoU of the centroid's pixels with its class's ground truth in the image, as the
+        paper's target-centroid ratio counts them: target > 0.3, biased < 0.1; NaN without GT),
     vector: fixed_size_list<float32>[d]
+
+Tables written before ``gt_iou`` existed lack that column; ``select`` reads them as NaN.
 
 Where Y^b and F come from is ``stages/inputs.py``. With ``features.cache_dir`` set the artifact is
 content-addressed and shared between runs (``stages/cache.py``): readers find the table through
@@ -27,6 +31,7 @@ from mars_ray import config as C
 from mars_ray import faults, storage
 from mars_ray.algo.clustering import IMPLEMENTATION as CLUSTERING
 from mars_ray.algo.clustering import cluster_regions
+from mars_ray.algo.metrics import centroid_gt_iou
 from mars_ray.artifacts import StageDir, fingerprint_files
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.validate import check_label
@@ -50,6 +55,7 @@ def table_schema(dim: int) -> pa.Schema:
             ("k", pa.int16()),
             ("count", pa.int64()),
             ("gt_match", pa.float32()),
+            ("gt_iou", pa.float32()),
             ("vector", pa.list_(pa.float32(), dim)),
         ]
     )
@@ -110,12 +116,14 @@ class ClusterImages:
         feats = self.source(image_id, image)
         rc = cluster_regions(feats, label, **self.kw)
         gt_path = self.dataset.gt_path(image_id)
+        match = iou = None
         if gt_path is not None and len(rc):
             gt = read_label(gt_path)
-            match = gt_match(rc.assignment, rc.class_id, gt) if gt.shape == label.shape else None
-        else:
-            match = None
+            if gt.shape == label.shape:
+                match = gt_match(rc.assignment, rc.class_id, gt)
+                iou = centroid_gt_iou(rc.assignment, rc.class_id, gt)
         m = len(rc)
+        nan = np.full(m, np.nan, np.float32)
         d = rc.vector.shape[1]
         return pa.table(
             {
@@ -124,7 +132,8 @@ class ClusterImages:
                 "is_bg": pa.array(rc.is_bg),
                 "k": pa.array(rc.k.astype(np.int16)),
                 "count": pa.array(rc.count.astype(np.int64)),
-                "gt_match": pa.array(match if match is not None else np.full(m, np.nan, np.float32)),
+                "gt_match": pa.array(match if match is not None else nan),
+                "gt_iou": pa.array(iou if iou is not None else nan),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(rc.vector.reshape(-1)), d),
             },
             schema=table_schema(d),
