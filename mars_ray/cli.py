@@ -466,7 +466,8 @@ def _add_ecosystem_commands(sub: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    console.setup(args.verbose, _log_dir(args))  # stage lines and progress here; Ray's logs to RUN/logs
+    # stage lines and progress here; Ray's logs to RUN/logs, opened once the run folder's lock is ours
+    console.setup(args.verbose, _log_dir(args), defer=args.command in (*RUN_COMMANDS, "demo"))
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - every failure: one line, the full traceback in RUN/logs

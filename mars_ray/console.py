@@ -410,10 +410,25 @@ class _FileFilter(logging.Filter):
 # -- the session: set up by `mars`, undone at its end ---------------------------------------------
 
 
+class _Buffer(logging.Handler):
+    """Holds the records logged before a deferred log file opens (:func:`open_log`)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.limit = limit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.limit:
+            self.records.append(record)
+
+
 class _Session:
-    def __init__(self, verbose: bool, log_dir: Any) -> None:
+    def __init__(self, verbose: bool, log_dir: Any, defer: bool = False) -> None:
         self.verbose = verbose
         self.log_dir = log_dir
+        self.defer = defer and log_dir is not None  # open the files once the run folder is ours
+        self._buffer: _Buffer | None = None
         self.log_path: Any = None  # RUN/logs/mars.log (local path or ObjectPath)
         self._local_log: str | None = None  # where the file handler writes (a temp file for URIs)
         self._local_err: str | None = None
@@ -430,18 +445,17 @@ class _Session:
         root.setLevel(logging.INFO)  # third-party INFO; our DEBUG (the package logger's level)
         pkg.setLevel(logging.DEBUG)
         self._undo.append(lambda: (root.setLevel(root_level), pkg.setLevel(pkg_level)))
-        if self.log_dir is not None:
-            self._open_files()
         root.addHandler(self.console)
         self._undo.append(lambda: root.removeHandler(self.console))
-        if self.file is not None:
-            root.addHandler(self.file)
-            self._undo.append(lambda: (root.removeHandler(self.file), self.file.close()))
         captured = logging._warnings_showwarning is not None  # type: ignore[attr-defined]
         logging.captureWarnings(True)
         self._undo.append(lambda: logging.captureWarnings(captured))
-        if self.file is not None and not self.verbose:
-            self._capture_fd2()
+        if self.defer:
+            self._buffer = _Buffer()
+            root.addHandler(self._buffer)
+            self._undo.append(lambda: root.removeHandler(self._buffer) if self._buffer else None)
+        elif self.log_dir is not None:
+            self.open_log()
         logger.debug("mars %s (pid %d, cwd %s); log file %s", " ".join(sys.argv[1:]), os.getpid(), os.getcwd(),
                      self.log_path)
         if "ray" in sys.modules:
@@ -449,6 +463,26 @@ class _Session:
 
             if ray.is_initialized():
                 self.route_ray()
+
+    def open_log(self) -> None:
+        """Open ``RUN/logs/mars.log`` (and ``stderr.log``); a deferred session's buffered records go
+        there first. A second ``mars`` refused by the run-folder lock never gets here: it writes
+        nothing into a folder another process holds."""
+        if self.file is not None or self.log_dir is None:
+            return
+        self._open_files()
+        root = logging.getLogger()
+        root.addHandler(self.file)
+        file = self.file
+        self._undo.append(lambda: (root.removeHandler(file), file.close()))
+        if self._buffer is not None:
+            root.removeHandler(self._buffer)
+            for record in self._buffer.records:
+                if file.filter(record):
+                    file.handle(record)
+            self._buffer = None
+        if not self.verbose:
+            self._capture_fd2()
 
     def _open_files(self) -> None:
         from mars_ray import storage
@@ -512,12 +546,13 @@ class _Session:
                        and not isinstance(h, logging.FileHandler)]
             if not streams and lg.propagate:
                 continue
+            handlers = list(lg.handlers)
             for h in streams:
                 lg.removeHandler(h)
             propagate = lg.propagate
             lg.propagate = True
-            self._undo.append(lambda lg=lg, streams=streams, propagate=propagate: (
-                [lg.addHandler(h) for h in streams if h not in lg.handlers], setattr(lg, "propagate", propagate)))
+            self._undo.append(lambda lg=lg, handlers=handlers, propagate=propagate: (
+                setattr(lg, "handlers", handlers), setattr(lg, "propagate", propagate)))
         if not self._ray_routed and ray.is_initialized():
             self._ray_routed = True
             self._route_worker_output()
@@ -595,15 +630,25 @@ _lock = threading.Lock()
 _current: _Session | None = None
 
 
-def setup(verbose: bool = False, log_dir: Any = None) -> None:
+def setup(verbose: bool = False, log_dir: Any = None, *, defer: bool = False) -> None:
     """Route the process's logging for ``mars`` (see the module docstring); ``log_dir``: the run's
-    ``RUN/logs`` folder (a local path or an object-store path), or ``None``: no log file."""
+    ``RUN/logs`` folder (a local path or an object-store path), or ``None``: no log file.
+
+    ``defer``: the commands that hold a run folder open the log file only when they hold it
+    (:func:`open_log`, called by ``runlock.run_lock``); what they log before is kept and written then.
+    """
     global _current
     with _lock:
         if _current is not None:
             _current.close()
-        _current = _Session(verbose, log_dir)
+        _current = _Session(verbose, log_dir, defer)
         _current.start()
+
+
+def open_log() -> None:
+    """Open the deferred log file of the current session (no-op without one, or when open)."""
+    if _current is not None:
+        _current.open_log()
 
 
 def close() -> None:
@@ -632,5 +677,5 @@ def route_ray() -> None:
 
 
 __all__ = ["EVENTS", "SHOW", "Progress", "StageEvent", "StageRun", "ConsoleHandler", "LineThrottle", "active",
-           "close", "format_duration", "format_progress", "format_stage", "log_path", "report_progress",
+           "close", "format_duration", "format_progress", "format_stage", "log_path", "open_log", "report_progress",
            "route_ray", "setup", "stage"]

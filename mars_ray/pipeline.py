@@ -143,7 +143,7 @@ def run_stage(cfg: C.Config, run_dir: AnyPath, name: str) -> tuple[AnyPath, floa
     Logs a start and an end line (``console.stage``): what the stage does, how long it took,
     where its output went, whether it was up to date, and a summary from its manifest.
     """
-    baseline = cfg.train.baseline and name in _BASELINE
+    baseline = name in _BASELINE and cfg.train.baseline  # read only where it matters (stage-key test)
     with console.stage(f"{name} (baseline)" if baseline else name,
                        _BASELINE[name] if baseline else DESCRIPTIONS.get(name, "")) as st:
         started = time.time()

@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from mars_ray import storage
+from mars_ray import console, storage
 from mars_ray.config import RayConfig
 from mars_ray.storage import AnyPath
 
@@ -161,6 +161,7 @@ def run_lock(run_dir: AnyPath, *, command: str, wait: bool = False, ray_cfg: Opt
     with inner:
         with _held_guard:
             _held[key] = 1
+        console.open_log()  # the folder is ours now: RUN/logs/mars.log may be written
         try:
             yield run_dir
         finally:

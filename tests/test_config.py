@@ -109,7 +109,7 @@ def test_config_on_an_object_store(s3_bucket: str):
         ("evaluate.batch_size", 0, "evaluate.batch_size must be >= 1"),
         ("features.extractor", "dino", "features.extractor='dino' is not a feature extractor"),
         ("features.cpus_per_actor", 0, "features.cpus_per_actor must be > 0"),
-        ("debias.threshold", 1.5, r"debias.threshold must be in \[0, 1\]"),
+        ("debias.threshold", 1.5, r"debias.threshold must be in \(0, 1\)"),
         ("debias.crf_bilateral_srgb", 0, "debias.crf_bilateral_srgb must be > 0"),
         ("select.chunk_rows", 0, "select.chunk_rows must be >= 1"),
         ("ray.num_cpus", -2, "ray.num_cpus must be >= 0"),
