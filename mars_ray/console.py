@@ -466,8 +466,8 @@ class _Session:
         if "ray" in sys.modules:
             import ray
 
-            if ray.is_initialized():
-                self.route_ray()
+            if ray.is_initialized():  # started before this command (a notebook, a test): no terminal line
+                self.route_ray(announce=False)
 
     def open_log(self) -> None:
         """Open ``RUN/logs/mars.log`` (and ``stderr.log``); a deferred session's buffered records go
@@ -539,7 +539,7 @@ class _Session:
         self._undo.append(undo)
 
     # Ray --------------------------------------------------------------------------------------
-    def route_ray(self) -> None:
+    def route_ray(self, announce: bool = True) -> None:
         """Ray's loggers into ours (the file; the terminal with ``-v``), its workers' forwarded
         output into ``mars_ray.ray_output``, and Ray Data's progress bars off (ours replace them)."""
         import ray
@@ -566,7 +566,7 @@ class _Session:
                 bars = ctx.enable_progress_bars
                 ctx.enable_progress_bars = False
                 self._undo.append(lambda: setattr(ctx, "enable_progress_bars", bars))
-            self._say_where(ray)
+            self._say_where(ray, announce)
 
     def _route_worker_output(self) -> None:
         try:  # Ray's own (private) hook for the lines it forwards: the one way to take them over
@@ -602,7 +602,7 @@ class _Session:
 
         self._undo.append(undo)
 
-    def _say_where(self, ray: Any) -> None:
+    def _say_where(self, ray: Any, announce: bool = True) -> None:
         try:  # no public API names the session folder
             session_logs = ray._private.worker._global_node.get_logs_dir_path()
         except AttributeError:
@@ -610,7 +610,7 @@ class _Session:
         logger.info("Ray %s: session logs (raylet, GCS, every worker's stdout/stderr, ray-data*.log) in %s",
                     ray.__version__, session_logs)
         where = f"its logs go to {_short_path(str(self.log_path))}" if self.log_path else f"its logs: {session_logs}"
-        if not self.verbose:
+        if not self.verbose and announce:
             logger.info("Ray %s: %s (-v prints them here)", ray.__version__, where, extra=SHOW)
 
     # teardown ---------------------------------------------------------------------------------
