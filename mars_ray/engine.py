@@ -67,6 +67,7 @@ def train_one_epoch(
     *,
     scheduler: Optional[Any] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
+    amp_dtype: Optional[torch.dtype] = None,
     after_step: Optional[Callable[[int], None]] = None,
     max_steps: Optional[int] = None,
     log_every: int = 50,
@@ -76,7 +77,9 @@ def train_one_epoch(
     ``step_fn(batch)`` returns named terms: scalar loss tensors (summed into the total) and metrics
     whose key starts with ``m_`` (averaged only, reported without the prefix). With a ``scaler``
     (enabled ``torch.amp.GradScaler``) ``step_fn`` runs under ``torch.autocast`` on the scaler's
-    device and the backward/step go through the scaler. ``scheduler.step()`` runs after every
+    device and the backward/step go through the scaler. ``amp_dtype`` (e.g. ``torch.bfloat16``,
+    which needs no scaler) runs ``step_fn`` under ``torch.autocast`` with that dtype on the device of
+    the optimiser's parameters, with or without a scaler. ``scheduler.step()`` runs after every
     iteration (poly LR is per iteration), then ``after_step(i)`` with the 0-based step index in this
     epoch (the EMA teacher update goes there). At most ``max_steps`` batches are consumed.
 
@@ -88,12 +91,19 @@ def train_one_epoch(
     sums: Dict[str, float] = defaultdict(float)
     steps, images = 0, 0
     amp = scaler is not None and scaler.is_enabled()
+    if amp_dtype is not None:
+        device_type = _optimizer_device(optimizer).type
+        autocast_args: Optional[Dict[str, Any]] = {"device_type": device_type, "dtype": amp_dtype}
+    elif amp:
+        autocast_args = {"device_type": getattr(scaler, "_device", "cuda")}
+    else:
+        autocast_args = None
     t0 = time.perf_counter()
     for batch in batches:
         if max_steps is not None and steps >= max_steps:
             break
         optimizer.zero_grad(set_to_none=True)
-        autocast = torch.autocast(getattr(scaler, "_device", "cuda")) if amp else contextlib.nullcontext()
+        autocast = torch.autocast(**autocast_args) if autocast_args else contextlib.nullcontext()
         with autocast:
             terms = step_fn(batch)
         losses, metrics = _split_terms(terms)
@@ -148,6 +158,13 @@ def _split_terms(terms: Mapping[str, Any]) -> Tuple[Dict[str, Tensor], Dict[str,
     return losses, metrics
 
 
+def _optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            return p.device
+    return torch.device("cpu")
+
+
 def _batch_size(batch: Any) -> int:
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
     for v in values:
@@ -168,10 +185,15 @@ def poly_lr_lambda(max_iters: int, power: float = 0.9) -> Callable[[int], float]
 
 
 def build_sgd(
-    param_groups: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 4e-5
+    param_groups: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 4e-5,
+    *, fused: Optional[bool] = None,
 ) -> torch.optim.SGD:
-    """SGD over ``param_groups`` (e.g. ``model.param_groups(lr)``; groups' own ``lr`` wins over ``lr``)."""
-    return torch.optim.SGD(list(param_groups), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    """SGD over ``param_groups`` (e.g. ``model.param_groups(lr)``; groups' own ``lr`` wins over ``lr``).
+
+    ``fused=True`` takes torch's fused kernel (one launch for every parameter; CUDA, and CPU in
+    recent torch); ``None`` leaves torch's choice (the ``foreach`` implementation on CUDA).
+    """
+    return torch.optim.SGD(list(param_groups), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
 
 
 # ------------------------------------------------------------------------------------------- prediction
@@ -206,7 +228,7 @@ def predict_probs(
             if logits.shape[-2:] != (h, w):
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
             parts.append(logits.softmax(dim=1))
-    return torch.stack(parts).mean(dim=0)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).mean(dim=0)
 
 
 def _image_uint8(batch: Mapping[str, Any]) -> Tensor:

@@ -133,6 +133,24 @@ def test_train_one_epoch_with_grad_scaler_runs_under_autocast() -> None:
     assert seen[0] == torch.bfloat16  # CPU autocast
 
 
+def test_train_one_epoch_amp_dtype_without_scaler() -> None:
+    """bf16 autocast needs no grad scaler: ``amp_dtype`` alone turns autocast on."""
+    model, batches, step = _toy_problem()
+    opt = build_sgd(model.parameters(), lr=0.5, fused=True)
+    seen: list[torch.dtype] = []
+
+    def amp_step(batch):
+        seen.append(model(batch["x"]).dtype)
+        return step(batch)
+
+    out = train_one_epoch(amp_step, batches, opt, amp_dtype=torch.bfloat16)
+    assert out["steps"] == len(batches) and math.isfinite(out["loss"])
+    assert seen[0] == torch.bfloat16
+    seen.clear()
+    train_one_epoch(amp_step, batches[:1], opt)
+    assert seen[0] == torch.float32  # no autocast without amp_dtype or a scaler
+
+
 # ---------------------------------------------------------------------------------- prediction / evaluation
 
 

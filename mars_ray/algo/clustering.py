@@ -28,8 +28,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from mars_ray.labels import BACKGROUND, MAX_CLASSES
 
@@ -69,6 +67,10 @@ def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> tuple[np
         raise ValueError(f"kmeans needs 1 <= k <= n, got k={k}, n={n}")
     if iters < 1:
         raise ValueError(f"kmeans needs iters >= 1, got {iters}")
+    # imported here: ``mars_ray.algo`` (hence ``engine``) must import on a GPU box with torch alone
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
     km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd",
                 random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
