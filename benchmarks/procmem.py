@@ -5,7 +5,7 @@ process of the tree under ``root`` (by default this process; a local ``ray.init`
 GCS and the workers below it) its RSS, its private RSS (RSS minus shared pages: Ray's object store
 is a shared mapping, so an actor that reads a block shows it in RSS but not in private RSS), its
 command line (Ray names workers ``ray::<actor or task>``) and its CPU seconds. Used by
-``scale_bench.py``; psutil comes with Ray.
+``scale_bench.py``; psutil comes with Ray (vendored).
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
+try:
+    import psutil
+except ImportError:  # Ray vendors psutil (ray/thirdparty_files) and puts it on sys.path when imported
+    import ray  # noqa: F401
+    import psutil
 
 MB = 1024 * 1024
 _SYSTEM = ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py", "agent")

@@ -54,6 +54,7 @@ class FeaturesConfig:
     seed: int = 0
     num_actors: int = 1
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # a learned extractor on GPUs (fractions share one); ignored with data.features_dir
     batch_size: int = 8
     # content-addressed cache: "" = off; else the artifact lives in CACHE/features-<key>/ (computed
     # once under a file lock) and RUN/features links to it. `mars tune` sets RUN/cache.
@@ -88,6 +89,7 @@ class DebiasConfig:
     crf_bilateral_compat: float = 4.0  # DeepLab-v2 CRF weight; 10 over-smooths textured objects
     num_actors: int = 1
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # F from a learned extractor on GPUs; the CRF stays on the actor's CPU
     batch_size: int = 8
 
     def crf_kwargs(self) -> dict[str, float] | None:

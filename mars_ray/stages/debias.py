@@ -30,6 +30,7 @@ from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource
 from mars_ray.labels import BIASED, MAX_CLASSES
 from mars_ray.stages import inputs
+from mars_ray.stages.plan import feature_gpus
 from mars_ray.stages.runtime import ensure_ray, map_images
 from mars_ray.storage import AnyPath, upath
 
@@ -128,6 +129,23 @@ class DebiasImages:
                 np.bincount(pseudo[is_fg & (debiased == BIASED)], minlength=n)[:n].astype(np.int64), int(pseudo.size))
 
 
+def debias_kwargs(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, out_dir: AnyPath, select_dir: AnyPath,
+                  skip_existing: bool) -> dict[str, Any]:
+    """The keyword arguments of :class:`DebiasImages` for this run (absolute paths, plain values)."""
+    d = cfg.debias
+    return dict(
+        dataset=dataset.spec(),
+        pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
+        out_dir=storage.absolute(out_dir),
+        select_dir=storage.absolute(select_dir),
+        source_kwargs=inputs.actor_source_kwargs(cfg, run_dir, d.gpus_per_actor),
+        threshold=d.threshold,
+        crf=d.crf_kwargs(),
+        skip_existing=skip_existing,
+        threads=max(1, int(d.cpus_per_actor)),
+    )
+
+
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     """``RUN/debias`` and its key: the debias slice + the keys of the finished select and features
     artifacts (the features key already fingerprints Y^b and F)."""
@@ -135,7 +153,7 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     feats = require_complete(run_dir / "features", "features")
     d = cfg.debias
     slice_ = {
-        "debias": {k: v for k, v in C.to_dict(d).items() if k not in {"num_actors", "cpus_per_actor", "batch_size"}},
+        "debias": {k: v for k, v in C.to_dict(d).items() if k not in {"num_actors", "cpus_per_actor", "gpus_per_actor", "batch_size"}},
         "split": cfg.data.split,
     }
     inputs = {"select": upstream["key"], "features": feats["key"]}
@@ -160,19 +178,10 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         ds = map_images(
             ids,
             DebiasImages,
-            dict(
-                dataset=dataset.spec(),
-                pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
-                out_dir=storage.absolute(sd.path),
-                select_dir=storage.absolute(run_dir / "select"),
-                source_kwargs=inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
-                threshold=d.threshold,
-                crf=d.crf_kwargs(),
-                skip_existing=resuming,
-                threads=max(1, int(d.cpus_per_actor)),
-            ),
+            debias_kwargs(cfg, run_dir, dataset, out_dir=sd.path, select_dir=run_dir / "select", skip_existing=resuming),
             num_actors=d.num_actors,
             cpus_per_actor=d.cpus_per_actor,
+            gpus_per_actor=feature_gpus(cfg, d.gpus_per_actor),
             batch_size=d.batch_size,
         )
         n_images = n_fg = n_biased = 0

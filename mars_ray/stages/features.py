@@ -43,6 +43,7 @@ from mars_ray.data.validate import check_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource
 from mars_ray.stages import cache, inputs
+from mars_ray.stages.plan import feature_gpus
 from mars_ray.stages.runtime import ensure_ray, map_images
 from mars_ray.storage import AnyPath, upath
 
@@ -207,7 +208,7 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     return StageDir(run_dir / "features", "features", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
-_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "batch_size", "cache_dir"}  # do not change the result
+_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "gpus_per_actor", "batch_size", "cache_dir"}  # do not change the result
 
 
 def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
@@ -246,6 +247,22 @@ def table_path(run_dir: AnyPath) -> AnyPath:
     return cache.resolve(run_dir) / TABLE
 
 
+def cluster_kwargs(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset) -> dict[str, Any]:
+    """The keyword arguments of :class:`ClusterImages` for this run (absolute paths, plain values)."""
+    fc = cfg.features
+    return dict(
+        dataset=dataset.spec(),
+        pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
+        source_kwargs=inputs.actor_source_kwargs(cfg, run_dir, fc.gpus_per_actor),
+        k_fg=fc.k_fg,
+        k_bg=fc.k_bg,
+        max_pixels=fc.max_pixels,
+        iters=fc.kmeans_iters,
+        seed=fc.seed,
+        threads=max(1, int(fc.cpus_per_actor)),
+    )
+
+
 def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir) -> None:
     """Cluster every image of the split into ``sd.path`` (Ray Data actor pool) and finish the manifest."""
     with sd.guard():
@@ -255,19 +272,10 @@ def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir)
         ds = map_images(
             ids,
             ClusterImages,
-            dict(
-                dataset=dataset.spec(),
-                pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
-                source_kwargs=inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
-                k_fg=fc.k_fg,
-                k_bg=fc.k_bg,
-                max_pixels=fc.max_pixels,
-                iters=fc.kmeans_iters,
-                seed=fc.seed,
-                threads=max(1, int(fc.cpus_per_actor)),
-            ),
+            cluster_kwargs(cfg, run_dir, dataset),
             num_actors=fc.num_actors,
             cpus_per_actor=fc.cpus_per_actor,
+            gpus_per_actor=feature_gpus(cfg, fc.gpus_per_actor),
             batch_size=fc.batch_size,
         )
         out = sd.path / TABLE
