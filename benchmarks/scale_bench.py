@@ -21,6 +21,8 @@ Rows (``--rows``, all by default):
   actor's peak private RSS against O(C·d) + O(N) scalars. The tables are deleted afterwards.
 * ``eq13``: Eq 1–3 in memory (``select_debiased_centroids``) against one read pass over the same
   arrays (``fg.sum(); bg.sum()``), wall and single-thread CPU time.
+* ``unit``: per-image costs at a photo's size (``--unit-size``): bare features and debias, and one
+  dense CRF of 21 classes (what the teacher's fill costs a training image), for ``docs/scaling.md``.
 * ``train``: Ray Train (``runtime.fit_torch`` + the stage's ``train_loop.train_worker``) against
   a bare torch loop on the same model (``deeplab_tiny``), labels (``RUN/debias``), augmentation
   and MARS step, one thread each; steady-state images/s (epochs after the first) and wall time.
@@ -57,7 +59,7 @@ import numpy as np  # noqa: E402
 
 from procmem import TreeSampler, peak_of  # noqa: E402
 
-ROWS = ("throughput", "rss", "select", "eq13", "train")
+ROWS = ("throughput", "rss", "select", "eq13", "train", "unit")
 COCO_ROWS = 600_000  # 82,081 COCO train images x ~7.3 centroids (K_bg = 2, K_fg = 2 per class)
 OPEN_IMAGES_ROWS = 60_000_000  # 9M images x ~6.7
 TARGETS = {"ray_over_bare": 0.9, "two_over_one": 1.8, "rss_10n_over_n": 1.3, "select_over_read": 3.0,
@@ -380,6 +382,8 @@ def select_scale(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> N
                        "table_gb": table.bytes / 1e9, "generate_s": gen_s, "one_read_first_s": read_first,
                        "one_read_s": read_s, "select_s": sel_s, "select_over_read": sel_s / read_s,
                        "passes_s": manifest.get("outputs", {}).get("seconds"),
+                       # the actor's own work (its three passes and the report), without Ray's start-up
+                       "passes_over_read": sum((manifest.get("outputs", {}).get("seconds") or {}).values()) / read_s,
                        "actor_peak_private_mb": actor["peak_private_mb"], "actor_peak_rss_mb": actor["peak_rss_mb"],
                        # what O(N) scalars + O(C·d) come to: distance f64, class int16, gt_match f32, chosen bool
                        "model_mb": (n_fg * (8 + 2 + 4 + 1) + (args.select_classes + 1) * d * 8) / 2**20,
@@ -542,6 +546,31 @@ def train_rows(args: argparse.Namespace, root: Path, work: Path, out: dict[str, 
                 print(f"  train (1 epoch) N={m}: {r['wall_s']:.0f} s", flush=True)
 
 
+# ------------------------------------------------------------------------------------------ unit costs
+
+
+def unit_costs(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> None:
+    """Per-image costs at a photo's size (``--unit-size`` px, ~ the 427x640 of VOC/COCO): the bare
+    features and debias work, and one dense CRF of 21 classes (the teacher's fill in train)."""
+    from mars_ray.algo.crf import dense_crf
+
+    n, size = args.unit_images, args.unit_size
+    root = work / f"unit_{size}"
+    make_data(root, [n], size)
+    cfg = stage_cfg(root, n, 1, ray_cpus=args.ray_cpus)
+    feats = bare_features(cfg, work / "unit_run")
+    deb = bare_debias(cfg, work / "unit_run")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    probs = rng.dirichlet(np.ones(21), size=(size, size)).astype(np.float32).transpose(2, 0, 1)
+    with _one_thread():
+        crf = _best(lambda: dense_crf(image, probs, iters=10), _now)
+    out["unit"] = {"size": size, "images": n, "features_s_per_image": feats["s_per_image"],
+                   "debias_s_per_image": deb["s_per_image"], "crf21_s_per_image": crf}
+    print(f"  at {size} px: features {feats['s_per_image']:.3f} s, debias {deb['s_per_image']:.3f} s an image; "
+          f"CRF of 21 classes {crf:.3f} s", flush=True)
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -601,13 +630,14 @@ def print_table(out: dict[str, Any]) -> None:
                   f"x{w['private_ratio'] or math.nan:.2f}")
     if out.get("select"):
         print("\n== select at scale ==")
-        print(f"{'d':>4} {'rows':>12} {'GB':>6} {'select s':>9} {'1 read s':>9} {'ratio':>6} {'actor MB':>9} "
-              f"{'O(N) MB':>8}  passes")
+        print(f"{'d':>4} {'rows':>12} {'GB':>6} {'select s':>9} {'1 read s':>9} {'ratio':>6} {'passes':>7} "
+              f"{'actor MB':>9} {'O(N) MB':>8}  seconds per pass")
         for r in out["select"]:
             mark = " (extrapolated)" if r["extrapolated"] else ""
             print(f"{r['d']:>4} {r['rows']:>12,} {r['table_gb']:>6.2f} {r['select_s']:>9.1f} {r['one_read_s']:>9.1f} "
-                  f"{r['select_over_read']:>6.2f} {r.get('actor_peak_private_mb', math.nan):>9.0f} "
-                  f"{r.get('model_mb', math.nan):>8.0f}  {r.get('passes_s') or ''}{mark}")
+                  f"{r['select_over_read']:>6.2f} {r.get('passes_over_read', math.nan):>7.2f} "
+                  f"{r.get('actor_peak_private_mb', math.nan):>9.0f} {r.get('model_mb', math.nan):>8.0f}  "
+                  f"{r.get('passes_s') or ''}{mark}")
     for r in out.get("eq13", []):
         print(f"\nEq 1-3 in memory d={r['d']} {r['fg']:,} fg x {r['bg']:,} bg: {r['wall_s']:.3f} s vs one read "
               f"{r['read_wall_s']:.4f} s = {r['wall_ratio']:.1f}x (one thread CPU: {r['cpu1_ratio']:.1f}x)")
@@ -616,6 +646,10 @@ def print_table(out: dict[str, Any]) -> None:
         print(f"\n== train N={tr['n']}, {tr['epochs']} epochs: bare {tr['bare_steady_images_per_s']:.1f} images/s, "
               f"Ray Train {tr['ray_steady_images_per_s']:.1f} ({tr['ray_over_bare_steady']:.2f}x); wall bare "
               f"{tr['bare']['wall_s']:.0f} s, Ray {tr['ray']['wall_s']:.0f} s (dataset {tr['ray']['data_s']:.0f} s)")
+    if "unit" in out:
+        u = out["unit"]
+        print(f"\n== per image at {u['size']} px, one CPU: features {u['features_s_per_image']:.3f} s, debias "
+              f"{u['debias_s_per_image']:.3f} s, CRF of 21 classes {u['crf21_s_per_image']:.3f} s")
     print("\n== targets ==")
     for t in out.get("targets", []):
         print(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['value']:.2f} (goal {t['goal']})")
@@ -640,12 +674,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eq-d", type=ints, default=[70, 384])
     ap.add_argument("--train-n", type=int, default=500)
     ap.add_argument("--train-epochs", type=int, default=3)
+    ap.add_argument("--unit-size", type=int, default=512, help="px of the per-image cost row (~427x640 photos)")
+    ap.add_argument("--unit-images", type=int, default=8)
     ap.add_argument("--work", help="working folder (default: a new temporary folder, removed at the end)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--smoke-test", action="store_true", help="every row at minute size (N=20, tiny tables)")
     if ap.parse_known_args(argv)[0].smoke_test:  # smaller defaults; explicit flags still win
         ap.set_defaults(sizes=[20, 200], image_size=64, select_d=[16, 384], select_rows=[2_000, 20_000],
-                        select_classes=5, eq_fg=10_000, eq_bg=2_000, eq_d=[16], train_n=20, train_epochs=2)
+                        select_classes=5, eq_fg=10_000, eq_bg=2_000, eq_d=[16], train_n=20, train_epochs=2,
+                        unit_size=96, unit_images=2)
     args = ap.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = set(args.rows) - set(ROWS)
@@ -689,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
         if "eq13" in args.rows:
             print("Eq 1-3 in memory:", flush=True)
             eq13(args, out)
+        if "unit" in args.rows:
+            print("per-image costs:", flush=True)
+            unit_costs(args, work, out)
     finally:
         out["wall_s"] = _now() - t0
         out["machine"]["load_avg_end"] = os.getloadavg()
