@@ -53,6 +53,7 @@ def _preset() -> dict[str, Any]:
     cfg = C.build(REPO / "jobs" / "coco.yaml")
     return {"features_actors": cfg.features.num_actors, "debias_actors": cfg.debias.num_actors,
             "train_workers": cfg.train.num_workers, "train_cpus": cfg.train.cpus_per_worker,
+            "crf_workers": cfg.train.crf_workers,
             "evaluate_actors": cfg.evaluate.num_actors, "k_fg": cfg.features.k_fg, "k_bg": cfg.features.k_bg}
 
 
@@ -142,8 +143,8 @@ def _wall_times(v: dict[str, Any], scale: dict[str, Any] | None, gpu: dict[str, 
             v[f"t_features_{key}"] = _fmt_s(n_train * u["features_s_per_image"] / p["features_actors"])
             v[f"t_debias_{key}"] = _fmt_s(n_train * u["debias_s_per_image"] / p["debias_actors"])
             crf = u["crf21_s_per_image"] * labels / 21  # mean-field cost grows with the labels
-            # the teacher's CRF fill: one image at a time in each Train worker (pydensecrf holds the GIL)
-            t_crf = EPOCHS * n_train * crf / p["train_workers"]
+            # the teacher's CRF fill: train.crf_workers processes per Train worker (pydensecrf holds the GIL)
+            t_crf = EPOCHS * n_train * crf / (p["train_workers"] * p["crf_workers"])
             v[f"t_train_crf_{key}"] = _fmt_s(t_crf)
             if n_val:
                 v[f"t_evaluate_{key}"] = _fmt_s(n_val * crf / p["evaluate_actors"])

@@ -168,6 +168,9 @@ class TrainConfig:
     epochs: int = 30
     ema_momentum: float = 0.9  # CPU demo: ~240 steps; 0.99 left the teacher at all-background (paper: 0.999)
     teacher_crf: bool = True
+    # processes per Train worker for the teacher's CRF fill: pydensecrf holds the GIL, so only
+    # processes run CRFs side by side (1: one after another in the worker, as before)
+    crf_workers: int = 1
     crf_iters: int = 10  # dense CRF of the teacher's fill (Y^co); same kernels as debias.crf_*
     crf_gauss_sxy: float = 3.0
     crf_gauss_compat: float = 3.0

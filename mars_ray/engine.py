@@ -238,17 +238,32 @@ def _image_uint8(batch: Mapping[str, Any]) -> Tensor:
     return (torch.as_tensor(batch["image"]).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def _crf_refine(probs: Tensor, images: Tensor, crf: Dict[str, Any], only: Optional[Tensor] = None) -> Tensor:
-    """Dense-CRF each image's ``probs [B,K,H,W]`` with ``images [B,H,W,3]`` uint8; ``only[b]`` False skips one."""
+CrfMap = Callable[[Callable[[Any], np.ndarray], List[Any]], Iterable[np.ndarray]]
+
+
+def _dense_crf_job(job: Tuple[np.ndarray, np.ndarray, Dict[str, Any]]) -> np.ndarray:
+    """``dense_crf(image, probs, **kwargs)`` of one ``(image, probs, kwargs)``: module-level, so a
+    process pool can run it."""
     from mars_ray.algo.crf import dense_crf
 
+    image, probs, kwargs = job
+    return dense_crf(image, probs, **kwargs)
+
+
+def _crf_refine(probs: Tensor, images: Tensor, crf: Dict[str, Any], only: Optional[Tensor] = None,
+                crf_map: Optional[CrfMap] = None) -> Tensor:
+    """Dense-CRF each image's ``probs [B,K,H,W]`` with ``images [B,H,W,3]`` uint8; ``only[b]`` False skips one.
+
+    ``crf_map`` (e.g. a ``ProcessPoolExecutor``'s ``map``) runs the per-image CRFs; pydensecrf holds
+    the GIL, so only processes run them side by side. Without it they run here, one after another.
+    """
     out = probs.clone()
     imgs = images.cpu().numpy()
-    for b in range(probs.shape[0]):
-        if only is not None and not bool(only[b]):
-            continue
-        refined = dense_crf(imgs[b], probs[b].float().cpu().numpy(), **crf)
-        out[b] = torch.from_numpy(refined).to(out.device, out.dtype)
+    todo = [b for b in range(probs.shape[0]) if only is None or bool(only[b])]
+    jobs = [(imgs[b], probs[b].float().cpu().numpy(), crf) for b in todo]
+    refined = (crf_map or map)(_dense_crf_job, jobs)
+    for b, r in zip(todo, refined):
+        out[b] = torch.from_numpy(r).to(out.device, out.dtype)
     return out
 
 
@@ -345,6 +360,7 @@ def complement_step(
     num_classes: int,
     crf: Optional[Dict[str, Any]],
     use_wce: bool = True,
+    crf_map: Optional[CrfMap] = None,
 ) -> Dict[str, Any]:
     """MARS complementing (Sec. 3.4): teacher fills BIASED pixels, loss is Eq. 7's weighted CE.
 
@@ -354,6 +370,7 @@ def complement_step(
     has BIASED pixels is CRF-refined and the refined argmax fills Y^co. The certain mask W (Eq. 6)
     is the teacher's max foreground softmax probability *before* the CRF (the network's confidence;
     CRF marginals are near-binary). ``use_wce=False`` trains plain CE on Y^co (ablation).
+    ``crf_map``: how the per-image CRFs run (a process pool's ``map``; see ``_crf_refine``).
 
     Returns ``{"wce" | "ce": loss, "m_biased_frac": share of labelled (non-255) pixels that are
     BIASED, "m_mean_w": mean W over labelled pixels}``.
@@ -368,7 +385,8 @@ def complement_step(
     biased = y_db == BIASED
     fill_probs = teacher_probs
     if crf is not None and bool(biased.any()):
-        fill_probs = _crf_refine(teacher_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1))
+        fill_probs = _crf_refine(teacher_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1),
+                                 crf_map=crf_map)
     y_co = complement_labels(y_db, fill_probs.argmax(dim=1))
     weight = certain_mask(y_db, teacher_probs) if use_wce else torch.ones_like(y_db, dtype=torch.float32)
     logits = student(image)

@@ -261,6 +261,19 @@ def test_complement_step_plain_ce_and_crf_identity() -> None:
         complement_step(student, teacher, batch, num_classes=k + 1, crf=None)
 
 
+def test_complement_step_crf_in_a_process_pool_equals_in_process() -> None:
+    """The teacher's CRF fill run by a pool of processes (``crf_map``) gives the same loss."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    teacher, student, batch, k = _complement_case()
+    crf = {"iters": 3}
+    here = complement_step(student, teacher, batch, num_classes=k, crf=crf)["wce"].item()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        there = complement_step(student, teacher, batch, num_classes=k, crf=crf, crf_map=pool.map)["wce"].item()
+    assert there == here
+
+
 def test_baseline_step_treats_biased_as_ignore() -> None:
     _, student, batch, _ = _complement_case()
     y = batch["label"]
