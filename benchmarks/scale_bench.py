@@ -165,7 +165,7 @@ def bare_debias(cfg: Any, run: Path) -> dict[str, Any]:
     with _one_thread(), TreeSampler() as mem:
         t0 = _now()
         worker = debias.DebiasImages(**debias.debias_kwargs(cfg, run, dataset, out_dir=out_dir, select_dir=select_dir,
-                                                           skip_existing=False))
+                                                           skip_existing=False, image_labels=_image_labels(cfg, run)))
         worker({"image_id": np.array(ids[:1])})  # one-time costs count as init
         t1 = _now()
         for s in range(0, len(ids), cfg.debias.batch_size):
@@ -173,6 +173,13 @@ def bare_debias(cfg: Any, run: Path) -> dict[str, Any]:
         t2 = _now()
     return {"mode": "bare", "init_s": t1 - t0, "loop_s": t2 - t1, "wall_s": t2 - t0,
             "images_per_s": len(ids) / (t2 - t1), "s_per_image": (t2 - t1) / len(ids), "memory": mem.summary()}
+
+
+def _image_labels(cfg: Any, run: Path) -> bool:
+    """Whether the debias stage takes C_I from image-level labels (as ``debias.run`` decides)."""
+    from mars_ray.stages import debias
+
+    return debias.class_source(cfg, run)["kind"] == "image_labels"
 
 
 def driver_checks(cfg: Any, run: Path, stage: str) -> float:
@@ -200,7 +207,8 @@ def pipeline_without_work(cfg: Any, run: Path, stage: str, ids: list[str], actor
         fn, kw = features.ClusterImages, features.cluster_kwargs(cfg, run, dataset)
     else:
         fn, kw = debias.DebiasImages, debias.debias_kwargs(cfg, run, dataset, out_dir=run / "debias",
-                                                          select_dir=run / "select", skip_existing=True)
+                                                          select_dir=run / "select", skip_existing=True,
+                                                          image_labels=_image_labels(cfg, run))
     t0 = _now()
     ds = map_images(ids, _InitOnly, {"fn": fn, "kwargs": kw}, num_actors=actors,
                     batch_size=getattr(cfg, stage).batch_size)
@@ -458,7 +466,8 @@ def ray_train(cfg: Any, run: Path, name: str) -> dict[str, Any]:
     shutil.rmtree(storage, ignore_errors=True)
     with TreeSampler() as mem:
         t0 = _now()
-        ds = train._training_dataset(dataset, cfg.data.split, run / "debias", trainer_cpus=1.0)
+        ds = train._training_dataset(dataset, cfg.data.split, run / "debias", trainer_cpus=1.0,
+                                     class_source=train.class_source(cfg, run, dataset, run / "debias"))
         t1 = _now()
         result = fit_torch(train_loop.train_worker, {"settings": settings}, name=name, storage=storage, num_workers=1,
                            use_gpu=False, cpus_per_worker=1.0, max_failures=0, datasets={"train": ds})
@@ -488,6 +497,9 @@ def bare_train(cfg: Any, run: Path) -> dict[str, Any]:
     with _one_thread():
         t0 = _now()
         pairs = [(read_image(dataset.image_path(i)), read_label(run / "debias" / f"{i}.png")) for i in ids]
+        source = train.class_source(cfg, run, dataset, run / "debias")  # C_I, as the stage's rows carry it
+        classes = inputs.ImageClasses(dataset, source) if source else None
+        masks = [classes.mask(i) for i in ids] if classes else None
         t1 = _now()
         torch.manual_seed(s.seed)
         student = SEGMENTERS.get(s.model_name, **s.model_kwargs)
@@ -503,14 +515,19 @@ def bare_train(cfg: Any, run: Path) -> dict[str, Any]:
 
             def batches() -> Any:
                 for k in range(0, len(order), s.batch_size):
-                    aug = [augment.numpy(*pairs[i]) for i in order[k : k + s.batch_size]]
+                    picked = order[k : k + s.batch_size]
+                    aug = [augment.numpy(*pairs[i]) for i in picked]
                     img = torch.from_numpy(np.stack([a["image_uint8"] for a in aug]))
-                    yield {"image": img.permute(0, 3, 1, 2).float().div_(255.0), "image_uint8": img,
-                           "label": torch.from_numpy(np.stack([a["label"] for a in aug])).long()}
+                    b = {"image": img.permute(0, 3, 1, 2).float().div_(255.0), "image_uint8": img,
+                         "label": torch.from_numpy(np.stack([a["label"] for a in aug])).long()}
+                    if masks is not None:
+                        b["class_mask"] = torch.from_numpy(np.stack([masks[i] for i in picked]))
+                    yield b
 
             te = _now()
             stats = train_one_epoch(
-                lambda b: complement_step(student, teacher, b, num_classes=s.num_classes, crf=s.crf), batches(), opt,
+                lambda b: complement_step(student, teacher, b, num_classes=s.num_classes, crf=s.crf, use_wce=s.wce),
+                batches(), opt,
                 scheduler=sched, after_step=lambda _: ema_update(teacher, student, s.ema_momentum), log_every=0)
             epochs.append({"images_per_s": stats["images_per_s"], "time_s": _now() - te, "loss": stats["loss"]})
         t2 = _now()

@@ -21,11 +21,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from mars_ray import storage
+from mars_ray import faults, storage
 from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,24 @@ def atomic_write_json(path: AnyPath, obj: Any) -> None:
 def atomic_save_npy(path: AnyPath, array: np.ndarray) -> None:
     with storage.atomic_open(path) as f:
         np.save(f, array)
+
+
+@contextmanager
+def provisional(path: AnyPath, write: Callable[[], None]) -> Iterator[None]:
+    """``write()`` a file for the block; if the block raises, the file's previous bytes come back.
+
+    For ``RUN/config.yaml``: it names the config of the command now running, and again the one of
+    the artifacts in ``RUN`` when that command fails. A file that did not exist stays as written
+    (it tells what was tried).
+    """
+    previous = path.read_bytes() if path.is_file() else None
+    write()
+    try:
+        yield
+    except BaseException:
+        if previous is not None:
+            atomic_write_bytes(path, previous)
+        raise
 
 
 def load_npy(path: AnyPath) -> np.ndarray:
@@ -123,8 +141,24 @@ class StageDir:
         return read_manifest(self.path)
 
     def is_complete(self) -> bool:
+        """The folder holds the finished artifact of this key (brought back first if a killed run set it aside)."""
         m = self.read_manifest()
-        return bool(m and m.get("key") == self.key and m.get("status") == "complete")
+        if m and m.get("key") == self.key and m.get("status") == "complete":
+            return True
+        return self._recover(m)
+
+    def _recover(self, m: dict[str, Any] | None) -> bool:
+        """A run of another key killed after ``begin`` set this key's finished artifact aside
+        (``.<stage>.prev``): put it back instead of recomputing it. ``True`` when it did."""
+        prev = read_manifest(self.previous_path)
+        if not (prev and prev.get("key") == self.key and prev.get("status") == "complete"):
+            return False
+        if m is not None and m.get("status") == "complete":  # a finished artifact of another key: not ours to drop
+            return False
+        storage.rmtree(self.path)
+        self.previous_path.rename(self.path)
+        logger.info("%s: brought back the finished %s artifact an interrupted run had set aside", self.path, self.stage)
+        return True
 
     @property
     def previous_path(self) -> AnyPath:
@@ -151,7 +185,10 @@ class StageDir:
             else:
                 storage.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        if resuming:
+            _drop_temporaries(self.path)
         self._write("running", outputs={})
+        faults.point(f"{self.stage}.begin")
         return resuming
 
     def restore(self) -> None:
@@ -172,6 +209,7 @@ class StageDir:
             raise
 
     def finish(self, outputs: Mapping[str, Any]) -> None:
+        faults.point(f"{self.stage}.finish")
         self._write("complete", outputs=outputs)
         storage.rmtree(self.previous_path)
 
@@ -191,6 +229,17 @@ class StageDir:
         if status == "complete":
             manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_json(self.manifest_path, manifest)
+
+
+def _drop_temporaries(folder: AnyPath) -> None:
+    """Temporary files of ``storage.atomic_open`` a killed writer left behind (never under a final name)."""
+    if storage.is_uri(folder):
+        return  # uploads are atomic: an object store keeps no half file
+    stale = [p for p in folder.rglob(".*.tmp-*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        logger.info("%s: removed %d temporary files of an interrupted run", folder, len(stale))
 
 
 def read_manifest(folder: AnyPath) -> dict[str, Any] | None:

@@ -12,14 +12,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from mars_ray import config as C
-from mars_ray import pipeline
+from mars_ray import console, errors, pipeline
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger("mars_ray")
+
+#: commands whose --out is a run folder (locked while they run; their errors go to RUN/logs)
+RUN_COMMANDS = ("run", *pipeline.PRE_STAGES, *pipeline.STAGES, "tune")
 
 
 # -- config from flags --------------------------------------------------------------------------
@@ -40,6 +44,8 @@ def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True,
                    help="run folder or object-store URI (s3://bucket/run); every stage writes RUN/<stage>/")
     p.add_argument("--config", help="YAML config file, local or a URI (sections data, features, select, debias, ray, …)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. select.alpha=0.3")
+    p.add_argument("--wait", action="store_true",
+                   help="when another process holds --out, wait for it (default: refuse at once, naming it)")
 
 
 def overrides_from_args(args: argparse.Namespace, *, split_key: str = "data.split") -> dict[str, Any]:
@@ -63,11 +69,22 @@ def config_from_args(args: argparse.Namespace, *, build_missing: bool = False) -
     return pipeline.build_config(args.config, overrides_from_args(args), plan_inputs=build_missing)
 
 
-def _prepare_run(args: argparse.Namespace, cfg: C.Config) -> AnyPath:
-    run_dir = upath(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    C.dump_yaml(cfg, run_dir / "config.yaml")
-    return run_dir
+@contextmanager
+def _locked_run(args: argparse.Namespace, cfg: C.Config) -> Iterator[AnyPath]:
+    """Hold ``--out`` (``runlock``: one writer per run folder), then write its ``config.yaml`` — the
+    previous one comes back when the command fails, as the stages bring back their previous artifacts."""
+    from mars_ray.artifacts import provisional
+    from mars_ray.runlock import run_lock
+
+    with run_lock(upath(args.out), command=_command(args), wait=args.wait, ray_cfg=cfg.ray) as run_dir:
+        path = run_dir / "config.yaml"
+        with provisional(path, lambda: C.dump_yaml(cfg, path)):
+            yield run_dir
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line, as a holder of a run folder names itself to a refused second process."""
+    return " ".join(["mars", *getattr(args, "argv", [args.command])])
 
 
 # -- subcommands --------------------------------------------------------------------------------
@@ -76,26 +93,30 @@ def _prepare_run(args: argparse.Namespace, cfg: C.Config) -> AnyPath:
 def cmd_make_dataset(args: argparse.Namespace) -> int:
     from mars_ray.data.synthetic import make_biased_dataset
 
-    root = make_biased_dataset(args.root, n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed)
+    root = make_biased_dataset(
+        args.root, n_train=args.n_train, n_val=args.n_val, size=args.size, height=args.height, width=args.width,
+        seed=args.seed, cue=args.cue, n_classes=args.n_classes, biased_share=args.biased_share,
+        unbiased_classes=args.unbiased_classes, bias_kind=args.bias_kind, image_format=args.image_format,
+    )
     print(f"built-in biased dataset written to {root} (pseudo labels in {Path(root) / 'pseudo_labels'})")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, build_missing=True)
-    run_dir = _prepare_run(args, cfg)
-    stages = pipeline.plan_stages(cfg, args.until)
-    pipeline.run_stages(cfg, run_dir, stages)
-    print(f"done: {', '.join(stages)} → {run_dir}")
-    from mars_ray.report import write_report
-    print(f"report: {write_report(run_dir)}")
+    with _locked_run(args, cfg) as run_dir:
+        stages = pipeline.plan_stages(cfg, args.until)
+        pipeline.run_stages(cfg, run_dir, stages)
+        print(f"done: {', '.join(stages)} → {run_dir}")
+        from mars_ray.report import write_report
+        print(f"report: {write_report(run_dir)}")
     return 0
 
 
 def _run_one(args: argparse.Namespace, name: str, overrides: dict[str, Any]) -> AnyPath:
     cfg = pipeline.build_config(args.config, overrides)
-    run_dir = _prepare_run(args, cfg)
-    return pipeline.run_stages(cfg, run_dir, [name])[name]
+    with _locked_run(args, cfg) as run_dir:
+        return pipeline.run_stages(cfg, run_dir, [name])[name]
 
 
 def _cmd_stage(name: str) -> Callable[[argparse.Namespace], int]:
@@ -120,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overrides["evaluate.checkpoint"] = args.checkpoint
     if args.baseline:
         overrides["train.baseline"] = True
-    path = _run_one(args, "evaluate", overrides)
+    path = _run_one(args, "evaluate", overrides)  # the table is read after the lock: the stage finished it
     print((path / "table.txt").read_text().rstrip())
     print(f"evaluate: {path / 'metrics.json'}")
     return 0
@@ -136,7 +157,7 @@ def cmd_evaluate_labels(args: argparse.Namespace) -> int:
     out = upath(args.out) if args.out else EL.metrics_path(args.run, args.labels) if args.run else None
     if out is not None:  # never into an input: the labels are often someone else's dataset, or read-only
         EL.check_not_inside(out, {"labels": args.labels, "dataset": args.data})
-    metrics = EL.evaluate(args.data, args.labels, args.split, biased_as=args.biased_as)
+    metrics = EL.evaluate(args.data, args.labels, args.split, biased_as=args.biased_as, pred_ignore=args.pred_ignore)
     if out is not None:
         dataset = VOCDataset(args.data)  # the fingerprint lets `mars report RUN` reuse the result while current
         atomic_write_json(out, {**metrics, "fingerprint": EL.labels_fingerprint(dataset, args.labels, args.split)})
@@ -176,7 +197,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     summary = run_sweep(args.space, args.out, config_file=args.config, overrides=overrides,
                         tracking_uri=args.tracking_uri, experiment=args.experiment, smoke=args.smoke_test,
-                        cache=not args.no_cache, verbose=0 if args.quiet else 1)
+                        cache=not args.no_cache, verbose=0 if args.quiet else 1, wait=args.wait,
+                        command=_command(args))
     print(summary["table"])
     best = summary["best"]
     print(f"best {summary['objective']['metric']} = {best[summary['objective']['metric']]:.4f} at "
@@ -195,11 +217,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mars_ray.demo import run_demo
 
-    summary = run_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
-                       overrides=C.parse_set(args.set))
-    print(summary["table"])
     from mars_ray.report import write_report
-    print(f"report: {write_report(Path(args.out) / 'run')}")
+    from mars_ray.runlock import run_lock
+
+    with run_lock(Path(args.out), command=_command(args), wait=args.wait):
+        summary = run_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
+                           overrides=C.parse_set(args.set))
+        print(summary["table"])
+        print(f"report: {write_report(Path(args.out) / 'run')}")
     return 0
 
 
@@ -208,15 +233,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mars", description="MARS biased-object removal on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print every log line here, Ray's included (they always go to RUN/logs/mars.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-dataset", help="write the built-in biased dataset")
+    from mars_ray.data.synthetic import BIAS_KINDS, CUES, IMAGE_FORMATS
+
+    p = sub.add_parser("make-dataset", help="write the built-in biased dataset (or a variant of it)")
     p.add_argument("root")
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--n-val", type=int, default=20)
-    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--size", type=int, default=96, help="square image side in px (default 96)")
+    p.add_argument("--height", type=int, default=None, help="image height in px (default: --size)")
+    p.add_argument("--width", type=int, default=None, help="image width in px (default: --size)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cue", choices=CUES, default="texture",
+                   help="what separates an object from its context: texture (default), colour, or both")
+    p.add_argument("--n-classes", type=int, default=4, help="object classes, 4 (default) to 12")
+    p.add_argument("--biased-share", type=float, default=1.0,
+                   help="share of object instances on their co-occurring context, swallowed by the pseudo label "
+                        "(default 1.0; the rest sit on generic background)")
+    p.add_argument("--unbiased-classes", type=int, default=0,
+                   help="the last N classes never sit on their context (classes without bias; default 0)")
+    p.add_argument("--bias-kind", choices=BIAS_KINDS, default="context",
+                   help="how a biased pseudo label swallows the context (default: context)")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png", help="image files (default png)")
     p.set_defaults(func=cmd_make_dataset)
 
     p = sub.add_parser("run", help="run the pipeline stages in order")
@@ -253,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="folder of label PNGs {id}.png (a folder or a URI)")
     p.add_argument("--split", default="train")
     p.add_argument("--biased-as", choices=("background", "ignore"), default="background")
+    p.add_argument("--pred-ignore", choices=("ignore", "background"), default="ignore",
+                   help="255 in the evaluated labels: ignored (default) or counted as background (IRN's convention)")
     p.add_argument("--out", help="metrics JSON, a file or a URI (never inside --labels or --data)")
     p.add_argument("--run", help="run folder: write RUN/evaluate_labels/<labels folder name>.json "
                                  "(without --out or --run the metrics are printed only)")
@@ -289,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--wait", action="store_true", help="when another process holds --out, wait for it")
     p.set_defaults(func=cmd_demo)
 
     _add_ecosystem_commands(sub)
@@ -446,33 +490,38 @@ def _add_ecosystem_commands(sub: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    # stage lines and progress here; Ray's logs to RUN/logs, opened once the run folder's lock is ours
+    console.setup(args.verbose, _log_dir(args), defer=args.command in (*RUN_COMMANDS, "demo"))
     try:
         return int(args.func(args) or 0)
-    except Exception as e:  # noqa: BLE001 - user errors get one clear line, the rest a traceback
-        user = _user_error(e)
-        if user is None:
-            raise
-        print(f"mars: error: {user}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - every failure: one line, the full traceback in RUN/logs
+        code, line, trace = errors.report_error(e, _run_dir_of(args), argv=args.argv)
+        print(trace + line, file=sys.stderr)
+        return code
     finally:
         _shutdown_ray()
+        console.close()
 
 
-def _user_error(e: BaseException) -> BaseException | None:
-    """The ``ValueError``/``FileNotFoundError`` behind ``e``, unwrapping Ray's task errors."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (ValueError, FileNotFoundError)) and type(e).__module__ == "builtins":
-            return e
-        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
-    return None
+def _log_dir(args: argparse.Namespace) -> AnyPath | None:
+    """``RUN/logs`` of the commands that write into a run folder (``demo``: ``OUT/run/logs``); ``None``
+    for the others (their Ray logs stay in Ray's session folder)."""
+    if args.command == "demo":
+        return upath(args.out) / "run" / "logs"
+    if args.command in RUN_COMMANDS:
+        return upath(args.out) / "logs"
+    run = getattr(args, "run", None)  # `report RUN`, `evaluate-labels --run RUN`: a run folder that exists
+    return upath(run) / "logs" if run and upath(run).is_dir() else None
+
+
+def _run_dir_of(args: argparse.Namespace) -> str | None:
+    """The run folder a command writes (where its error traceback goes), ``None`` for the others."""
+    if args.command == "demo":
+        return str(Path(args.out) / "run")
+    if args.command == "report":
+        return args.run
+    return getattr(args, "out", None) if args.command in RUN_COMMANDS else None
 
 
 def _shutdown_ray() -> None:

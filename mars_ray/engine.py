@@ -1,7 +1,7 @@
 """Plain torch loops: training epoch, prediction, evaluation, and the MARS complementing step.
 
 Also what feeds them: ``SegAugment`` (segmentation crops), ``fit_crop`` (whole-image crops for the
-label-free CAM and USS models) and ``sharded_loader`` (a worker's shard). At ~475 lines this is over
+label-free CAM and USS models) and ``sharded_loader`` (a worker's shard). At ~500 lines this is over
 the house's ~450: the loops and their batch makers are one torch-only unit that every Ray Train
 worker imports, and splitting the ~80 lines of batch makers off would leave a module of three helpers.
 
@@ -12,8 +12,10 @@ the loss; every other term is a scalar loss tensor, and their sum is back-propag
 
 Batches are dicts. Training batches (from :class:`SegAugment` via Ray Data): ``"image"`` float
 ``[B,3,H,W]`` in [0,1], ``"image_uint8"`` uint8 ``[B,H,W,3]``, ``"label"`` long ``[B,H,W]``
-(0 background, 1..C classes, 254 BIASED, 255 ignore). Evaluation batches: ``"image"`` and
-``"label"``, plus ``"id"`` (list of str) for :func:`predict_labels`.
+(0 background, 1..C classes, 254 BIASED, 255 ignore), and for MARS ``"class_mask"`` bool
+``[B,C+1]`` (background + each image's classes C_{I_i}, ``algo.complement.image_class_mask``).
+Evaluation batches: ``"image"`` and ``"label"``, plus ``"id"`` (list of str) for
+:func:`predict_labels` (and ``"class_mask"`` when the prediction fills Y^co).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from mars_ray.algo.complement import certain_mask, complement_labels, weighted_cross_entropy
+from mars_ray.algo.complement import certain_mask, complement_labels, restrict_probs, weighted_cross_entropy
 from mars_ray.algo.metrics import ConfusionMatrix
 from mars_ray.labels import BIASED, IGNORE
 
@@ -279,9 +281,21 @@ def _predict_batch(
     probs = predict_probs(model, image, scales=scales, flip=flip)
     if num_classes is not None and probs.shape[1] != num_classes:
         raise ValueError(f"model outputs {probs.shape[1]} classes but num_classes={num_classes} (incl. background)")
+    class_mask = _class_mask(batch)
+    if class_mask is not None:
+        probs = restrict_probs(probs, class_mask)
     if crf is not None:
         probs = _crf_refine(probs, _image_uint8(batch), crf)
+        if class_mask is not None:
+            probs = restrict_probs(probs, class_mask)
     return probs
+
+
+def _class_mask(batch: Mapping[str, Any]) -> Optional[Tensor]:
+    """The batch's ``class_mask`` ``[B, C+1]`` as a bool tensor, or ``None`` when it has none."""
+    if batch.get("class_mask") is None:
+        return None
+    return torch.as_tensor(batch["class_mask"]).bool()
 
 
 @contextlib.contextmanager
@@ -365,12 +379,19 @@ def complement_step(
     """MARS complementing (Sec. 3.4): teacher fills BIASED pixels, loss is Eq. 7's weighted CE.
 
     ``batch``: ``image [B,3,H,W]`` in [0,1], ``label [B,H,W]`` Y^db (254 biased, 255 ignore),
-    ``image_uint8 [B,H,W,3]`` (for the CRF; derived from ``image`` if absent). The teacher (kept in
-    eval mode, no grad) predicts softmax probs; with ``crf`` (``dense_crf`` kwargs) each image that
-    has BIASED pixels is CRF-refined and the refined argmax fills Y^co. The certain mask W (Eq. 6)
-    is the teacher's max foreground softmax probability *before* the CRF (the network's confidence;
-    CRF marginals are near-binary). ``use_wce=False`` trains plain CE on Y^co (ablation).
-    ``crf_map``: how the per-image CRFs run (a process pool's ``map``; see ``_crf_refine``).
+    ``image_uint8 [B,H,W,3]`` (for the CRF; derived from ``image`` if absent), ``class_mask
+    [B,C+1]`` bool (background + the image's classes C_{I_i}; absent = every class allowed, the
+    image's classes unknown). The teacher (kept in eval mode, no grad) predicts softmax probs.
+
+    * Fill (Y^co): the probabilities restricted to background + C_{I_i} (``restrict_probs``), with
+      ``crf`` (``dense_crf`` kwargs) CRF-refined per image with BIASED pixels and restricted again;
+      their argmax fills the BIASED pixels, so it never picks a class the image lacks.
+    * W (Eq. 6, ``certain_mask``): max over c ∈ C_{I_i} of the raw softmax *before* the CRF (CRF
+      marginals are near-binary). Background is allowed in the fill but is not in C_{I_i} (the
+      image-level label set; reasons in ``certain_mask``).
+
+    ``use_wce=False`` trains plain CE on Y^co (the paper's Table 6 ablation). ``crf_map``: how the
+    per-image CRFs run (a process pool's ``map``; see ``_crf_refine``).
 
     Returns ``{"wce" | "ce": loss, "m_biased_frac": share of labelled (non-255) pixels that are
     BIASED, "m_mean_w": mean W over labelled pixels}``.
@@ -383,12 +404,18 @@ def complement_step(
     if teacher_probs.shape[1] != num_classes:
         raise ValueError(f"teacher outputs {teacher_probs.shape[1]} classes but num_classes={num_classes}")
     biased = y_db == BIASED
-    fill_probs = teacher_probs
+    class_mask = _class_mask(batch)
+    fill_probs = teacher_probs if class_mask is None else restrict_probs(teacher_probs, class_mask)
     if crf is not None and bool(biased.any()):
-        fill_probs = _crf_refine(teacher_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1),
+        fill_probs = _crf_refine(fill_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1),
                                  crf_map=crf_map)
+        if class_mask is not None:  # the CRF's pairwise terms must not bring an absent class back
+            fill_probs = restrict_probs(fill_probs, class_mask)
     y_co = complement_labels(y_db, fill_probs.argmax(dim=1))
-    weight = certain_mask(y_db, teacher_probs) if use_wce else torch.ones_like(y_db, dtype=torch.float32)
+    if use_wce:
+        weight = certain_mask(y_db, teacher_probs, class_mask)
+    else:
+        weight = torch.ones_like(y_db, dtype=torch.float32)
     logits = student(image)
     loss = weighted_cross_entropy(logits, y_co, weight, ignore_index=IGNORE)
     labelled = y_db != IGNORE

@@ -21,6 +21,8 @@ import time
 from typing import Any, Collection, Mapping, Sequence
 
 from mars_ray import config as C
+from mars_ray import console
+from mars_ray.artifacts import read_manifest
 from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
@@ -89,13 +91,66 @@ def stage_module(name: str) -> Any:
     return importlib.import_module(f"mars_ray.stages.{name}")
 
 
+#: what each stage does, for its start line
+DESCRIPTIONS = {
+    "wsss": "CAM classifier on the image labels → pseudo labels",
+    "uss": "learned USS (STEGO-style head, no labels)",
+    "features": "USS features + per-image K-means → centroid table",
+    "select": "debiased centroids (Eq 1–3)",
+    "debias": "debiased labels Y^db (Eq 4–5)",
+    "train": "segmenter on Y^db (EMA teacher, CRF fill, certain mask, WCE)",
+    "evaluate": "multi-scale predictions of the segmenter → mIoU",
+}
+_BASELINE = {"train": "baseline segmenter on Y^b (plain CE)", "evaluate": "predictions of the baseline → mIoU"}
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.1f}"
+
+
+#: the end line's summary, from the stage manifest's ``outputs`` (a missing key: no summary)
+_SUMMARIES = {
+    "wsss": lambda o: f"{o['images']} images",
+    "uss": lambda o: f"{o['steps']} steps, loss {o['final_loss']:.4g}",
+    "features": lambda o: f"{o['rows']} centroids: {o['fg_rows']} fg, {o['bg_rows']} bg",
+    "select": lambda o: f"{o['n_chosen']} centroids chosen"
+                        + (f", target ratio {_pct(o['target_ratio'])}%" if o.get("target_ratio") is not None else ""),
+    "debias": lambda o: f"{o['images']} images, {_pct(o['biased_fraction'])}% of the foreground marked biased",
+    "train": lambda o: f"{o['epochs']} epochs, loss {o['loss']:.4g}"
+                       + (f", val mIoU {_pct(o['val_miou'])}" if o.get("val_miou") is not None else ""),
+    "evaluate": lambda o: f"mIoU {_pct(o['miou'])}, FP {_pct(o['fp'])}, FN {_pct(o['fn'])}",
+}
+
+
+def _outcome(name: str, out: AnyPath, started: float) -> tuple[str, str]:
+    """(status, summary) of a stage that returned ``out``: "up to date" when its manifest was
+    finished before the stage began (it skipped itself), "reused" for a features-cache link."""
+    m = read_manifest(out) or {}
+    finished = m.get("finished") or ""
+    status = "done"
+    if finished and finished < time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)):
+        status = "reused" if m.get("link") else "up to date"
+    try:
+        summary = _SUMMARIES[name](m.get("outputs") or {})
+    except (KeyError, TypeError, ValueError):  # an output this stage's manifest does not hold (older runs)
+        summary = ""
+    return status, summary
+
+
 def run_stage(cfg: C.Config, run_dir: AnyPath, name: str) -> tuple[AnyPath, float]:
-    """Run one stage (it skips itself when its artifact is up to date) → (its folder, seconds)."""
-    t0 = time.perf_counter()
-    out = stage_module(name).run(cfg, run_dir)
-    seconds = time.perf_counter() - t0
-    logger.info("stage %s done in %.1fs → %s", name, seconds, out)
-    return out, seconds
+    """Run one stage (it skips itself when its artifact is up to date) → (its folder, seconds).
+
+    Logs a start and an end line (``console.stage``): what the stage does, how long it took,
+    where its output went, whether it was up to date, and a summary from its manifest.
+    """
+    baseline = name in _BASELINE and cfg.train.baseline  # read only where it matters (stage-key test)
+    with console.stage(f"{name} (baseline)" if baseline else name,
+                       _BASELINE[name] if baseline else DESCRIPTIONS.get(name, "")) as st:
+        started = time.time()
+        out = stage_module(name).run(cfg, run_dir)
+        status, summary = _outcome(name, out, started)
+        st.finish(out, status=status, summary=summary)
+    return out, st.seconds
 
 
 def run_stages(cfg: C.Config, run_dir: AnyPath, stages: Sequence[str]) -> dict[str, AnyPath]:
@@ -103,5 +158,5 @@ def run_stages(cfg: C.Config, run_dir: AnyPath, stages: Sequence[str]) -> dict[s
     return {name: run_stage(cfg, run_dir, name)[0] for name in stages}
 
 
-__all__ = ["STAGES", "PRE_STAGES", "LEARNED_EXTRACTOR", "build_config", "default_extractor", "needs_uss",
-           "plan_stages", "run_stage", "run_stages", "stage_module"]
+__all__ = ["STAGES", "PRE_STAGES", "LEARNED_EXTRACTOR", "DESCRIPTIONS", "build_config", "default_extractor",
+           "needs_uss", "plan_stages", "run_stage", "run_stages", "stage_module"]

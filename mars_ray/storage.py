@@ -22,6 +22,7 @@ a URI can never be mistaken for a local folder name), so stage code is written o
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import shutil
@@ -88,7 +89,9 @@ def atomic_open(p: AnyPath) -> Iterator[IO[bytes]]:
     """``with atomic_open(path) as f: …``: ``path`` appears complete on success, untouched on error.
 
     Local: the bytes go to ``.{name}.tmp-{pid}-{random}`` in the same folder, then ``os.replace``.
-    Object store: one upload when the block ends cleanly. Parent folders are created.
+    Object store: one upload when the block ends cleanly. Parent folders are created. A full disk
+    (``ENOSPC``, ``EDQUOT``, ``EFBIG``) raises an ``OSError`` naming ``path`` (the OS names no file
+    on a failed write), the temporary file removed and ``path`` as it was.
     """
     q = _typed(p)
     if isinstance(q, ObjectPath):
@@ -107,13 +110,25 @@ def atomic_open(p: AnyPath) -> Iterator[IO[bytes]]:
         with open(tmp, "wb") as f:
             yield f
         os.replace(tmp, q)
+    except OSError as e:
+        if e.errno in _DISK_FULL and not e.filename:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(q)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 def rmtree(p: AnyPath) -> None:
-    """Delete a folder and everything below it; a missing folder is fine."""
+    """Delete a folder (or a file, or a link) and everything below it.
+
+    Only "not found" is ignored — a missing folder, or an entry that vanished while deleting; any
+    other failure (permission, a busy mount, an object store refusing) raises, so a stale artifact
+    never survives silently to confuse a later step.
+    """
     q = _typed(p)
     if isinstance(q, ObjectPath):
         import pyarrow.fs as pafs
@@ -126,8 +141,14 @@ def rmtree(p: AnyPath) -> None:
         return
     if q.is_symlink() or q.is_file():
         q.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(q, ignore_errors=True)
+    elif q.is_dir():
+        shutil.rmtree(q, onerror=_raise_unless_missing)
+
+
+def _raise_unless_missing(func: Callable[..., Any], path: str, exc_info: Any) -> None:
+    """``shutil.rmtree`` error handler: an entry already gone is fine, anything else raises."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def move(src: AnyPath, dst: AnyPath) -> AnyPath:

@@ -148,3 +148,42 @@ def copy_run(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
 
     return Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("run") / "run"))
+
+
+#: the settings of ``full_run``: every stage at test size, with the optional branches that read more
+#: settings switched on (wsss.crf borrows debias.crf_*, debias.crf, evaluate.flip)
+FULL_RUN = {
+    "wsss.epochs": 2, "wsss.batch_size": 8, "wsss.crop_size": 48, "wsss.cam_scales": [1.0, 0.5], "wsss.crf": True,
+    "uss.ssl_epochs": 1, "uss.epochs": 2, "uss.batch_size": 8, "uss.crop_size": 48, "uss.dim": 16,
+    "debias.crf": True, "debias.crf_iters": 2,
+    "train.epochs": 2, "train.batch_size": 4, "train.crop_size": 32, "train.crf_iters": 2, "train.checkpoint_every": 1,
+    "evaluate.flip": True,
+}
+FULL_STAGES = ("wsss", "uss", "features", "select", "debias", "train", "evaluate")
+
+
+@pytest.fixture(scope="session")
+def full_run(tiny_data: Path, ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every stage (``FULL_STAGES``) once on ``tiny_data``, in-process, recording which settings each reads.
+
+    Returns ``{"run": RUN, "config": the YAML the CLI gets, "reads": {stage: {"section.key", …}}}``.
+    Read-only for tests (``copy_run`` for a private copy). Used by the stage-key test and the
+    fault-injection matrix (its clean reference).
+    """
+    from mars_ray import config as C
+    from mars_ray import pipeline
+
+    from tests.stage_reads import recorded_reads
+
+    base = tmp_path_factory.mktemp("full_run")
+    config = base / "full.yaml"
+    cfg = C.build(overrides={"data.root": str(tiny_data), "data.pseudo_labels": str(tiny_data / "pseudo_labels"),
+                             **FULL_RUN})
+    C.dump_yaml(cfg, config)
+    run = base / "run"
+    reads = {}
+    for stage in FULL_STAGES:
+        with recorded_reads() as r:
+            pipeline.run_stage(cfg, run, stage)
+        reads[stage] = set(r)
+    return {"run": run, "config": config, "reads": reads}

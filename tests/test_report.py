@@ -207,6 +207,7 @@ def test_report_opens_in_chromium_with_the_runs_figures(report_run: Path, tiny_d
         assert _metric(classes[name], "n_chosen")["text"] == f"{entry['n_chosen']} / {entry['n_centroids']}"
         assert float(_metric(classes[name], "biased_fraction")["value"]) == pytest.approx(removed[name], abs=1e-12)
         assert float(_metric(classes[name], "target_ratio")["value"]) == pytest.approx(entry["target_ratio"])
+        assert float(_metric(classes[name], "paper_target_ratio")["value"]) == pytest.approx(entry["paper_target_ratio"])
 
     # the grid: the images with the largest biased share first, five columns (image, Y^b, Y^db, Y^co, GT)
     shares = {i: float((read_label(report_run / "debias" / f"{i}.png") == 254).mean())

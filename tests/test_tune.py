@@ -56,6 +56,8 @@ def test_shipped_spaces_validate(name: str, smoke: bool):
         assert space.metric == "debiased_miou" and space.mode == "max"
     if name == "complement.yaml":
         assert space.metric == "val_miou" and space.scheduler["type"] == "asha"
+    if name == "debias.yaml":  # threshold × CRF on/off: the binarisation, our choice (README)
+        assert T.grid_size(space) == (2 if smoke else 10) and space.metric == "debiased_miou"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +70,12 @@ def test_shipped_spaces_validate(name: str, smoke: bool):
         ({"select.alpha": {"grid_search": [0.4, 1.5]}}, r"select.alpha must be in \(0, 1\]"),
         ({"features.k_bg": {"uniform": [1, 4]}}, "draws real numbers but the key is int"),
         ({"train.lr": {"loguniform": [0, 1]}}, "low > 0"),
+        # every point of a space goes through the whole config validation (issue 12: it used to pass here)
+        ({"train.lr": {"grid_search": [-1]}}, r"train.lr = -1: train.lr must be > 0"),
+        ({"uss.epochs": {"randint": [0, 3]}}, r"uss.epochs = 0: uss.epochs must be >= 1"),
+        ({"wsss.bg_threshold": {"uniform": [0.5, 1.5]}}, r"wsss.bg_threshold must be in \[0, 1\]"),
+        ({"evaluate.scales": {"choice": [[1.0, -0.5]]}}, "evaluate.scales must be positive factors"),
+        ({"train.model": {"choice": ["deeplab_tiny", "unet"]}}, "train.model='unet' is not a segmentation model"),
     ],
 )
 def test_bad_space_values_are_named(tmp_path: Path, params: dict, match: str):
@@ -87,6 +95,22 @@ def test_bad_space_shapes(tmp_path: Path):
         T.load_space(_space(tmp_path, {"select.alpha": {"normal": [0, 1]}}))
     with pytest.raises(ValueError, match="smoke"):
         T.load_space(_space(tmp_path, {"select.alpha": {"choice": [0.4]}}), smoke=True)
+
+
+@pytest.mark.ray
+def test_tune_with_a_bad_grid_fails_before_ray_starts(tiny_data: Path, tmp_path: Path, capsys):
+    """`mars tune` with train.lr: {grid_search: [-1]}: one line, exit 2, no Ray, nothing written."""
+    import ray
+
+    from mars_ray.cli import main
+
+    space = _space(tmp_path, {"train.lr": {"grid_search": [0.01, -1]}})
+    was_up = ray.is_initialized()
+    rc = main(["tune", "--space", str(space), "--data", str(tiny_data), "--pseudo-labels",
+               str(tiny_data / "pseudo_labels"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "params.train.lr = -1: train.lr must be > 0" in err[0]
+    assert ray.is_initialized() == was_up and not (tmp_path / "run").exists()
 
 
 def test_asha_milestones():

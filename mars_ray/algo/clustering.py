@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from importlib import metadata
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,21 @@ import numpy as np
 from mars_ray.labels import BACKGROUND, MAX_CLASSES
 
 logger = logging.getLogger(__name__)
+
+
+def _sklearn_minor() -> str:
+    """scikit-learn's ``major.minor`` from the installed distribution's metadata, without importing
+    it (``mars_ray.algo`` must import on a GPU box with torch alone); ``"absent"`` when not installed."""
+    try:
+        return ".".join(metadata.version("scikit-learn").split(".")[:2])
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+#: which K-means produces the centroids; part of the ``features`` stage key, so an artifact made by
+#: another implementation (the hand-written one before, or another scikit-learn) is recomputed
+IMPLEMENTATION = f"sklearn.KMeans/{_sklearn_minor()}/k-means++,n_init=1"
+
 
 _EPS = 1e-12
 

@@ -126,6 +126,15 @@ def certain_mask(
     foreground classes (the image's classes unknown). A teacher confident in a class the image does
     not contain therefore gets a low W, as in the paper.
 
+    Background is not in C_{I_i}: the paper takes the max over the image's classes, C_{I_i} is its
+    image-level label set, and WSSS image-level labels never name the background. This is also what
+    makes W mean something: it is the teacher's confidence that a removed pixel is an object of this
+    image (a pixel debiasing removed wrongly, to restore). With background in the max, every removed
+    context pixel the teacher calls background would get W ≈ 1, and complementing would train all
+    removed pixels at full weight whatever the teacher's doubt. The fill does allow background
+    (``image_class_mask``): a biased pixel the teacher calls background becomes background in Y^co,
+    with the small W of its best foreground class.
+
     y_db ``[B, H, W]``, teacher_probs ``[B, C+1, H, W]`` → W ``[B, H, W]`` float (no gradient).
     Raises ValueError when the shapes do not agree or C + 1 < 2.
     """

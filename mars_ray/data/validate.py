@@ -91,7 +91,7 @@ def label_folder_sizes(
             f"(first: {first})"
         )
     def sizes(i: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
-        return i, label_size(root / f"{i}.png"), label_size(dataset.image_path(i))
+        return i, label_size(root / f"{i}.png", label=True), label_size(dataset.image_path(i))
 
     out: dict[str, tuple[int, int]] = {}
     for i, hw, img_hw in storage.map_reads(sizes, ids, remote=storage.is_uri(root) or storage.is_uri(dataset.root)):

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from mars_ray import storage
+from mars_ray.console import SHOW
 from mars_ray.data.image_labels import ImageLabels, read_image_labels
 from mars_ray.data.label_io import read_label
 from mars_ray.labels import MAX_CLASSES
@@ -172,8 +173,9 @@ class VOCDataset:
             parts = line.split()
             if not parts:
                 continue
-            if len(parts) > 2:
-                raise ValueError(f"{path}: line {n} has {len(parts)} fields, expected an id or 'image gt' paths")
+            if len(parts) > 2 or len(parts) == 2 and not any("/" in q or "." in q for q in parts):
+                raise ValueError(f"{path}: line {n} {line.strip()!r}: an image id cannot contain spaces "
+                                 "(expected one id, or 'image gt' paths as in train_aug.txt)")
             image_id = PurePosixPath(parts[0]).stem if len(parts) == 2 else parts[0]
             if len(parts) == 2:
                 gt = PurePosixPath(parts[1])
@@ -225,6 +227,13 @@ class VOCDataset:
                 include_difficult=self.image_labels_difficult)
         return self._image_labels
 
+    def image_label_table(self) -> Optional[ImageLabels]:
+        """The dataset's own image-level labels (``image_labels`` or ``ROOT/image_labels.json``), read
+        once; ``None`` when it has none. Unlike :meth:`image_labels` there is no ground-truth fallback:
+        what MARS's Eq 4 and Eq 6 may use (ground truth is not an input of WSSS). Raises what
+        ``read_image_labels`` raises (naming the file and the bad id or class)."""
+        return self._load_image_labels()
+
     def image_labels(self, image_id: str) -> list[int]:
         """Sorted foreground class ids (1..C) present in the image.
 
@@ -259,7 +268,7 @@ class VOCDataset:
                 more = f" … (+{len(missing) - 5} more)" if len(missing) > 5 else ""
                 raise ValueError(f"{table.path}: no image-level labels for {len(missing)} of {len(ids)} ids of split "
                                  f"{split!r}: {missing[:5]}{more}")
-        logger.info(line)
+        logger.info(line, extra=SHOW)  # the terminal shows it: which file was read is worth knowing
         return line
 
     # -- fingerprint ----------------------------------------------------------------------------

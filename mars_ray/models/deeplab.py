@@ -1,4 +1,4 @@
-"""DeepLabV3+ segmenters: ResNet-50/101 presets (paper setting) and ``deeplab_tiny`` for CPU demos.
+"""DeepLabV3+ segmenters: ResNet-50/101 presets (ResNet-101 is the paper's) and ``deeplab_tiny`` for CPU demos.
 
 Every segmenter takes ``x [B,3,H,W]`` float in ``[0,1]`` (ImageNet-normalised inside) and returns
 ``logits [B,num_classes,H,W]`` where ``num_classes`` counts the background. ``param_groups(lr)``

@@ -4,6 +4,9 @@ Ray Data tasks each build the confusion matrix of a batch of ids; the driver str
 them (``evaluate``). ``confusions_local`` does the same in-process for several folders at once,
 reading each ground-truth PNG once (the run report; no Ray). BIASED (254) pixels count as
 background by default (``biased_as="ignore"`` drops them), as the paper evaluates debiased labels.
+255 in the *evaluated* labels is ignored by default (``pred_ignore="ignore"``) or counted as
+background (``"background"``, IRN's convention): other repositories' numbers for the same labels
+differ by this choice alone, so the metrics record it. The ground truth's 255 is always ignored.
 The dataset and the label folders may be local or object-store URIs (``mars_ray.storage``).
 
 Where results go: ``RUN/evaluate_labels/<folder name>.json`` (``metrics_path``) with the
@@ -22,7 +25,7 @@ from typing import Any, Mapping, Union
 import numpy as np
 
 from mars_ray import storage
-from mars_ray.algo.metrics import ConfusionMatrix, map_biased, summarize
+from mars_ray.algo.metrics import PRED_IGNORE_MODES, ConfusionMatrix, map_biased, map_pred_ignore, summarize
 from mars_ray.artifacts import atomic_write_json, fingerprint_files
 from mars_ray.config import Config, RayConfig
 from mars_ray.data.label_io import read_label
@@ -37,33 +40,39 @@ PathLike = Union[str, "os.PathLike[str]", storage.ObjectPath]
 
 
 class _BatchConfusion:
-    def __init__(self, dataset: dict[str, Any], labels: str, biased_as: str) -> None:
+    def __init__(self, dataset: dict[str, Any], labels: str, biased_as: str, pred_ignore: str) -> None:
         self.dataset = VOCDataset(**dataset)
         self.labels = storage.upath(labels)
         self.biased_as = biased_as
+        self.pred_ignore = pred_ignore
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cm = ConfusionMatrix(self.dataset.num_classes + 1)
         for image_id in batch["image_id"]:
             gt = read_label(self.dataset.gt_path(str(image_id)))
-            add_label(cm, self.labels / f"{image_id}.png", gt, biased_as=self.biased_as)
+            add_label(cm, self.labels / f"{image_id}.png", gt, biased_as=self.biased_as, pred_ignore=self.pred_ignore)
         return {"mat": cm.mat[None]}
 
 
-def add_label(cm: ConfusionMatrix, path: storage.AnyPath, gt: np.ndarray, *, biased_as: str) -> np.ndarray:
+def add_label(cm: ConfusionMatrix, path: storage.AnyPath, gt: np.ndarray, *, biased_as: str,
+              pred_ignore: str = "ignore") -> np.ndarray:
     """Read the label PNG at ``path``, check it against ``gt`` ``[H, W]`` and add it to ``cm``; returns it.
 
-    Raises ``ValueError`` naming the file for a wrong size or a value outside 0..C, 254, 255.
+    The label's own 255 pixels are mapped first (``map_pred_ignore``), then its BIASED ones
+    (``map_biased``), so ``biased_as="ignore"`` never turns into background. Raises ``ValueError``
+    naming the file for a wrong size or a value outside 0..C, 254, 255.
     """
     pred = read_label(path)
     check_label(pred, num_classes=cm.num_classes - 1, image_hw=gt.shape, path=path)
-    cm.update(map_biased(pred, biased_as), gt)
+    cm.update(map_biased(map_pred_ignore(pred, pred_ignore), biased_as), gt)
     return pred
 
 
-def _check_split(dataset: VOCDataset, split: str, biased_as: str) -> list[str]:
+def _check_split(dataset: VOCDataset, split: str, biased_as: str, pred_ignore: str = "ignore") -> list[str]:
     if biased_as not in ("background", "ignore"):
         raise ValueError(f"--biased-as must be 'background' or 'ignore', got {biased_as!r}")
+    if pred_ignore not in PRED_IGNORE_MODES:
+        raise ValueError(f"--pred-ignore must be one of {', '.join(PRED_IGNORE_MODES)}, got {pred_ignore!r}")
     ids = dataset.ids(split)
     missing_gt = [i for i in ids if dataset.gt_path(i) is None]
     if missing_gt:
@@ -74,17 +83,18 @@ def _check_split(dataset: VOCDataset, split: str, biased_as: str) -> list[str]:
 
 
 def confusion(
-    root: PathLike, labels: PathLike, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
+    root: PathLike, labels: PathLike, split: str, *, biased_as: str = "background", pred_ignore: str = "ignore",
+    ray_cfg: RayConfig | None = None,
 ) -> ConfusionMatrix:
     """The confusion matrix of ``labels/{id}.png`` vs ground truth over ``split`` (Ray Data tasks)."""
     labels = storage.upath(labels)
     dataset = VOCDataset(root)
-    ids = _check_split(dataset, split, biased_as)
+    ids = _check_split(dataset, split, biased_as, pred_ignore)
     check_label_folder(dataset, split, labels, name="label")
     ensure_ray(ray_cfg or RayConfig())
     ds = map_images(ids, _BatchConfusion, dict(dataset=dataset.spec(), labels=storage.absolute(labels),
-                                                biased_as=biased_as),
-                    batch_size=64)
+                                                biased_as=biased_as, pred_ignore=pred_ignore),
+                    batch_size=64, progress=labels.name or "labels")
     total = ConfusionMatrix(dataset.num_classes + 1)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         total.mat += batch["mat"].sum(axis=0)
@@ -92,11 +102,13 @@ def confusion(
 
 
 def evaluate(
-    root: PathLike, labels: PathLike, split: str, *, biased_as: str = "background", ray_cfg: RayConfig | None = None
+    root: PathLike, labels: PathLike, split: str, *, biased_as: str = "background", pred_ignore: str = "ignore",
+    ray_cfg: RayConfig | None = None,
 ) -> dict[str, Any]:
-    """JSON-ready metrics (``algo.metrics.summarize``) plus what was evaluated."""
-    cm = confusion(root, labels, split, biased_as=biased_as, ray_cfg=ray_cfg)
-    return describe(cm, VOCDataset(root), labels, split, biased_as)
+    """JSON-ready metrics (``algo.metrics.summarize``) plus what was evaluated (and how: ``biased_as``,
+    ``pred_ignore``)."""
+    cm = confusion(root, labels, split, biased_as=biased_as, pred_ignore=pred_ignore, ray_cfg=ray_cfg)
+    return describe(cm, VOCDataset(root), labels, split, biased_as, pred_ignore)
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -113,13 +125,14 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 def confusions_local(
     dataset: VOCDataset, folders: Mapping[str, PathLike], split: str, *, biased_as: str = "background",
+    pred_ignore: str = "ignore",
 ) -> dict[str, ConfusionMatrix]:
     """In-process confusion matrices of several label folders over ``split``, each GT read once.
 
     No Ray: for the run report and small splits (a 1,464-image VOC split reads 4 PNGs an image).
     ``folders`` maps a name to a folder of ``{id}.png``. Raises what ``evaluate`` raises.
     """
-    ids = _check_split(dataset, split, biased_as)
+    ids = _check_split(dataset, split, biased_as, pred_ignore)
     roots = {name: storage.upath(f) for name, f in folders.items()}
     for name, f in roots.items():
         check_label_folder(dataset, split, f, name=name)
@@ -128,7 +141,7 @@ def confusions_local(
     def one(image_id: str) -> None:
         gt = read_label(dataset.gt_path(image_id))
         for name, f in roots.items():
-            add_label(cms[name], f / f"{image_id}.png", gt, biased_as=biased_as)
+            add_label(cms[name], f / f"{image_id}.png", gt, biased_as=biased_as, pred_ignore=pred_ignore)
 
     remote = any(storage.is_uri(f) for f in roots.values()) or storage.is_uri(dataset.root)
     for _ in storage.map_reads(one, ids, remote=remote):
@@ -166,10 +179,11 @@ def check_not_inside(out: PathLike, inputs: Mapping[str, PathLike]) -> None:
 
 def evaluate_cached(
     dataset: VOCDataset, folders: Mapping[str, PathLike], split: str, run_dir: PathLike, *,
-    biased_as: str = "background",
+    biased_as: str = "background", pred_ignore: str = "ignore",
 ) -> dict[str, dict[str, Any]]:
     """Metrics of each folder: ``RUN/evaluate_labels/<name>.json`` when it matches the folder's
-    current fingerprint, else computed in-process (``confusions_local``) and saved there."""
+    current fingerprint and conventions, else computed in-process (``confusions_local``) and saved
+    there (a file without ``pred_ignore`` predates the option and used ``"ignore"``)."""
     out: dict[str, dict[str, Any]] = {}
     todo: dict[str, PathLike] = {}
     base = dataset.fingerprint(split)
@@ -177,24 +191,27 @@ def evaluate_cached(
     for name, f in folders.items():
         path = metrics_path(run_dir, f)
         saved = json.loads(path.read_text()) if path.is_file() else None
-        if saved and (saved.get("fingerprint"), saved.get("split"), saved.get("biased_as"), saved.get("labels")) == (
-                prints[name], split, biased_as, storage.absolute(f)):
+        if saved and (saved.get("fingerprint"), saved.get("split"), saved.get("biased_as"),
+                      saved.get("pred_ignore", "ignore"), saved.get("labels")) == (
+                prints[name], split, biased_as, pred_ignore, storage.absolute(f)):
             out[name] = saved
         else:
             todo[name] = f
     if todo:
-        for name, cm in confusions_local(dataset, todo, split, biased_as=biased_as).items():
-            m = describe(cm, dataset, todo[name], split, biased_as)
+        for name, cm in confusions_local(dataset, todo, split, biased_as=biased_as, pred_ignore=pred_ignore).items():
+            m = describe(cm, dataset, todo[name], split, biased_as, pred_ignore)
             m["fingerprint"] = prints[name]
             atomic_write_json(metrics_path(run_dir, todo[name]), m)
             out[name] = m
     return {name: out[name] for name in folders}
 
 
-def describe(cm: ConfusionMatrix, dataset: VOCDataset, labels: PathLike, split: str, biased_as: str) -> dict[str, Any]:
-    """``summarize`` plus what was evaluated (absolute labels path, split, biased_as, pixels)."""
+def describe(cm: ConfusionMatrix, dataset: VOCDataset, labels: PathLike, split: str, biased_as: str,
+             pred_ignore: str = "ignore") -> dict[str, Any]:
+    """``summarize`` plus what was evaluated (absolute labels path, split, biased_as, pred_ignore, pixels)."""
     out = summarize(cm, dataset.classes)
-    out.update({"labels": storage.absolute(labels), "split": split, "biased_as": biased_as, "pixels": int(cm.mat.sum())})
+    out.update({"labels": storage.absolute(labels), "split": split, "biased_as": biased_as,
+                "pred_ignore": pred_ignore, "pixels": int(cm.mat.sum())})
     return out
 
 

@@ -7,7 +7,11 @@ centroid:
 
     image_id: string, class_id: int16, is_bg: bool, k: int16, count: int64,
     gt_match: float32 (share of the centroid's pixels whose ground truth is its class; NaN without GT),
+    gt_iou: float32 (IoU of the centroid's pixels with its class's ground truth in the image, as the
+        paper's target-centroid ratio counts them: target > 0.3, biased < 0.1; NaN without GT),
     vector: fixed_size_list<float32>[d]
+
+Tables written before ``gt_iou`` existed lack that column; ``select`` reads them as NaN.
 
 Layout (our choice, for the streaming reader ``select``): files of at least ``ROWS_PER_FILE`` rows
 (few files: one open per file and pass, not one per Ray block), background rows first in each file,
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import uuid
 from typing import Any, Iterable
 
@@ -35,8 +38,10 @@ import torch
 from ray.data import Datasink
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
+from mars_ray.algo.clustering import IMPLEMENTATION as CLUSTERING
 from mars_ray.algo.clustering import cluster_regions
+from mars_ray.algo.metrics import centroid_gt_iou
 from mars_ray.artifacts import StageDir, fingerprint_files
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.validate import check_label
@@ -63,6 +68,7 @@ def table_schema(dim: int) -> pa.Schema:
             ("k", pa.int16()),
             ("count", pa.int64()),
             ("gt_match", pa.float32()),
+            ("gt_iou", pa.float32()),
             ("vector", pa.list_(pa.float32(), dim)),
         ]
     )
@@ -123,12 +129,14 @@ class ClusterImages:
         feats = self.source(image_id, image)
         rc = cluster_regions(feats, label, **self.kw)
         gt_path = self.dataset.gt_path(image_id)
+        match = iou = None
         if gt_path is not None and len(rc):
             gt = read_label(gt_path)
-            match = gt_match(rc.assignment, rc.class_id, gt) if gt.shape == label.shape else None
-        else:
-            match = None
+            if gt.shape == label.shape:
+                match = gt_match(rc.assignment, rc.class_id, gt)
+                iou = centroid_gt_iou(rc.assignment, rc.class_id, gt)
         m = len(rc)
+        nan = np.full(m, np.nan, np.float32)
         d = rc.vector.shape[1]
         return pa.table(
             {
@@ -137,7 +145,8 @@ class ClusterImages:
                 "is_bg": pa.array(rc.is_bg),
                 "k": pa.array(rc.k.astype(np.int16)),
                 "count": pa.array(rc.count.astype(np.int64)),
-                "gt_match": pa.array(match if match is not None else np.full(m, np.nan, np.float32)),
+                "gt_match": pa.array(match if match is not None else nan),
+                "gt_iou": pa.array(iou if iou is not None else nan),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(rc.vector.reshape(-1)), d),
             },
             schema=table_schema(d),
@@ -196,9 +205,11 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     pseudo = inputs.pseudo_label_dir(cfg, run_dir)
     source = inputs.feature_source_kwargs(cfg, run_dir)
     slice_ = {
-        "data": {"root": storage.absolute(cfg.data.root), "split": cfg.data.split},
+        "data": inputs.dataset_key(cfg, [cfg.data.split]),
+        "pseudo_labels": storage.absolute(pseudo),
         "features": {k: v for k, v in C.to_dict(cfg.features).items() if k not in _EXECUTION_KEYS},
         "source": source,
+        "clustering": CLUSTERING,  # a new K-means gives other centroids: never "up to date" across it
     }
     fingerprints = {
         "dataset": dataset.fingerprint(cfg.data.split),
@@ -287,9 +298,10 @@ def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir)
             ds.write_datasink(CentroidTableSink(path, fs))
         else:
             tmp = sd.path / f".{TABLE}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+            storage.rmtree(tmp)
             ds.write_datasink(CentroidTableSink(str(tmp)))
-            shutil.rmtree(out, ignore_errors=True)
+            faults.point("features.table")
+            storage.rmtree(out)
             tmp.rename(out)
         stats = table_stats(out)
         sd.finish({"table": TABLE, **stats})

@@ -9,9 +9,12 @@ dataset (column-projected, ``select.chunk_rows`` rows at a time) keep O(N) scala
 
 Outputs in ``RUN/select/``: ``centroids.npy`` ``[C+1, d]`` float32 (row c = V^c; row 0 and classes
 without centroids are zero), ``present.npy`` ``[C+1]`` bool, ``report.json`` (per class: centroid
-count, chosen count, distance summary, and where ground truth exists the *target ratio*: share of
-chosen centroids whose pixels are mostly the target object), ``chosen.parquet`` (one row a chosen
-centroid: image_id, class_id, k, count, distance, gt_match). ``RUN`` and the table may be local or
+count, chosen count, distance summary, and where ground truth exists two target measures of the
+chosen centroids: the paper's ``paper_target_ratio`` — Fig 8 and its appendix: share with IoU > 0.3
+with the class's ground truth, ``paper_biased_ratio`` the share with IoU < 0.1 — and our pixel-share
+``target_ratio``: share whose pixels are mostly the target object), ``chosen.parquet`` (one row a
+chosen centroid: image_id, class_id, k, count, distance, gt_match, gt_iou). A centroid table without
+the ``gt_iou`` column (written before it existed) still selects; its paper ratios are ``null``. ``RUN`` and the table may be local or
 on an object store (``mars_ray.storage``); the table is found through ``features.table_path``.
 """
 
@@ -29,8 +32,9 @@ import pyarrow.parquet as pq
 import ray
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
 from mars_ray.algo.centroids import BackgroundMean, bias_distance, class_sums, means_from_sums, top_alpha_mask
+from mars_ray.algo.metrics import target_centroid_ratio
 from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, require_complete
 from mars_ray.data.voc import VOCDataset
 from mars_ray.stages import features as features_stage
@@ -41,6 +45,7 @@ from mars_ray.storage import AnyPath, upath
 logger = logging.getLogger(__name__)
 
 TARGET_MATCH = 0.5  # a centroid "is the target object" when most of its pixels are GT of its class
+_EXECUTION_KEYS = {"chunk_rows"}  # rows per streamed batch: how the table is read, not what is chosen
 HIST_BINS = 20  # bins of the per-class bias-distance histograms in report.json (our choice: readable at C ≤ 80)
 READAHEAD_BATCHES = 2  # batches pyarrow decodes ahead of the one being reduced
 
@@ -86,19 +91,23 @@ class CentroidSelector:
             raise ValueError(f"{self.table}: no background centroids")
         bg_mean = acc.mean()
         seconds.append(time.perf_counter())
-        # pass 2: distances of every foreground centroid (O(N) scalars: 8 + 2 + 4 bytes a row)
-        dists, classes, matches = [], [], []
-        for b in self._batches(["class_id", "gt_match", "vector"], bg=False):
+        # pass 2: distances of every foreground centroid (O(N) scalars: 8 + 2 + 4 + 4 bytes a row)
+        has_iou = "gt_iou" in self.data.schema.names  # tables from before the column: NaN
+        dists, classes, matches, ious = [], [], [], []
+        for b in self._batches(["class_id", "gt_match", "vector"] + (["gt_iou"] if has_iou else []), bg=False):
             if b.num_rows:
                 dists.append(bias_distance(_vectors(b), bg_mean))
                 classes.append(b.column("class_id").to_numpy(zero_copy_only=False))
                 matches.append(b.column("gt_match").to_numpy(zero_copy_only=False))
+                ious.append(b.column("gt_iou").to_numpy(zero_copy_only=False) if has_iou
+                            else np.full(b.num_rows, np.nan, np.float32))
         if not dists:
             raise ValueError(f"{self.table}: centroid table has no foreground centroids")
         distances = np.concatenate(dists)
         class_ids = np.concatenate(classes)  # int16, as stored
         gt_match = np.concatenate(matches)  # float32, as stored
-        del dists, classes, matches
+        gt_iou = np.concatenate(ious)  # float32, as stored
+        del dists, classes, matches, ious
         bad = class_ids[(class_ids < 1) | (class_ids > self.num_classes)]
         if bad.size:
             raise ValueError(f"{self.table}: class ids {sorted(set(bad.tolist()))[:10]} outside 1..{self.num_classes}")
@@ -124,6 +133,7 @@ class CentroidSelector:
                     "count": b.column("count").take(idx),
                     "distance": pa.array(distances[sl][idx]),
                     "gt_match": pa.array(gt_match[sl][idx].astype(np.float32, copy=False)),
+                    "gt_iou": pa.array(gt_iou[sl][idx].astype(np.float32, copy=False)),
                 }
             )
             writer = writer or pq.ParquetWriter(sink, part.schema)
@@ -133,18 +143,22 @@ class CentroidSelector:
             writer.close()
         seconds.append(time.perf_counter())
         centroids, present = means_from_sums(sums, counts)
-        report = self._report(distances, class_ids, chosen, gt_match, acc.count)
+        report = self._report(distances, class_ids, chosen, gt_match, gt_iou, acc.count)
         seconds.append(time.perf_counter())
         names = ("pass1_background", "pass2_distances", "pass3_sums", "report")
         return {"centroids": centroids, "present": present, "report": report,
                 "seconds": {k: round(b - a, 3) for k, a, b in zip(names, seconds, seconds[1:])}}
 
     def _report(
-        self, distances: np.ndarray, class_ids: np.ndarray, chosen: np.ndarray, gt_match: np.ndarray, n_bg: int
+        self, distances: np.ndarray, class_ids: np.ndarray, chosen: np.ndarray, gt_match: np.ndarray,
+        gt_iou: np.ndarray, n_bg: int,
     ) -> dict[str, Any]:
         """Selection summary; per class also ``histogram``: counts of chosen / not-chosen bias
-        distances on ``HIST_BINS`` shared bins over the class's distance range (O(C·bins))."""
+        distances on ``HIST_BINS`` shared bins over the class's distance range (O(C·bins)). Where
+        ground truth exists: the paper's target / biased ratios (``gt_iou``) beside our pixel-share
+        ``target_ratio`` (``gt_match``)."""
         has_gt = bool(np.isfinite(gt_match).any())
+        has_iou = bool(np.isfinite(gt_iou).any())
         per_class: dict[int, dict[str, Any]] = {}
         # the rows of each class from one stable sort (in table order within a class): O(N) for all
         # classes, where a mask per class cost O(N·C)
@@ -177,6 +191,8 @@ class CentroidSelector:
             if has_gt:
                 entry["target_ratio"] = _ratio(g_all[sel])
                 entry["target_ratio_not_chosen"] = _ratio(g_all[~sel])
+            if has_iou:
+                entry.update(_paper_ratios(gt_iou[rows][sel]))
             per_class[c] = entry
         report: dict[str, Any] = {
             "alpha": self.alpha,
@@ -189,19 +205,29 @@ class CentroidSelector:
             report["target_ratio"] = _ratio(gt_match[chosen])
             report["target_ratio_not_chosen"] = _ratio(gt_match[~chosen])
             report["target_ratio_all"] = _ratio(gt_match)
+        if has_iou:
+            report.update(_paper_ratios(gt_iou[chosen]))
+            report.update({f"{k}_all": v for k, v in _paper_ratios(gt_iou).items()})
         return report
 
 
 def _ratio(match: np.ndarray) -> float | None:
+    """Our pixel-share measure: the share of centroids whose pixels are mostly (>= 50 %) the target."""
     match = match[np.isfinite(match)]
     return float((match >= TARGET_MATCH).mean()) if match.size else None
 
 
+def _paper_ratios(iou: np.ndarray) -> dict[str, float | None]:
+    """The paper's measure (Fig 8, appendix): shares of centroids with IoU > 0.3 (target) and < 0.1 (biased)."""
+    r = target_centroid_ratio(iou)
+    return {"paper_target_ratio": r["target_ratio"], "paper_biased_ratio": r["biased_ratio"]}
+
+
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     upstream = require_complete(run_dir / "features", "features")
-    slice_ = {"select": {"alpha": cfg.select.alpha}}
-    inputs = {"features": upstream["key"]}
-    return StageDir(run_dir / "select", "select", C.slice_hash(slice_, inputs), slice_, inputs)
+    slice_ = {"select": {"alpha": cfg.select.alpha}, "data": inputs.dataset_key(cfg, [])}  # classes, report names
+    fingerprints = {"features": upstream["key"]}
+    return StageDir(run_dir / "select", "select", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
 def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
@@ -221,6 +247,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
             result = ray.get(actor.run.remote(storage.absolute(sd.path / "chosen.parquet")))
         finally:
             ray.kill(actor)
+        faults.point("select.chosen")
         report = result["report"]
         report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
         report["classes_without_centroids"] = [
@@ -231,11 +258,12 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         atomic_write_json(sd.path / "report.json", report)
         sd.finish({"centroids": "centroids.npy", "present": "present.npy", "report": "report.json",
                    "n_chosen": report["n_chosen"], "target_ratio": report.get("target_ratio"),
-                   "seconds": result["seconds"]})
-    ratio = report.get("target_ratio")
+                   "paper_target_ratio": report.get("paper_target_ratio"), "seconds": result["seconds"]})
+    ratio, paper = report.get("target_ratio"), report.get("paper_target_ratio")
     logger.info(
-        "select: chose %d of %d foreground centroids (alpha=%.2f)%s",
+        "select: chose %d of %d foreground centroids (alpha=%.2f)%s%s",
         report["n_chosen"], report["n_foreground_centroids"], cfg.select.alpha,
-        "" if ratio is None or math.isnan(ratio) else f", target ratio {ratio:.1%}",
+        "" if paper is None else f", target-centroid ratio (paper: IoU > 0.3) {paper:.1%}",
+        "" if ratio is None or math.isnan(ratio) else f", pixel-share target ratio {ratio:.1%}",
     )
     return sd.path

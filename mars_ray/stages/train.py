@@ -4,7 +4,10 @@ MARS (default): a segmenter (``train.model`` in SEGMENTERS) learns from the debi
 (``RUN/debias/{id}.png`` or ``train.labels``). An EMA teacher (mean teacher, updated after every
 step) predicts on the same batch; its dense-CRF-refined argmax fills the BIASED (254) pixels → Y^co,
 the certain mask W (Eq 6) weights those pixels by the teacher's foreground confidence, and the
-student minimises the weighted CE (Eq 7) — ``engine.complement_step``. The final model is the teacher.
+student minimises the weighted CE (Eq 7; plain CE on Y^co with ``train.wce=false``, the paper's
+Table 6 ablation) — ``engine.complement_step``. The final model is the teacher. Every training row
+carries its image's classes C_I (``class_mask``: from the image-level labels when the dataset has
+them, else the classes present in Y^b; the log says which): the fill and W use only those classes.
 
 Baseline (``train.baseline=true``, ``mars train --baseline``): the same network, schedule and data
 pipeline on the pseudo labels Y^b (``data.pseudo_labels`` / ``RUN/wsss`` or ``train.labels``) with
@@ -51,7 +54,7 @@ import ray
 import torch
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
 from mars_ray.artifacts import StageDir, atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint_files
 from mars_ray.artifacts import fingerprint_path, read_manifest, require_complete
 from mars_ray.data.label_io import read_image, read_label
@@ -102,34 +105,16 @@ def _model_kwargs(cfg: C.Config, num_classes: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _check_numbers(t: C.TrainConfig) -> None:
-    for key in ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters", "crf_workers"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if t.batch_size % t.num_workers:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} is not divisible by train.num_workers={t.num_workers}: "
-            "every worker takes batch_size / num_workers images per step"
-        )
-    if not 0 < t.scale_min <= t.scale_max:
-        raise ValueError(f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}")
-    if not 0.0 <= t.ema_momentum <= 1.0:
-        raise ValueError(f"train.ema_momentum must be in [0, 1], got {t.ema_momentum}")
-    if t.lr <= 0:
-        raise ValueError(f"train.lr must be positive, got {t.lr}")
-    if t.model not in SEGMENTERS:
-        raise ValueError(f"train.model={t.model!r} is not a segmenter; known: {', '.join(SEGMENTERS.names())}")
-
-
 def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPath]:
     """Every check that needs no training, before any output is touched; returns (dataset, labels folder).
 
     Raises ``ValueError`` naming the key or file: batch not divisible across workers, a crop larger
     than every (scaled) image, a labels folder missing ids, an ``init_checkpoint`` of another
-    model or class count; ``FileNotFoundError`` when the debias stage has not run.
+    model or class count, image-level labels (MARS) with a bad id or class or without an id;
+    ``FileNotFoundError`` when the debias stage has not run.
     """
     t = cfg.train
-    _check_numbers(t)
+    C.validate(cfg)  # ranges and names (``mars train`` built the config so; a merged one may not be)
     dataset = inputs.open_dataset(cfg)
     labels = labels_dir(cfg, run_dir)
     if not t.labels and not t.baseline:
@@ -146,6 +131,7 @@ def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPat
         )
     if t.init_checkpoint:
         load_segmenter_checkpoint(t.init_checkpoint, expect_name=t.model, expect_num_classes=dataset.num_classes + 1)
+    class_source(cfg, run_dir, dataset, labels, check=True)  # bad image-level labels: named before training
     return dataset, labels
 
 
@@ -156,7 +142,8 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     t = cfg.train
     slice_ = {
         "train": {k: v for k, v in C.to_dict(t).items() if k not in _EXECUTION_KEYS},
-        "data": {"root": storage.absolute(cfg.data.root), "split": cfg.data.split, "eval_split": cfg.data.eval_split},
+        "data": {**inputs.dataset_key(cfg, [cfg.data.split]), "eval_split": cfg.data.eval_split},
+        "labels": storage.absolute(labels),
     }
     if not t.labels and not t.baseline:
         label_fp = "debias:" + str(require_complete(labels, "debias")["key"])
@@ -167,6 +154,9 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
         "dataset": dataset.fingerprint(cfg.data.split),
         "init_checkpoint": fingerprint_path(inputs.config_path(t.init_checkpoint)),
     }
+    classes = class_source(cfg, run_dir, dataset, labels)
+    if classes is not None:  # MARS: where C_I comes from (the dataset fingerprint covers the file's content)
+        slice_["image_classes"] = classes["kind"]
     return StageDir(run_dir / out_names(cfg)["train"], "train", C.slice_hash(slice_, fingerprints),
                     {**slice_, "epochs": t.epochs}, fingerprints)
 
@@ -175,14 +165,16 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
 
 
 class _LoadPair:
-    """Ray Data callable: ids → (image uint8 [H,W,3], label uint8 [H,W]) rows, labels checked."""
+    """Ray Data callable: ids → (image uint8 [H,W,3], label uint8 [H,W]) rows, labels checked; with
+    ``class_source`` (MARS) also ``class_mask`` bool [C+1]: background + the image's classes C_{I_i}."""
 
-    def __init__(self, dataset: dict[str, Any], labels: str) -> None:
+    def __init__(self, dataset: dict[str, Any], labels: str, class_source: dict[str, str] | None = None) -> None:
         self.dataset = VOCDataset(**dataset)
         self.labels = upath(labels)
+        self.classes = inputs.ImageClasses(self.dataset, class_source) if class_source else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        images, labels = [], []
+        images, labels, masks = [], [], []
         for image_id in batch["image_id"]:
             image = read_image(self.dataset.image_path(str(image_id)))
             path = self.labels / f"{image_id}.png"
@@ -190,7 +182,12 @@ class _LoadPair:
             check_label(label, num_classes=self.dataset.num_classes, image_hw=image.shape[:2], path=path)
             images.append(image)
             labels.append(label)
-        return {"image_id": batch["image_id"], "image": images, "label": labels}
+            if self.classes is not None:
+                masks.append(self.classes.mask(str(image_id)))
+        out = {"image_id": batch["image_id"], "image": images, "label": labels}
+        if self.classes is not None:
+            out["class_mask"] = np.stack(masks)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ driver outputs
@@ -225,15 +222,17 @@ def write_history(history: list[dict[str, Any]], folder: AnyPath) -> None:
     atomic_write_bytes(folder / "curves.png", png.getvalue())
 
 
-def _training_dataset(dataset: VOCDataset, split: str, labels: AnyPath, *, trainer_cpus: float) -> "ray.data.Dataset":
-    """(image, label) rows of the split. Streamed where the cluster has CPUs to spare beside the
-    trainer (memory stays flat as the dataset grows); materialised first on a small machine, where
-    a lazy read would wait behind the trainer's CPUs forever (RAY_NOTES)."""
+def _training_dataset(dataset: VOCDataset, split: str, labels: AnyPath, *, trainer_cpus: float,
+                      class_source: dict[str, str] | None) -> "ray.data.Dataset":
+    """(image, label[, class_mask]) rows of the split. Streamed where the cluster has CPUs to spare
+    beside the trainer (memory stays flat as the dataset grows); materialised first on a small
+    machine, where a lazy read would wait behind the trainer's CPUs forever (RAY_NOTES)."""
     ids = dataset.ids(split)
-    ds = map_images(ids, _LoadPair, {"dataset": dataset.spec(), "labels": storage.absolute(labels)},
-                    batch_size=16)
-    spare = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus
-    return ds.materialize() if spare < 2 else ds
+    materialize = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus < 2
+    ds = map_images(ids, _LoadPair, {"dataset": dataset.spec(), "labels": storage.absolute(labels),
+                                     "class_source": class_source},
+                    batch_size=16, progress="loading" if materialize else None)  # streamed: read once per epoch
+    return ds.materialize() if materialize else ds
 
 
 def _mark_extendable(sd: StageDir, epochs: int) -> None:
@@ -274,12 +273,16 @@ def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOC
     names = out_names(cfg)
     ensure_ray(cfg.ray)
     settings = loop_settings(cfg, dataset)
+    classes = class_source(cfg, run_dir, dataset, labels)
+    if classes is not None:
+        logger.info("train: each image's classes C_I (Eq 6 and the fill) from %s", inputs.describe_class_source(classes))
     t0 = time.perf_counter()
+    rows = _training_dataset(dataset, cfg.data.split, labels, trainer_cpus=t.num_workers * t.cpus_per_worker,
+                             class_source=classes)
     result = fit_torch(
         train_worker, {"settings": settings}, name="baseline" if t.baseline else "mars", storage=sd.path / "ray",
         num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
-        max_failures=t.max_failures, datasets={"train": _training_dataset(dataset, cfg.data.split, labels,
-                                             trainer_cpus=t.num_workers * t.cpus_per_worker)},
+        max_failures=t.max_failures, datasets={"train": rows},
     )
     state = final_state(result, sd.path / "ray", weights_only=False)
     model_kwargs = settings.model_kwargs
@@ -292,11 +295,13 @@ def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOC
     )
     history = state["history"]
     write_history(history, sd.path)
+    faults.point("train.model")
 
     predict = dict(checkpoint=model_path, dataset=dataset, num_actors=1, cpus_per_actor=1.0, use_gpu=t.use_gpu)
     if names["complement"]:
         out = _fresh(run_dir / names["complement"])
-        evaluate_stage.predict_split(split=cfg.data.split, out_dir=out, crf=t.crf_kwargs(), fill_dir=labels, **predict)
+        evaluate_stage.predict_split(split=cfg.data.split, out_dir=out, crf=t.crf_kwargs(), fill_dir=labels,
+                                     class_source=classes, **predict)
     if _has_split(dataset, cfg.data.eval_split):
         out = _fresh(run_dir / names["predict"] / cfg.data.eval_split)
         evaluate_stage.predict_split(split=cfg.data.eval_split, out_dir=out, **predict)
@@ -309,6 +314,15 @@ def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOC
     return outputs
 
 
+def class_source(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, labels: AnyPath, *,
+                 check: bool = False) -> dict[str, str] | None:
+    """Where MARS takes each image's classes C_I from (``inputs.image_class_source``); ``None`` for the
+    baseline (plain CE uses no class sets). ``ValueError`` naming the file and id for bad image labels."""
+    if cfg.train.baseline:
+        return None
+    return inputs.image_class_source(cfg, run_dir, dataset, fallback=labels, check=check)
+
+
 def loop_settings(cfg: C.Config, dataset: VOCDataset) -> TrainLoop:
     """The :class:`TrainLoop` of this config; paths made absolute for the workers."""
     t = cfg.train
@@ -318,7 +332,7 @@ def loop_settings(cfg: C.Config, dataset: VOCDataset) -> TrainLoop:
         baseline=t.baseline, init_checkpoint=storage.absolute(t.init_checkpoint) if t.init_checkpoint else "",
         crop_size=t.crop_size, scale_range=(t.scale_min, t.scale_max), batch_size=t.batch_size,
         n_train=len(dataset.ids(cfg.data.split)), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-        poly_power=t.poly_power, epochs=t.epochs, ema_momentum=t.ema_momentum, crf=t.crf_kwargs(), amp=t.amp,
+        poly_power=t.poly_power, epochs=t.epochs, ema_momentum=t.ema_momentum, crf=t.crf_kwargs(), wce=t.wce, amp=t.amp,
         checkpoint_every=t.checkpoint_every, val_every=t.val_every, dataset=dataset.spec(),
         val_ids=tuple(_val_ids(dataset, cfg.data.eval_split)), seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
         crf_workers=t.crf_workers,

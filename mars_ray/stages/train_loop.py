@@ -40,8 +40,11 @@ def _augmented_batches(shard: Any, augment: SegAugment, batch_size: int, seed: i
                                 local_shuffle_buffer_size=max(64, 4 * batch_size), local_shuffle_seed=seed):
         pairs = [augment.numpy(np.asarray(img), np.asarray(lab)) for img, lab in zip(b["image"], b["label"])]
         img = torch.from_numpy(np.stack([p["image_uint8"] for p in pairs]))
-        yield {"image": img.permute(0, 3, 1, 2).float().div_(255.0), "image_uint8": img,
+        out = {"image": img.permute(0, 3, 1, 2).float().div_(255.0), "image_uint8": img,
                "label": torch.from_numpy(np.stack([p["label"] for p in pairs])).long()}
+        if "class_mask" in b:  # MARS rows: the image's classes C_I, unchanged by the crop
+            out["class_mask"] = torch.from_numpy(np.asarray(b["class_mask"], dtype=bool))
+        yield out
 
 
 def _val_miou(model: torch.nn.Module, spec: dict[str, Any], ids: list[str], num_classes: int) -> float:
@@ -95,6 +98,7 @@ class TrainLoop:
     epochs: int
     ema_momentum: float
     crf: dict[str, float] | None
+    wce: bool  # Eq 7 weighted CE (paper); False = plain CE on Y^co (Table 6 ablation)
     amp: bool
     checkpoint_every: int
     val_every: int
@@ -191,7 +195,7 @@ def _run_epoch(s: TrainLoop, nets: "_Nets", shard: Any, epoch: int, rank: int, w
     row["time"] = time.perf_counter() - t0
     history.append(row)
     due = rank == 0 and ((epoch + 1) % s.checkpoint_every == 0 or last)
-    report_epoch(row, nets.state(epoch + 1, step, history) if due else None)
+    report_epoch(row, nets.state(epoch + 1, step, history) if due else None, epochs=s.epochs)
     return step
 
 
@@ -227,7 +231,7 @@ def _train_epoch(s: TrainLoop, nets: _Nets, shard: Any, epoch: int, rank: int, w
     else:
         def step_fn(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
             return complement_step(nets.student, nets.teacher, batch, num_classes=s.num_classes, crf=s.crf,
-                                   crf_map=crf_map)
+                                   use_wce=s.wce, crf_map=crf_map)
 
     augment = SegAugment(s.crop_size, s.scale_range, flip=True, seed=worker_seed(s.seed, rank, epoch, stream="augment"))
     batches = _augmented_batches(shard, augment, s.batch_size // world,

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from mars_ray import config as C
+from mars_ray import faults
 from mars_ray import storage as _storage
 from mars_ray.artifacts import StageDir, atomic_write_json, fingerprint_path
 from mars_ray.data.label_io import read_image
@@ -244,7 +245,7 @@ def _report(s: UssLoop, w: _Worker, state: dict[str, Any], phase: str, epoch: in
     state = {**state, _DONE[phase]: epoch, "step": step, "history": [*state["history"], entry],
              "backbone": None if s.backbone_weights else net.state_dict(), "head": head.state_dict(),
              "opt_phase": phase, "opt": opt.state_dict()}
-    report_epoch(entry, state if w.rank == 0 else None)
+    report_epoch(entry, state if w.rank == 0 else None, epochs=s.ssl_epochs if phase == "ssl" else s.epochs)
     return state
 
 
@@ -324,29 +325,9 @@ def build_model(cfg: C.UssConfig, state: dict[str, Any]) -> nn.Module:
 # ------------------------------------------------------------------------------------------ stage
 
 
-def check_config(u: C.UssConfig) -> None:
-    """Range and combination checks of ``uss.*`` (``ValueError`` naming the key)."""
-    for key in ("epochs", "dim", "batch_size", "crop_size", "knn", "n_samples", "num_workers"):
-        if getattr(u, key) < 1:
-            raise ValueError(f"uss.{key} must be >= 1, got {getattr(u, key)}")
-    if u.ssl_epochs < 0:
-        raise ValueError(f"uss.ssl_epochs must be >= 0, got {u.ssl_epochs}")
-    for key in ("lr", "ssl_lr", "cpus_per_worker"):
-        if getattr(u, key) <= 0:
-            raise ValueError(f"uss.{key} must be > 0, got {getattr(u, key)}")
-    if not u.backbone_weights:
-        if u.backbone.startswith("vit"):
-            raise ValueError(
-                f"uss.backbone={u.backbone} needs uss.backbone_weights: a DINO checkpoint file or URI "
-                "(e.g. dino_vitbase8_pretrain.pth); weights are never downloaded"
-            )
-        if u.ssl_epochs < 1:
-            raise ValueError("uss.ssl_epochs must be >= 1 without uss.backbone_weights (a random frozen backbone teaches nothing)")
-
-
 def validate_inputs(cfg: C.Config) -> VOCDataset:
     """Config, dataset, images and backbone weights, checked before any output is touched."""
-    check_config(cfg.uss)
+    C.validate(cfg)  # ranges, backbone name and the weights rule
     dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
     if len(ids) < 2:
@@ -364,7 +345,7 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None
     """``RUN/uss`` and its key: uss config slice + dataset fingerprint + backbone weights fingerprint."""
     dataset = dataset or inputs.open_dataset(cfg)
     slice_ = {
-        "data": {"root": _storage.absolute(cfg.data.root), "split": cfg.data.split},
+        "data": inputs.dataset_key(cfg, [cfg.data.split]),
         "uss": {k: v for k, v in C.to_dict(cfg.uss).items() if k not in _EXECUTION_KEYS},
     }
     fingerprints = {
@@ -398,6 +379,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
                               backbone_weights=cfg.uss.backbone_weights or None)
         atomic_write_json(sd.path / "history.json", state["history"])
         _storage.rmtree(sd.path / "ray")  # per-epoch checkpoints: only needed to resume
+        faults.point("uss.checkpoint")
         last = state["history"][-1] if state["history"] else {}
         sd.finish({"checkpoint": CHECKPOINT, "history": "history.json", "dim": cfg.uss.dim,
                    "backbone": cfg.uss.backbone, "steps": state["step"], "final_loss": last.get("loss")})

@@ -26,7 +26,6 @@ directly, Ray Train keeps its checkpoints under ``RUN/wsss/ray`` there.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
 from mars_ray.artifacts import StageDir, atomic_write_json
 from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.data.label_io import read_image, write_label
@@ -135,7 +134,7 @@ def train_loop(
         state["history"].append(entry)
         state.update(epoch=epoch + 1, model=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
         logger.info("wsss epoch %d/%d: cls loss %.4f", epoch + 1, epochs, stats["loss"])
-        report_epoch(entry, state if rank == 0 else None)
+        report_epoch(entry, state if rank == 0 else None, epochs=epochs)
     if start >= epochs:  # resumed after the last epoch: hand the state back
         state.update(model=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
         report_epoch({"epoch": state["epoch"], "step": state["step"]}, state if rank == 0 else None)
@@ -214,20 +213,6 @@ class CamImages:
 # ------------------------------------------------------------------------------------------ stage
 
 
-def check_config(w: C.WsssConfig) -> None:
-    """Range checks of ``wsss.*`` (``ValueError`` naming the key)."""
-    for key in ("epochs", "batch_size", "crop_size", "num_workers", "num_actors", "cam_batch_size"):
-        if getattr(w, key) < 1:
-            raise ValueError(f"wsss.{key} must be >= 1, got {getattr(w, key)}")
-    for key in ("lr", "cpus_per_worker", "cpus_per_actor"):
-        if getattr(w, key) <= 0:
-            raise ValueError(f"wsss.{key} must be > 0, got {getattr(w, key)}")
-    if not w.cam_scales or any(s <= 0 for s in w.cam_scales):
-        raise ValueError(f"wsss.cam_scales must be positive factors, got {list(w.cam_scales)}")
-    if not 0.0 <= w.bg_threshold <= 1.0:
-        raise ValueError(f"wsss.bg_threshold must be in [0, 1], got {w.bg_threshold}")
-
-
 def cam_splits(cfg: C.Config, dataset: VOCDataset) -> list[str]:
     """The splits that get pseudo labels: ``data.split``, plus ``data.eval_split`` when asked and usable."""
     splits = [cfg.data.split]
@@ -245,12 +230,7 @@ def cam_splits(cfg: C.Config, dataset: VOCDataset) -> list[str]:
 
 def validate_inputs(cfg: C.Config) -> tuple[VOCDataset, list[str]]:
     """Config, classifier name, images and image-level labels of the split (``ValueError`` naming the id)."""
-    from mars_ray.models import load_all
-    from mars_ray.models.registry import CLASSIFIERS
-
-    check_config(cfg.wsss)
-    load_all()
-    CLASSIFIERS.builder(cfg.wsss.classifier)  # unknown name → ValueError listing the known ones
+    C.validate(cfg)  # ranges and names, wsss.classifier included
     dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
     dataset.check_image_labels(cfg.data.split)  # one line: which file/format, how many ids matched
@@ -268,18 +248,19 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None
     if dataset is None or splits is None:
         dataset, splits = validate_inputs(cfg)
     slice_ = {
-        "data": {"root": storage.absolute(cfg.data.root), "splits": splits},
+        "data": inputs.dataset_key(cfg, splits),
         "wsss": {k: v for k, v in C.to_dict(cfg.wsss).items() if k not in _EXECUTION_KEYS},
+        "crf": _crf_kwargs(cfg),  # the debias.crf_* kernels, when wsss.crf uses them
     }
-    inputs = {f"dataset:{s}": dataset.fingerprint(s) for s in splits}
-    return StageDir(run_dir / "wsss", "wsss", C.slice_hash(slice_, inputs), slice_, inputs)
+    fingerprints = {f"dataset:{s}": dataset.fingerprint(s) for s in splits}
+    return StageDir(run_dir / "wsss", "wsss", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
 def _crf_kwargs(cfg: C.Config) -> dict[str, float] | None:
     """The dense-CRF settings of ``debias`` reused for the CAM labels when ``wsss.crf`` is on."""
     if not cfg.wsss.crf:
         return None
-    return replace(cfg.debias, crf=True).crf_kwargs()
+    return cfg.debias.crf_kernels()
 
 
 def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
@@ -308,6 +289,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
             save_classifier(ckpt, w.classifier, dataset.num_classes, state["model"])
             atomic_write_json(sd.path / "history.json", state["history"])
             storage.rmtree(sd.path / "ray")  # per-epoch checkpoints: only needed to resume
+            faults.point("wsss.classifier")
         ids = [i for s in splits for i in dataset.ids(s)]
         ds = map_images(
             ids,

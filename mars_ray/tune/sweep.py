@@ -16,8 +16,9 @@ import time
 from typing import Any, Mapping
 
 from mars_ray import config as C
-from mars_ray import pipeline, storage, tracking
-from mars_ray.artifacts import atomic_write_json
+from mars_ray import errors, pipeline, storage, tracking
+from mars_ray.artifacts import atomic_write_json, provisional
+from mars_ray.runlock import run_lock
 from mars_ray.storage import AnyPath, upath
 from mars_ray.tune import report
 from mars_ray.tune.space import Space, grid_size, grid_values, load_space, validate_space
@@ -83,18 +84,17 @@ def run_sweep(
     smoke: bool = False,
     cache: bool = True,
     verbose: int = 1,
+    wait: bool = False,
+    command: str = "mars tune",
 ) -> dict[str, Any]:
     """Validate everything, run the Tune sweep, write results/heatmap/best config, log to MLflow.
 
     ``run_dir`` is a local folder or an object-store URI; for a URI the tracking store must be
     given (``tracking_uri`` or ``$MLFLOW_TRACKING_URI``), which is checked before anything starts.
     Which extractor and which pre-stages: the planning rule of ``mars run`` (``pipeline``), with the
-    searched keys counting as chosen.
+    searched keys counting as chosen. ``run_dir`` is held for the whole sweep (``runlock``; ``wait``:
+    queue behind another holder; ``command`` names this sweep to a refused second process).
     """
-    from mars_ray.stages.evaluate_labels import pseudo_label_reference
-    from mars_ray.stages.inputs import validate_inputs
-    from mars_ray.stages.runtime import ensure_ray
-
     run_dir = upath(storage.absolute(run_dir))
     space = load_space(upath(space_path), smoke=smoke)
     base = pipeline.build_config(config_file, {**space.overrides, **dict(overrides or {})}, plan_inputs=True,
@@ -104,6 +104,17 @@ def run_sweep(
     base = _absolute_paths(base)
     validate_space(space, base)  # bad keys/values fail here, before anything is written or started
     uri = tracking.resolve_tracking_uri(run_dir, tracking_uri)
+    with run_lock(run_dir, command=command, wait=wait, ray_cfg=base.ray):  # trials write below it, unlocked
+        return _sweep(space, base, run_dir, uri, experiment, smoke, verbose)
+
+
+def _sweep(space: Space, base: C.Config, run_dir: AnyPath, uri: str, experiment: str | None, smoke: bool,
+           verbose: int) -> dict[str, Any]:
+    """``run_sweep`` once the run folder is held: shared inputs, the Tune run, the results."""
+    from mars_ray.stages.evaluate_labels import pseudo_label_reference
+    from mars_ray.stages.inputs import validate_inputs
+    from mars_ray.stages.runtime import ensure_ray
+
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking.probe(uri)
     exp_name = experiment or f"mars-tune-{space.name}"
@@ -115,16 +126,17 @@ def run_sweep(
     ensure_ray(base.ray)
     reference = pseudo_label_reference(base, space.metric)  # the score every trial must beat
     _check_capacity(space, base)
-    C.dump_yaml(base, run_dir / "config.yaml")
-    tracking.ensure_experiment(uri, exp_name, artifact_location)
-
-    n = grid_size(space)
-    logger.info("tune: %s, %d trial(s), objective %s (%s), tracking %s", space.path, n, space.metric, space.mode, uri)
-    t0 = time.perf_counter()
-    with tracking.isolated_tracking_uri():
-        results = _fit(space, param_space, run_dir, uri, exp_name, verbose)
-        wall = time.perf_counter() - t0
-        return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke, reference)
+    config = run_dir / "config.yaml"
+    with provisional(config, lambda: C.dump_yaml(base, config)):  # a failed sweep leaves the previous one
+        tracking.ensure_experiment(uri, exp_name, artifact_location)
+        n = grid_size(space)
+        logger.info("tune: %s, %d trial(s), objective %s (%s), tracking %s", space.path, n, space.metric, space.mode,
+                    uri)
+        t0 = time.perf_counter()
+        with tracking.isolated_tracking_uri():
+            results = _fit(space, param_space, run_dir, uri, exp_name, verbose)
+            wall = time.perf_counter() - t0
+            return _finish(space, base, run_dir, results, uri, exp_name, wall, smoke, reference)
 
 
 def _fit(space: Space, param_space: dict[str, Any], run_dir: AnyPath, uri: str, exp_name: str, verbose: int) -> Any:
@@ -174,6 +186,12 @@ def _fit(space: Space, param_space: dict[str, Any], run_dir: AnyPath, uri: str, 
 
 
 
+def _error_line(e: BaseException) -> str:
+    """A trial's error as one line: the user error behind it when there is one (``errors``)."""
+    user = errors.user_error(e)
+    return errors.one_line(user)[:300] if user is not None else f"{type(e).__name__}: {errors.one_line(e)}"[:300]
+
+
 def _rows(space: Space, results: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """One ``(row, trial config)`` a trial: id, searched values, status, the figures it reported
     (``trial.METRICS``, in that order) and the first line of its error."""
@@ -185,7 +203,7 @@ def _rows(space: Space, results: Any) -> list[tuple[dict[str, Any], dict[str, An
                **{k: cfg.get(k) for k in space.params},
                "status": "error" if r.error else "ok",
                **{k: m[k] for k in METRICS if k in m},
-               "error": str(r.error).splitlines()[0][:300] if r.error else ""}
+               "error": _error_line(r.error) if r.error else ""}
         rows.append((row, cfg))
     return rows
 
@@ -204,8 +222,9 @@ def _finish(space: Space, base: C.Config, run_dir: AnyPath, results: Any, uri: s
     rows = _rows(space, results)
     ok = [(row, cfg) for row, cfg in rows if row["status"] == "ok" and report.finite(row.get(space.metric))]
     if not ok:
-        first = next((row["error"] for row, _ in rows if row["error"]), "no trial reported the objective")
-        raise RuntimeError(f"tune: every trial failed ({len(rows)}); first error: {first}")
+        first = next((r.error for r in results if r.error), None)  # chained: a user error behind it is
+        reason = _error_line(first) if first is not None else "no trial reported the objective"  # cli's one line
+        raise RuntimeError(f"tune: every trial failed ({len(rows)}); first error: {reason}") from first
     pick = max if space.mode == "max" else min
     best_row, best_cfg = pick(ok, key=lambda rc: rc[0][space.metric])
     out_dir = run_dir / TUNE_DIR

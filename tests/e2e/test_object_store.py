@@ -45,6 +45,7 @@ def test_run_and_evaluate_labels_on_s3(s3_data: str, bucket: str, ray_local, cap
     assert (r / "select" / "report.json").is_file() and (r / "select" / "centroids.npy").is_file()
     assert len(list((r / "debias").glob("*.png"))) == 16
     assert (r / "report" / "index.html").is_file() and list((r / "report" / "grid").glob("*.png"))  # the run report
+    assert "debias    debiased labels" in (r / "logs" / "mars.log").read_text()  # uploaded when `mars` ends
     rc = main(["evaluate-labels", "--data", s3_data, "--labels", f"{run}/debias", "--split", "train", "--run", run])
     assert rc == 0
     assert "mIoU" in capsys.readouterr().out

@@ -98,4 +98,4 @@ def test_c_images_and_image_labels_only(tiny_data: Path, ray_local, tmp_path: Pa
 def test_uss_and_wsss_subcommands_exist():
     help_text = build_parser().format_help()
     assert " wsss " in help_text.replace("\n", " ") or "wsss" in help_text
-    assert C.build(overrides={"uss.backbone": "vit_base_8"}).uss.backbone == "vit_base_8"
+    assert C.build(overrides={"uss.backbone": "vit_base_8", "uss.backbone_weights": "dino.pth"}).uss.backbone == "vit_base_8"

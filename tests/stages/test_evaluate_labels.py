@@ -50,3 +50,48 @@ def test_pseudo_label_reference_is_their_own_score(tiny_data: Path, ray_local):
     assert EL.reference_note(None, 0.5, "max") == ""
     with pytest.raises(ValueError, match="pseudo_labels"):
         EL.pseudo_label_reference(C.merge(cfg, {"data.pseudo_labels": ""}), "debiased_miou")
+
+
+def _hand_made(root: Path) -> Path:
+    """One 2×4 image, classes background/obj. GT and the evaluated label (255 and 254 in it):
+
+    GT    0   0 1   1      label  0 255 1 255
+          0   1 1 255             254  1 0   1
+    """
+    from PIL import Image
+
+    from mars_ray.data.label_io import write_label
+
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "labels"):
+        (root / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(root / "JPEGImages" / "a.png")
+    write_label(root / "SegmentationClass" / "a.png", np.array([[0, 0, 1, 1], [0, 1, 1, 255]], np.uint8))
+    write_label(root / "labels" / "a.png", np.array([[0, 255, 1, 255], [254, 1, 0, 1]], np.uint8))
+    (root / "ImageSets/Segmentation/train.txt").write_text("a\n")
+    (root / "classes.txt").write_text("background\nobj\n")
+    return root
+
+
+@pytest.mark.parametrize("pred_ignore, biased_as, mat, miou", [
+    ("ignore", "background", [[2, 0], [1, 2]], 2 / 3),      # the label's 255 dropped; 254 → background
+    ("background", "background", [[3, 0], [2, 2]], (3 / 5 + 2 / 4) / 2),  # IRN: the label's 255 → background
+    ("background", "ignore", [[2, 0], [2, 2]], (2 / 4 + 2 / 4) / 2),  # 254 stays ignored, only 255 → background
+])
+def test_pred_ignore_conventions_on_a_hand_made_example(tmp_path: Path, ray_local, capsys, pred_ignore, biased_as,
+                                                        mat, miou):
+    import json
+
+    from mars_ray.cli import main
+
+    root = _hand_made(tmp_path / "data")
+    local = EL.confusions_local(VOCDataset(root), {"l": root / "labels"}, "train", biased_as=biased_as,
+                                pred_ignore=pred_ignore)["l"]
+    assert local.mat.tolist() == mat
+    out = tmp_path / "m.json"
+    assert main(["evaluate-labels", "--data", str(root), "--labels", str(root / "labels"), "--split", "train",
+                 "--biased-as", biased_as, "--pred-ignore", pred_ignore, "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["pred_ignore"] == pred_ignore and m["biased_as"] == biased_as
+    assert m["miou"] == pytest.approx(miou) and m["pixels"] == sum(map(sum, mat))
+    with pytest.raises(ValueError, match="--pred-ignore"):
+        EL.confusions_local(VOCDataset(root), {"l": root / "labels"}, "train", pred_ignore="zero")

@@ -38,7 +38,7 @@ def _table(run_dir: Path):
 
 def test_centroid_table(run: Path, tiny_data: Path):
     t = _table(run)
-    assert t.column_names == ["image_id", "class_id", "is_bg", "k", "count", "gt_match", "vector"]
+    assert t.column_names == ["image_id", "class_id", "is_bg", "k", "count", "gt_match", "gt_iou", "vector"]
     ds = VOCDataset(tiny_data)
     ids = set(ds.ids("train"))
     assert set(t.column("image_id").to_pylist()) <= ids
@@ -59,6 +59,8 @@ def test_centroid_table(run: Path, tiny_data: Path):
             assert rows["count"].sum() == (label == c).sum()
     gt_match = np.asarray(t.column("gt_match"))
     assert np.all((gt_match >= 0) & (gt_match <= 1))  # the tiny dataset has ground truth
+    gt_iou = np.asarray(t.column("gt_iou"))
+    assert np.all((gt_iou >= 0) & (gt_iou <= gt_match + 1e-6))  # |A∩G|/|A∪G| <= |A∩G|/|A|
 
 
 def test_centroid_table_layout_lets_select_skip_row_groups(run: Path, tmp_path: Path):
@@ -99,6 +101,35 @@ def test_select_equals_in_memory_algorithm(run: Path, tiny_data: Path):
         assert 0.0 <= entry["target_ratio"] <= 1.0
     chosen = pads.dataset(str(run / "select" / "chosen.parquet")).to_table()
     assert chosen.num_rows == report["n_chosen"]
+
+
+def test_select_paper_target_ratio(run: Path, tiny_data: Path, tmp_path: Path):
+    """report.json: the paper's target ratio (IoU > 0.3) and biased ratio (IoU < 0.1) of the chosen
+    centroids, overall and per class, next to our pixel-share measure; a table without gt_iou selects."""
+    report = json.loads((run / "select" / "report.json").read_text())
+    chosen = pads.dataset(str(run / "select" / "chosen.parquet")).to_table().to_pandas()
+    iou = chosen["gt_iou"].to_numpy()
+    assert report["paper_target_ratio"] == pytest.approx(float((iou > 0.3).mean()))
+    assert report["paper_biased_ratio"] == pytest.approx(float((iou < 0.1).mean()))
+    assert 0 <= report["paper_target_ratio_all"] <= 1 and "target_ratio" in report
+    for name, e in report["per_class"].items():
+        mine = chosen[chosen["class_id"] == e["class_id"]]["gt_iou"].to_numpy()
+        assert e["paper_target_ratio"] == pytest.approx(float((mine > 0.3).mean())), name
+        assert e["paper_biased_ratio"] == pytest.approx(float((mine < 0.1).mean())), name
+    # an old table (no gt_iou column) still selects the same V^c; the paper ratios are absent
+    other = tmp_path / "run"
+    shutil.copytree(run / "features", other / "features")
+    table = other / "features" / features.TABLE
+    old = pads.dataset(str(table)).to_table().drop(["gt_iou"])
+    shutil.rmtree(table)
+    table.mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(old, table / "part-0.parquet")
+    select.run(_cfg(tiny_data), other)
+    np.testing.assert_array_equal(np.load(other / "select" / "centroids.npy"), np.load(run / "select" / "centroids.npy"))
+    old_report = json.loads((other / "select" / "report.json").read_text())
+    assert "paper_target_ratio" not in old_report and old_report["target_ratio"] == report["target_ratio"]
 
 
 def test_debiased_labels(run: Path, tiny_data: Path):
