@@ -28,7 +28,9 @@ and mars_ray's pure modules (engine, models, algo); runs from the repository roo
     PYTHONPATH=. python benchmarks/gpu_efficiency.py --smoke-test          # every variant, tiny, CPU, < 2 min
     PYTHONPATH=. python benchmarks/gpu_efficiency.py --variants bf16_cl_fused_compile_max   # rerun some
 
-Prints a readable table, then one JSON object (also written to ``--out``).
+Prints a readable table, then one JSON object, also written to ``--out`` (after every variant with
+``"partial": true``, so a run stopped from outside keeps what it measured; at the end with
+``"partial": false`` and a last line naming the file).
 """
 
 from __future__ import annotations
@@ -565,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         status = (f"{row['images_per_s']:.1f} img/s" if "images_per_s" in row
                   else row.get("error") or row.get("skipped"))
         print(f"[{time.perf_counter() - start:6.0f} s] {v.name}: {status}", flush=True)
+        if args.out:  # after every variant: a run killed from outside still leaves what it measured
+            _write_json(args.out, {**info, "variants": results, "partial": True})
 
     done = [r for r in results if "images_per_s" in r]
     best = max(done, key=lambda r: r["images_per_s"]) if done else None
@@ -586,12 +590,22 @@ def main(argv: list[str] | None = None) -> int:
         util = f"{100 * best['utilisation']:.1f}% of peak" if best.get("utilisation") is not None else "no peak known"
         print(f"\nbest: {best['name']} {best['images_per_s']:.1f} img/s, {util} "
               f"(target {100 * TARGET_UTILISATION:.0f}%: {'met' if info['target_met'] else 'not met'})")
-    text = json.dumps(info, indent=2)
-    print(text)
+    info["partial"] = False
+    print(json.dumps(info, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        _write_json(args.out, info)
+        print(f"\ngpu_efficiency: wrote {os.path.abspath(args.out)}", flush=True)
     return 0
+
+
+def _write_json(path: str, info: dict[str, Any]) -> None:
+    """``info`` as JSON at ``path`` (folders made), replaced atomically."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
