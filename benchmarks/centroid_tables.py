@@ -50,6 +50,7 @@ def _rows(first_image: int, n_images: int, d: int, classes: int, rng: np.random.
             "k": pa.array((pos % 2).astype(np.int16)),
             "count": pa.array(rng.integers(50, 5000, size=n)),
             "gt_match": pa.array(rng.random(n, dtype=np.float32)),
+            "gt_iou": pa.array(rng.random(n, dtype=np.float32)),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), d),
         },
         schema=features.table_schema(d),

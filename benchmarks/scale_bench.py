@@ -27,7 +27,8 @@ Rows (``--rows``, all by default):
   a bare torch loop on the same model (``deeplab_tiny``), labels (``RUN/debias``), augmentation
   and MARS step, one thread each; steady-state images/s (epochs after the first) and wall time.
 
-Prints one table, writes JSON with ``--json``. ``benchmarks/scaling_doc.py`` renders
+Prints one table, writes JSON with ``--json``; ``--merge A.json B.json`` combines the JSON of runs of
+different rows (a busy machine: measure in parts). ``benchmarks/scaling_doc.py`` renders
 ``docs/scaling.md`` from that JSON. Examples::
 
     python benchmarks/scale_bench.py --json benchmarks/results_scale_bench.json     # ~1-1.5 h, 2 quiet cores
@@ -129,17 +130,17 @@ def bare_features(cfg: Any, run: Path) -> dict[str, Any]:
         t0 = _now()
         worker = features.ClusterImages(**features.cluster_kwargs(cfg, run, dataset))
         worker({"image_id": np.array(ids[:1])})  # one-time costs (lazy imports, first K-means) count as init
-        t1 = _now()
+        t1, c1 = _now(), time.process_time()
         tables = [worker({"image_id": np.array(ids[s : s + cfg.features.batch_size])})
                   for s in range(0, len(ids), cfg.features.batch_size)]
-        t2 = _now()
+        t2, c2 = _now(), time.process_time()
         table = pa.concat_tables(tables)
         (run / "bare").mkdir(parents=True, exist_ok=True)
         features.write_table_file(table, str(run / "bare" / "centroids.parquet"))
         t3 = _now()
     return {"mode": "bare", "init_s": t1 - t0, "loop_s": t2 - t1, "write_s": t3 - t2, "wall_s": t3 - t0,
-            "images_per_s": len(ids) / (t2 - t1), "s_per_image": (t2 - t1) / len(ids), "rows": table.num_rows,
-            "memory": mem.summary()}
+            "images_per_s": len(ids) / (t2 - t1), "s_per_image": (t2 - t1) / len(ids),
+            "cpu_s_per_image": (c2 - c1) / len(ids), "rows": table.num_rows, "memory": mem.summary()}
 
 
 def bare_debias(cfg: Any, run: Path) -> dict[str, Any]:
@@ -167,12 +168,13 @@ def bare_debias(cfg: Any, run: Path) -> dict[str, Any]:
         worker = debias.DebiasImages(**debias.debias_kwargs(cfg, run, dataset, out_dir=out_dir, select_dir=select_dir,
                                                            skip_existing=False, image_labels=_image_labels(cfg, run)))
         worker({"image_id": np.array(ids[:1])})  # one-time costs count as init
-        t1 = _now()
+        t1, c1 = _now(), time.process_time()
         for s in range(0, len(ids), cfg.debias.batch_size):
             worker({"image_id": np.array(ids[s : s + cfg.debias.batch_size])})
-        t2 = _now()
+        t2, c2 = _now(), time.process_time()
     return {"mode": "bare", "init_s": t1 - t0, "loop_s": t2 - t1, "wall_s": t2 - t0,
-            "images_per_s": len(ids) / (t2 - t1), "s_per_image": (t2 - t1) / len(ids), "memory": mem.summary()}
+            "images_per_s": len(ids) / (t2 - t1), "s_per_image": (t2 - t1) / len(ids),
+            "cpu_s_per_image": (c2 - c1) / len(ids), "memory": mem.summary()}
 
 
 def _image_labels(cfg: Any, run: Path) -> bool:
@@ -333,7 +335,7 @@ def one_read(table: Path, chunk_rows: int) -> float:
 
     t0 = _now()
     data = features.open_table(table)
-    for b in data.to_batches(columns=["image_id", "class_id", "is_bg", "k", "count", "gt_match", "vector"],
+    for b in data.to_batches(columns=["image_id", "class_id", "is_bg", "k", "count", "gt_match", "gt_iou", "vector"],
                              batch_size=chunk_rows, batch_readahead=2, fragment_readahead=1):
         _vectors(b)
         b.column("image_id")
@@ -347,8 +349,14 @@ def select_scale(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> N
     from mars_ray import pipeline
     from mars_ray.artifacts import read_manifest
 
+    from mars_ray.config import RayConfig
+    from mars_ray.stages.runtime import ensure_ray
+
     rows: list[dict[str, Any]] = out.setdefault("select", [])
     root = dataset_root(work / "select_data", args.select_classes)
+    t0 = _now()
+    ensure_ray(RayConfig(num_cpus=args.ray_cpus))  # started here, so no select row pays Ray's start-up
+    out.setdefault("ray_init_s", _now() - t0)
     ladder = sorted(set(args.select_rows))
     for d in args.select_d:
         table = GrowingTable(work / f"select_d{d}", d, args.select_classes)
@@ -393,8 +401,9 @@ def select_scale(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> N
                        # the actor's own work (its three passes and the report), without Ray's start-up
                        "passes_over_read": sum((manifest.get("outputs", {}).get("seconds") or {}).values()) / read_s,
                        "actor_peak_private_mb": actor["peak_private_mb"], "actor_peak_rss_mb": actor["peak_rss_mb"],
-                       # what O(N) scalars + O(C·d) come to: distance f64, class int16, gt_match f32, chosen bool
-                       "model_mb": (n_fg * (8 + 2 + 4 + 1) + (args.select_classes + 1) * d * 8) / 2**20,
+                       # what O(N) scalars + O(C·d) come to: distance f64, class int16, gt_match and gt_iou
+                       # f32, chosen bool
+                       "model_mb": (n_fg * (8 + 2 + 4 + 4 + 1) + (args.select_classes + 1) * d * 8) / 2**20,
                        "vectors_mb": table.rows * d * 4 / 2**20, "driver_peak_private_mb": m["driver"]["peak_private_mb"]}
                 rows.append(row)
                 measured.append(row)
@@ -582,16 +591,23 @@ def unit_costs(args: argparse.Namespace, work: Path, out: dict[str, Any]) -> Non
     probs = rng.dirichlet(np.ones(21), size=(size, size)).astype(np.float32).transpose(2, 0, 1)
     with _one_thread():
         crf = _best(lambda: dense_crf(image, probs, iters=10), _now)
+        crf_cpu = _best(lambda: dense_crf(image, probs, iters=10), time.process_time)
+    # wall seconds, and CPU seconds of the one thread: what a dedicated core takes even when other
+    # processes share this machine's cores (the wall figures then grow, the CPU ones do not)
     out["unit"] = {"size": size, "images": n, "features_s_per_image": feats["s_per_image"],
-                   "debias_s_per_image": deb["s_per_image"], "crf21_s_per_image": crf}
+                   "debias_s_per_image": deb["s_per_image"], "crf21_s_per_image": crf,
+                   "features_cpu_s_per_image": feats["cpu_s_per_image"],
+                   "debias_cpu_s_per_image": deb["cpu_s_per_image"], "crf21_cpu_s_per_image": crf_cpu,
+                   "load_avg": os.getloadavg()}
     print(f"  at {size} px: features {feats['s_per_image']:.3f} s, debias {deb['s_per_image']:.3f} s an image; "
-          f"CRF of 21 classes {crf:.3f} s", flush=True)
+          f"CRF of 21 classes {crf:.3f} s (CPU seconds: {feats['cpu_s_per_image']:.3f}, "
+          f"{deb['cpu_s_per_image']:.3f}, {crf_cpu:.3f})", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ report
 
 
-def targets(out: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+def targets(out: dict[str, Any], args: argparse.Namespace | None) -> list[dict[str, Any]]:
     t: list[dict[str, Any]] = []
     ratios = out.get("ratios", [])
     n_ref = 2000 if any(r["n"] == 2000 for r in ratios) else max((r["n"] for r in ratios), default=None)
@@ -696,6 +712,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", help="working folder (default: a new temporary folder, removed at the end)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--smoke-test", action="store_true", help="every row at minute size (N=20, tiny tables)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="combine the JSON of separate runs (e.g. --rows throughput,train,rss then --rows "
+                         "select,eq13,unit) instead of measuring: print the table, write --json")
     if ap.parse_known_args(argv)[0].smoke_test:  # smaller defaults; explicit flags still win
         ap.set_defaults(sizes=[20, 200], image_size=64, select_d=[16, 384], select_rows=[2_000, 20_000],
                         select_classes=5, eq_fg=10_000, eq_bg=2_000, eq_d=[16], train_n=20, train_epochs=2,
@@ -708,8 +727,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs' JSON: each measured key (rows, ratios, ...) from the last run
+    that has it; ``machine`` from the first, every run's machine, args and wall time under ``runs``;
+    targets recomputed from the merged rows."""
+    skip = {"machine", "args", "wall_s", "targets", "targets_goal"}
+    out: dict[str, Any] = {"machine": runs[0]["machine"], "targets_goal": TARGETS,
+                           "runs": [{k: r.get(k) for k in ("machine", "args", "wall_s")} for r in runs]}
+    for r in runs:
+        out.update({k: v for k, v in r.items() if k not in skip})
+    out["wall_s"] = sum(r.get("wall_s", 0.0) for r in runs)
+    out["targets"] = targets(out, None)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        out = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1, default=float) + "\n")
+        print_table(out)
+        return 0
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mars_scale_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -64,10 +64,19 @@ def values(scale: dict[str, Any] | None, gpu: dict[str, Any] | None) -> dict[str
     v.update({k: str(x) for k, x in p.items()})
     v["cluster"] = f"{CLUSTER['gpus']} GPUs + {CLUSTER['cpus']} CPUs"
     v["epochs"] = str(EPOCHS)
+    v["load_note"] = ""
     if scale:
         m = scale.get("machine", {})
         v["measured_on"] = (f"{m.get('cpus')} CPUs, load average {m.get('load_avg_start', ['?'])[0]:.1f} at the start, "
                             f"Ray {m.get('ray')}, torch {m.get('torch')}")
+        load = max([r["machine"]["load_avg_start"][0] for r in scale.get("runs", [])]
+                   or [m.get("load_avg_start", [0.0])[0]])
+        cpus = m.get("cpus") or 1
+        v["load_note"] = "" if load <= cpus else (
+            f"\n\n**Shared machine:** other processes kept the load average up to {load:.0f} on {cpus} cores "
+            "while this ran, so every wall time (and each ratio of wall times) here is inflated by waiting "
+            "for a core; the per-image costs are the measured CPU seconds of one thread, which such "
+            "waiting does not inflate. Rerun on a quiet machine (\"Measuring\") before relying on the ratios.")
         if scale.get("ray_init_s") is not None:
             v["ray_init_s"] = f"{scale['ray_init_s']:.1f} s"
         ratios = scale.get("ratios", [])
@@ -85,7 +94,7 @@ def values(scale: dict[str, Any] | None, gpu: dict[str, Any] | None) -> dict[str
                     v[f"{stage}_startup_s"] = f"{e['no_work_pipeline_s']:.1f} s"
         if scale.get("dataset"):
             v["bench_px"] = str(scale["dataset"]["image_size"])
-        u = scale.get("unit")
+        u = _unit(scale)
         if u:
             v["unit_px"] = str(u["size"])
             v["features_s_per_image"] = f"{u['features_s_per_image']:.3f} s"
@@ -129,9 +138,19 @@ def values(scale: dict[str, Any] | None, gpu: dict[str, Any] | None) -> dict[str
     return {k: x for k, x in v.items() if x is not None}
 
 
+def _unit(scale: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The per-image costs: CPU seconds of the one thread where the JSON has them (a shared machine
+    inflates wall seconds, not these), else wall seconds (older JSON)."""
+    u = (scale or {}).get("unit")
+    if not u:
+        return None
+    keys = ("features_s_per_image", "debias_s_per_image", "crf21_s_per_image")
+    return {**u, **{k: u.get(k.replace("_s_per", "_cpu_s_per"), u[k]) for k in keys}}
+
+
 def _wall_times(v: dict[str, Any], scale: dict[str, Any] | None, gpu: dict[str, Any] | None, p: dict[str, Any]) -> None:
     """The expected wall time per stage and dataset (the template states each formula)."""
-    u = (scale or {}).get("unit")
+    u = _unit(scale)
     sel = [r for r in (scale or {}).get("select", []) if not r["extrapolated"] and r["d"] == 70]
     best = None
     if gpu:
