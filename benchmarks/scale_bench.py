@@ -727,15 +727,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_ROW_IDS = {"select": ("d", "rows"), "eq13": ("d",)}  # rows of these lists are combined across runs
+
+
 def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from several runs' JSON: each measured key (rows, ratios, ...) from the last run
-    that has it; ``machine`` from the first, every run's machine, args and wall time under ``runs``;
-    targets recomputed from the merged rows."""
+    """One result from several runs' JSON: each measured key (throughput, ratios, train, ...) from
+    the last run that has it; ``select`` and ``eq13`` rows combined by their (d, rows) / d, a later
+    run's row replacing an earlier one's; ``machine`` from the first run, every run's machine, args
+    and wall time under ``runs``; targets recomputed from the merged rows."""
     skip = {"machine", "args", "wall_s", "targets", "targets_goal"}
     out: dict[str, Any] = {"machine": runs[0]["machine"], "targets_goal": TARGETS,
                            "runs": [{k: r.get(k) for k in ("machine", "args", "wall_s")} for r in runs]}
     for r in runs:
-        out.update({k: v for k, v in r.items() if k not in skip})
+        for k, v in r.items():
+            if k in skip:
+                continue
+            if k in _ROW_IDS:
+                rows = {tuple(x[i] for i in _ROW_IDS[k]): x for x in out.get(k, [])}
+                rows.update({tuple(x[i] for i in _ROW_IDS[k]): x for x in v})
+                out[k] = sorted(rows.values(), key=lambda x: tuple(x[i] for i in _ROW_IDS[k]))
+            else:
+                out[k] = v
     out["wall_s"] = sum(r.get("wall_s", 0.0) for r in runs)
     out["targets"] = targets(out, None)
     return out

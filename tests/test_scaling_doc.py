@@ -28,13 +28,16 @@ def _run(load: float, **rows):
 
 def test_merge_takes_each_row_from_its_run_and_recomputes_targets(bench):
     scale_bench, _ = bench
-    a = _run(0.5, train={"ray_over_bare_steady": 0.95}, targets=[])
-    b = _run(6.0, eq13=[{"d": 70, "fg": 1, "bg": 1, "wall_ratio": 7.0, "cpu1_ratio": 6.0}], targets=[])
+    eq = lambda d, ratio: {"d": d, "fg": 1, "bg": 1, "wall_ratio": ratio, "cpu1_ratio": ratio}  # noqa: E731
+    a = _run(0.5, train={"ray_over_bare_steady": 0.95}, eq13=[eq(70, 7.0), eq(384, 9.0)], targets=[])
+    b = _run(6.0, eq13=[eq(70, 4.0)], targets=[])
     out = scale_bench.merge_results([a, b])
     assert [r["machine"]["load_avg_start"][0] for r in out["runs"]] == [0.5, 6.0]
+    assert [(r["d"], r["wall_ratio"]) for r in out["eq13"]] == [(70, 4.0), (384, 9.0)]
     met = {t["target"]: t["met"] for t in out["targets"]}
     assert met == {"Ray Train / bare loop (steady images/s)": True,
-                   "Eq 1-3 in memory / one read pass, d=70 (wall)": False}
+                   "Eq 1-3 in memory / one read pass, d=70 (wall)": True,
+                   "Eq 1-3 in memory / one read pass, d=384 (wall)": False}
 
 
 def test_doc_uses_cpu_seconds_and_flags_a_shared_machine(bench):
