@@ -43,6 +43,7 @@ def _history(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_two_workers_checkpoint_then_resume(run: Path, tiny_data: Path):
     ds = VOCDataset(tiny_data)
     out = train.run(_cfg(tiny_data), run)
