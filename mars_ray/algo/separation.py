@@ -5,7 +5,9 @@ debias threshold (Eq 4), V^c being the mean of the class's chosen centroids (Eq 
 the centroids themselves, the same rule says what debiasing will do to the regions they stand for:
 
 * ``kept_chosen``: the share of the chosen centroids' pixels (weighted by ``count``) whose
-  centroid activates V^c above the threshold: the regions MARS believes are the object;
+  centroid activates V^c above the threshold: the regions MARS believes are the object. Each
+  chosen centroid is compared with V^c *without itself* (leave-one-out: ``(n·V^c - f)/(n - 1)``),
+  else with few chosen centroids a centroid would activate its own share of the mean;
 * ``kept_not_chosen``: the same share for the centroids that were not chosen: the regions MARS
   believes are biased context;
 * ``score = kept_chosen - kept_not_chosen`` in [-1, 1].
@@ -44,14 +46,22 @@ _EPS = 1e-12
 class SeparationCounter:
     """Streaming form of :func:`separation_scores` over chunks of the foreground centroid table.
 
-    ``add(vectors [n, d], class_ids [n], chosen [n], counts [n])`` per chunk (after V^c is known),
+    ``SeparationCounter(V [C+1, d], chosen_counts [C+1])`` (V^c and how many centroids each mean
+    averages, ``class_sums``' counts), then ``add(vectors [n, d], class_ids [n], chosen [n], counts [n])``
+    per chunk,
     ``scores() -> {class_id: {"kept_chosen", "kept_not_chosen", "score", "n_chosen", "n_not_chosen"}}``.
     """
 
-    def __init__(self, centroids: np.ndarray, *, threshold: float = 0.5) -> None:
+    def __init__(self, centroids: np.ndarray, chosen_counts: np.ndarray, *, threshold: float = 0.5) -> None:
         c = np.asarray(centroids, dtype=np.float64)
         if c.ndim != 2:
             raise ValueError(f"centroids must be [C+1, d], got {c.shape}")
+        n = np.asarray(chosen_counts, dtype=np.float64)
+        if n.shape != (c.shape[0],):
+            raise ValueError(f"chosen_counts must be [{c.shape[0]}], got {n.shape}")
+        self.v = c
+        self.v_sum = c * n[:, None]  # the sum of the chosen vectors, for leave-one-out means
+        self.n_chosen = n
         self.v_hat = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), _EPS)
         self.threshold = float(threshold)
         n = c.shape[0]
@@ -73,7 +83,14 @@ class SeparationCounter:
         if cls.size and (cls.min() < 1 or cls.max() >= self.v_hat.shape[0]):
             raise ValueError(f"class ids must be in 1..{self.v_hat.shape[0] - 1}, got {cls.min()}..{cls.max()}")
         x_hat = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
-        cos = np.einsum("nd,nd->n", x_hat, self.v_hat[cls])
+        ref = self.v[cls].copy()
+        own = ch.astype(bool)
+        n_c = self.n_chosen[cls[own]]
+        # leave-one-out for chosen rows (a class with one chosen centroid has nothing left: cos 0)
+        ref[own] = (self.v_sum[cls[own]] - x[own]) / np.maximum(n_c - 1, 1)[:, None]
+        ref[own & (self.n_chosen[cls] <= 1)] = 0.0
+        ref_hat = ref / np.maximum(np.linalg.norm(ref, axis=1, keepdims=True), _EPS)
+        cos = np.einsum("nd,nd->n", x_hat, ref_hat)
         kept = (cos > self.threshold).astype(np.float64)
         np.add.at(self._mass, (cls, ch), w)
         np.add.at(self._kept, (cls, ch), w * kept)
@@ -113,7 +130,10 @@ def separation_scores(
     Raises:
         ValueError: inconsistent shapes or class ids outside 1..C.
     """
-    acc = SeparationCounter(centroids, threshold=threshold)
+    cls = np.asarray(class_ids).astype(np.int64)
+    ch = np.asarray(chosen, dtype=bool)
+    n = np.bincount(cls[ch], minlength=np.asarray(centroids).shape[0]) if cls.size else np.zeros(len(centroids))
+    acc = SeparationCounter(centroids, n[: np.asarray(centroids).shape[0]], threshold=threshold)
     acc.add(vectors, class_ids, chosen, counts)
     return acc.scores()
 
@@ -123,4 +143,33 @@ def does_not_separate(scores: dict[int, dict[str, float]], threshold: float = SE
     return [c for c, s in sorted(scores.items()) if np.isfinite(s["score"]) and s["score"] < threshold]
 
 
-__all__ = ["SEPARATION_THRESHOLD", "SeparationCounter", "does_not_separate", "separation_scores"]
+def separation_warnings(scores: dict[int, dict[str, float]], class_names: list[str],
+                        threshold: float = SEPARATION_THRESHOLD) -> list[str]:
+    """One log line per class that does not separate (``class_names`` indexed by class id, background first).
+
+    A class whose chosen centroids activate their own mean (``kept_chosen`` >= 0.5) but whose other
+    centroids do too has nothing MARS can remove with these features (no bias, or a bias the features
+    do not see); otherwise debiasing may remove the targets themselves.
+    """
+    lines = []
+    for c in does_not_separate(scores, threshold):
+        s = scores[c]
+        name = class_names[c] if c < len(class_names) else str(c)
+        if s["kept_chosen"] >= 0.5:
+            lines.append(
+                f"the USS features see no difference between the chosen and the other centroids of class {name} "
+                f"(separation {s['score']:.2f} < {threshold}): debiasing will remove little there; fine if the "
+                "class has no co-occurring context, else try another extractor (features.extractor=adaptive, "
+                "--uss, or --features-dir)"
+            )
+        else:
+            lines.append(
+                f"the USS features do not separate objects from their contexts for class {name} (separation "
+                f"{s['score']:.2f} < {threshold}); debiasing may remove targets; try features.extractor=adaptive, "
+                "--uss, external features (--features-dir), or a larger select.alpha"
+            )
+    return lines
+
+
+__all__ = ["SEPARATION_THRESHOLD", "SeparationCounter", "does_not_separate", "separation_scores",
+           "separation_warnings"]

@@ -80,7 +80,7 @@ from torch import nn
 from mars_ray import storage
 from mars_ray.algo.clustering import kmeans
 from mars_ray.models.handcrafted import _blur, _gabor_pair, _gauss1d
-from mars_ray.models.registry import FEATURES
+from mars_ray.models.registry import BACKBONES, FEATURES
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class AdaptiveStats:
     ``mean [D]``, ``transform [D, r]`` (block whitening), ``prototypes`` (one ``[K, r]`` per codebook),
     ``sigmas [L]`` (kernel widths), ``scales [L + 1]`` (RMS norms of the parts: linear, then codebooks),
     ``wavelengths`` / ``orientations`` (the cues), and what it was fitted on (``n_images``,
-    ``n_pixels``, ``seed``). ``digest`` is the sha256 of all of it (the content hash a stage key uses).
+    ``n_pixels``, ``seed``). ``digest`` is the sha256 of the settings and arrays (the content hash a stage
+    key uses).
     """
 
     wavelengths: tuple[float, ...]
@@ -190,10 +191,12 @@ class AdaptiveStats:
     def dim(self) -> int:
         return int(self.transform.shape[1] + sum(p.shape[0] for p in self.prototypes))
 
-    def _meta(self) -> dict[str, Any]:
+    def _shape_meta(self) -> dict[str, Any]:
         return {"format": FORMAT, "wavelengths": list(self.wavelengths), "orientations": self.orientations,
-                "n_images": self.n_images, "n_pixels": self.n_pixels, "seed": self.seed,
                 "codebooks": [int(p.shape[0]) for p in self.prototypes]}
+
+    def _meta(self) -> dict[str, Any]:
+        return {**self._shape_meta(), "n_images": self.n_images, "n_pixels": self.n_pixels, "seed": self.seed}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {"mean": self.mean, "transform": self.transform, "sigmas": self.sigmas, "scales": self.scales}
@@ -202,8 +205,9 @@ class AdaptiveStats:
 
     @property
     def digest(self) -> str:
-        """sha256 over the metadata and the exact bytes of every array (changes when any fitted value does)."""
-        h = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
+        """sha256 over the cue settings and the exact bytes of every array: it changes when any fitted value
+        does, and only then (how many images/pixels it was fitted on is provenance, not part of it)."""
+        h = hashlib.sha256(json.dumps(self._shape_meta(), sort_keys=True).encode())
         for name, arr in sorted(self._arrays().items()):
             h.update(name.encode())
             h.update(str(arr.shape).encode())
@@ -387,8 +391,9 @@ def fit_adaptive_stats(images: Iterable[np.ndarray], *, short_side: Optional[int
 class AdaptiveExtractor(nn.Module):
     """Pixel embeddings from fitted :class:`AdaptiveStats` (module docstring).
 
-    ``__call__(images [B, 3, H, W] float in [0, 1]) -> features [B, dim, H, W]`` float32; ``stride`` 1;
-    ``digest`` identifies the statistics.
+    ``__call__(images [B, 3, H, W] float in [0, 1]) -> features [B, dim, H, W]`` float32; ``stride`` 1.
+    The fitted arrays are persistent buffers, so a ``state_dict`` carries them (a STEGO checkpoint on
+    this backbone embeds them); ``stats()`` rebuilds the :class:`AdaptiveStats` (and its digest) from them.
     """
 
     stride: int = 1
@@ -396,16 +401,30 @@ class AdaptiveExtractor(nn.Module):
     def __init__(self, stats: AdaptiveStats) -> None:
         super().__init__()
         _check_consistent(stats, "adaptive statistics")
-        self.stats = stats
-        self.digest = stats.digest
+        self._meta = {"n_images": stats.n_images, "n_pixels": stats.n_pixels, "seed": stats.seed}
+        self.wavelengths, self.orientations = tuple(stats.wavelengths), int(stats.orientations)
         self.dim = stats.dim
-        self.cues = _Cues(stats.wavelengths, stats.orientations)
-        self.register_buffer("mean", torch.from_numpy(stats.mean.copy()), persistent=False)
-        self.register_buffer("transform", torch.from_numpy(stats.transform.copy()), persistent=False)
+        self.n_codebooks = len(stats.prototypes)
+        self.cues = _Cues(self.wavelengths, self.orientations)
+        self.register_buffer("mean", torch.from_numpy(stats.mean.copy()))
+        self.register_buffer("transform", torch.from_numpy(stats.transform.copy()))
         for i, p in enumerate(stats.prototypes):
-            self.register_buffer(f"prototypes{i}", torch.from_numpy(p.copy()), persistent=False)
-        self.sigmas = [float(s) for s in stats.sigmas]
-        self.scales = [float(s) for s in stats.scales]
+            self.register_buffer(f"prototypes{i}", torch.from_numpy(p.copy()))
+        self.register_buffer("sigmas", torch.from_numpy(stats.sigmas.copy()))
+        self.register_buffer("scales", torch.from_numpy(stats.scales.copy()))
+
+    def stats(self) -> AdaptiveStats:
+        """The statistics held now (after ``load_state_dict`` too)."""
+        return AdaptiveStats(
+            wavelengths=self.wavelengths, orientations=self.orientations,
+            mean=self.mean.cpu().numpy(), transform=self.transform.cpu().numpy(),
+            prototypes=tuple(getattr(self, f"prototypes{i}").cpu().numpy() for i in range(self.n_codebooks)),
+            sigmas=self.sigmas.cpu().numpy(), scales=self.scales.cpu().numpy(), **self._meta,
+        )
+
+    @property
+    def digest(self) -> str:
+        return self.stats().digest
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -417,10 +436,37 @@ class AdaptiveExtractor(nn.Module):
         x = cues.permute(0, 2, 3, 1).reshape(-1, cues.shape[1])
         z = (x - self.mean) @ self.transform
         parts = [z / self.scales[0]]
-        for i, sigma in enumerate(self.sigmas):
+        for i in range(self.n_codebooks):
+            sigma = float(self.sigmas[i])
             parts.append(_soft_assign(z, getattr(self, f"prototypes{i}"), sigma) / self.scales[i + 1])
         out = torch.cat(parts, 1).reshape(b, h, w, -1).permute(0, 3, 1, 2)
         return out.contiguous().float()
+
+
+def _placeholder_stats(wavelengths: Iterable[float], orientations: int, rank: int,
+                       codebooks: Iterable[int]) -> AdaptiveStats:
+    """Zero statistics of the given shapes, for a module that ``load_state_dict`` then fills."""
+    lams = tuple(float(w) for w in wavelengths)
+    d = 3 + len(lams) * int(orientations)
+    ks = [int(k) for k in codebooks]
+    z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
+    return AdaptiveStats(wavelengths=lams, orientations=int(orientations), mean=z(d), transform=z(d, rank),
+                         prototypes=tuple(z(k, rank) for k in ks), sigmas=np.ones(len(ks), np.float32),
+                         scales=np.ones(len(ks) + 1, np.float32), n_images=0, n_pixels=0, seed=0)
+
+
+def backbone_kwargs(stats: AdaptiveStats) -> dict[str, Any]:
+    """The ``BACKBONES["adaptive"]`` keyword arguments that rebuild a module of these shapes."""
+    return {"wavelengths": list(stats.wavelengths), "orientations": stats.orientations,
+            "rank": int(stats.transform.shape[1]), "codebooks": [int(p.shape[0]) for p in stats.prototypes]}
+
+
+@BACKBONES.register("adaptive")
+def adaptive_backbone(*, wavelengths: Iterable[float], orientations: int, rank: int,
+                      codebooks: Iterable[int]) -> AdaptiveExtractor:
+    """An :class:`AdaptiveExtractor` of the given shapes with zero statistics: a frozen STEGO backbone whose
+    fitted arrays come from ``load_state_dict`` (``save_stego_checkpoint`` embeds them)."""
+    return AdaptiveExtractor(_placeholder_stats(wavelengths, orientations, rank, codebooks))
 
 
 @FEATURES.register("adaptive")
@@ -431,5 +477,5 @@ def build_adaptive_extractor(stats: Union[AdaptiveStats, PathLike], device: str 
     return AdaptiveExtractor(stats).to(device).eval()
 
 
-__all__ = ["AdaptiveExtractor", "AdaptiveFitter", "AdaptiveStats", "MIN_FIT_IMAGES", "build_adaptive_extractor",
-           "fit_adaptive_stats", "srgb_to_lab", "wavelengths_for"]
+__all__ = ["AdaptiveExtractor", "AdaptiveFitter", "AdaptiveStats", "MIN_FIT_IMAGES", "adaptive_backbone",
+           "backbone_kwargs", "build_adaptive_extractor", "fit_adaptive_stats", "srgb_to_lab", "wavelengths_for"]
