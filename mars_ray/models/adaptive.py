@@ -70,7 +70,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -365,6 +365,22 @@ class AdaptiveFitter:
         return stats
 
 
+MAX_FIT_IMAGES = 256
+
+
+def fit_sample(ids: Sequence[str], *, max_images: int = MAX_FIT_IMAGES, seed: int = 0) -> list[str]:
+    """The image ids to fit on: all of ``ids`` up to ``max_images``, else a seeded random subset (in split order).
+
+    256 images × 1024 pixels = 262k cue vectors: the ≤ 51-dim covariances and the K-means on 20k points
+    are then estimated from far more samples than they have parameters; more images change little.
+    """
+    ids = list(ids)
+    if len(ids) <= max_images:
+        return ids
+    keep = np.sort(np.random.default_rng([seed, 2]).choice(len(ids), max_images, replace=False))
+    return [ids[i] for i in keep]
+
+
 def fit_adaptive_stats(images: Iterable[np.ndarray], *, short_side: Optional[int] = None, seed: int = 0,
                        pixels_per_image: int = 1024) -> AdaptiveStats:
     """Fit :class:`AdaptiveStats` on ``images`` (uint8 ``[H, W, 3]`` each, streamed once).
@@ -477,5 +493,6 @@ def build_adaptive_extractor(stats: Union[AdaptiveStats, PathLike], device: str 
     return AdaptiveExtractor(stats).to(device).eval()
 
 
-__all__ = ["AdaptiveExtractor", "AdaptiveFitter", "AdaptiveStats", "MIN_FIT_IMAGES", "adaptive_backbone",
-           "backbone_kwargs", "build_adaptive_extractor", "fit_adaptive_stats", "srgb_to_lab", "wavelengths_for"]
+__all__ = ["AdaptiveExtractor", "AdaptiveFitter", "AdaptiveStats", "MAX_FIT_IMAGES", "MIN_FIT_IMAGES", "adaptive_backbone",
+           "backbone_kwargs", "build_adaptive_extractor", "fit_adaptive_stats", "fit_sample", "srgb_to_lab",
+           "wavelengths_for"]

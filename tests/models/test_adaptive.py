@@ -20,6 +20,7 @@ from mars_ray.models.adaptive import (
     adaptive_backbone,
     backbone_kwargs,
     fit_adaptive_stats,
+    fit_sample,
     wavelengths_for,
 )
 from mars_ray.models.registry import BACKBONES, FEATURES
@@ -141,3 +142,11 @@ def test_features_are_centred_and_parts_balanced(images: list[np.ndarray], stats
     bounds = np.cumsum([0, r, 16, 32, 64])
     norms = [float(f[:, a:b].norm(dim=1).pow(2).mean().sqrt()) for a, b in zip(bounds[:-1], bounds[1:])]
     assert max(norms) / min(norms) < 1.3, norms
+
+
+def test_fit_sample() -> None:
+    ids = [f"i{k:04d}" for k in range(1000)]
+    assert fit_sample(ids[:10]) == ids[:10]
+    a = fit_sample(ids, max_images=50, seed=3)
+    assert len(a) == 50 and a == sorted(a) and set(a) <= set(ids)
+    assert a == fit_sample(ids, max_images=50, seed=3) and a != fit_sample(ids, max_images=50, seed=4)
