@@ -13,7 +13,8 @@ on the train split and reports, against ground truth:
 
 Extractors: ``texture`` (fixed filter bank), ``adaptive`` (fitted on the split's images, then
 frozen), ``learned`` (a STEGO head on the adaptive features, trained here on the split without
-labels: ``mars_ray.models.stego_distill``). The hold-out sets were only used after the designs
+labels: ``mars_ray.models.stego_distill``), and ``oracle-gt`` (NOT a USS: one-hot ground truth as F,
+the upper bound that the rest of the chain, CRF included, allows). The hold-out sets were only used after the designs
 were fixed; their rows are reported separately.
 
     python benchmarks/quality_lab.py [--data-dir DIR] [--datasets builtin,colour,...] \\
@@ -88,6 +89,19 @@ def _source(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[str, np.
     return f
 
 
+def _gt_onehot(root: Path) -> Callable[[str, np.ndarray], np.ndarray]:
+    """Upper bound, not a USS: F = one-hot of the ground-truth class (what perfect features would give)."""
+    from mars_ray.data.label_io import read_label
+
+    ds = VOCDataset(root)
+
+    def f(image_id: str, _: np.ndarray) -> np.ndarray:
+        gt = read_label(ds.gt_path(image_id))  # type: ignore[arg-type]
+        return (gt[None] == np.arange(ds.num_classes + 1)[:, None, None]).astype(np.float32)
+
+    return f
+
+
 def extractor(name: str, root: Path, seed: int, smoke: bool) -> tuple[Callable, dict[str, Any]]:
     """The source and a few facts (fit/training time) for extractor ``name`` on dataset ``root``."""
     from mars_ray.models.adaptive import AdaptiveExtractor, fit_adaptive_stats
@@ -96,6 +110,8 @@ def extractor(name: str, root: Path, seed: int, smoke: bool) -> tuple[Callable, 
     t0 = time.perf_counter()
     if name == "texture":
         return _source(build_texture_extractor()), {}
+    if name == "oracle-gt":
+        return _gt_onehot(root), {}
     stats = fit_adaptive_stats(_images(root), seed=seed)
     adaptive = AdaptiveExtractor(stats).eval()
     info = {"fit_s": round(time.perf_counter() - t0, 1), "dim": stats.dim}
@@ -109,6 +125,16 @@ def extractor(name: str, root: Path, seed: int, smoke: bool) -> tuple[Callable, 
         info.update(train_s=round(time.perf_counter() - t0 - info["fit_s"], 1), loss=hist[-1] if hist else None)
         return _source(model), info
     raise ValueError(f"unknown extractor {name!r}")
+
+
+def scaled_crf(root: Path, crf: dict[str, float] | None) -> dict[str, float] | None:
+    """``crf`` with ``bilateral_sxy`` scaled by the dataset's image size relative to VOC (geometric mean side
+    sqrt(500·375) ≈ 433 px, for which DeepLab chose 50 px)."""
+    if crf is None:
+        return None
+    ds = VOCDataset(root)
+    h, w = read_image(ds.image_path(ds.ids("train")[0])).shape[:2]
+    return {**crf, "bilateral_sxy": crf["bilateral_sxy"] * math.sqrt(h * w) / math.sqrt(500 * 375)}
 
 
 def fmt_table(rows: list[dict[str, Any]]) -> str:
@@ -144,6 +170,9 @@ def main() -> None:
     ap.add_argument("--extractors", default="adaptive,texture,learned")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--no-crf", action="store_true", help="plain threshold instead of the default dense CRF")
+    ap.add_argument("--crf-scaled", action="store_true",
+                    help="debias CRF with bilateral_sxy scaled to the image size (50 px at VOC's ~433 px geometric "
+                         "mean side, as DeepLab tuned it): a measurement of the default's scale dependence")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke-test", action="store_true", help="one 16-image dataset, short training")
@@ -157,7 +186,7 @@ def main() -> None:
         for ex in [e for e in a.extractors.split(",") if e]:
             t0 = time.perf_counter()
             source, info = extractor(ex, root, a.seed, a.smoke_test)
-            res = debias_in_process(root, source, crf=crf, seed=a.seed)
+            res = debias_in_process(root, source, crf=scaled_crf(root, crf) if a.crf_scaled else crf, seed=a.seed)
             row = {"dataset": name, "extractor": ex, **res.row(), **info,
                    "separation": {str(c): round(s["score"], 3) for c, s in res.separation.items()},
                    "seconds": round(time.perf_counter() - t0, 1)}
