@@ -486,11 +486,17 @@ def adaptive_backbone(*, wavelengths: Iterable[float], orientations: int, rank: 
 
 
 @FEATURES.register("adaptive")
-def build_adaptive_extractor(stats: Union[AdaptiveStats, PathLike], device: str = "cpu") -> AdaptiveExtractor:
-    """The ``adaptive`` extractor from fitted statistics (an :class:`AdaptiveStats` or its saved file)."""
-    if not isinstance(stats, AdaptiveStats):
-        stats = AdaptiveStats.load(stats)
-    return AdaptiveExtractor(stats).to(device).eval()
+def build_adaptive_extractor(stats: Union[AdaptiveStats, PathLike, None] = None, device: str = "cpu", *,
+                             checkpoint: Optional[PathLike] = None) -> AdaptiveExtractor:
+    """The ``adaptive`` extractor from fitted statistics: an :class:`AdaptiveStats`, or its saved file given as
+    ``stats`` or ``checkpoint`` (the key ``features.checkpoint`` fills). ``ValueError`` if neither is given."""
+    if stats is None and checkpoint is None:
+        raise ValueError("adaptive extractor: needs fitted statistics (stats= or checkpoint= the .npz file)")
+    if stats is not None and checkpoint is not None:
+        raise ValueError("adaptive extractor: give stats or checkpoint, not both")
+    src = stats if stats is not None else checkpoint
+    loaded = src if isinstance(src, AdaptiveStats) else AdaptiveStats.load(src)  # type: ignore[arg-type]
+    return AdaptiveExtractor(loaded).to(device).eval()
 
 
 __all__ = ["AdaptiveExtractor", "AdaptiveFitter", "AdaptiveStats", "MAX_FIT_IMAGES", "MIN_FIT_IMAGES", "adaptive_backbone",

@@ -72,9 +72,11 @@ def test_save_load_gives_identical_features(tmp_path: Path, images: list[np.ndar
         fa, fb = a(_x(image)), b(_x(image))
         assert torch.equal(fa, fb)
         assert fa.shape == (1, stats.dim, 48, 48) and fa.dtype == torch.float32 and torch.isfinite(fa).all()
-    # through the pipeline's FeatureSource too
-    src = FeatureSource(extractor="adaptive", extractor_kwargs={"stats": str(path)})
+    # through the pipeline's FeatureSource too, the file given as features.checkpoint would give it
+    src = FeatureSource(extractor="adaptive", extractor_kwargs={"checkpoint": str(path)})
     np.testing.assert_array_equal(src("x", images[0]), a(_x(images[0]))[0].numpy())
+    with pytest.raises(ValueError, match="needs fitted statistics"):
+        FEATURES.get("adaptive")
 
 
 def test_digest_follows_the_fitted_values(tmp_path: Path, stats: AdaptiveStats) -> None:
