@@ -1,4 +1,4 @@
-"""GPU check of MARS's complementing step (Sec 3.4) with no Ray: the paper's network at the paper's crop.
+"""GPU check of MARS's complementing step (Sec 3.4) with no Ray: the paper's network at jobs/voc.yaml's crop (512, our choice).
 
 DeepLabV3+ / ResNet-101 (output stride 16), crop 512, on one CUDA device. For the same weights and
 batch it compares fp32 with AMP (``torch.autocast`` + ``GradScaler``, as ``train_one_epoch`` uses

@@ -21,37 +21,55 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from mars_ray import storage
-from mars_ray.storage import AnyPath, upath
+from mars_ray import faults, storage
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
 
-def atomic_write_bytes(path: "str | Path | storage.ObjectPath", data: bytes) -> None:
+def atomic_write_bytes(path: AnyPath, data: bytes) -> None:
     with storage.atomic_open(path) as f:
         f.write(data)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: AnyPath, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: AnyPath, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def atomic_save_npy(path: "str | Path | storage.ObjectPath", array: np.ndarray) -> None:
+def atomic_save_npy(path: AnyPath, array: np.ndarray) -> None:
     with storage.atomic_open(path) as f:
         np.save(f, array)
 
 
-def load_npy(path: "str | Path | storage.ObjectPath") -> np.ndarray:
+@contextmanager
+def provisional(path: AnyPath, write: Callable[[], None]) -> Iterator[None]:
+    """``write()`` a file for the block; if the block raises, the file's previous bytes come back.
+
+    For ``RUN/config.yaml``: it names the config of the command now running, and again the one of
+    the artifacts in ``RUN`` when that command fails. A file that did not exist stays as written
+    (it tells what was tried).
+    """
+    previous = path.read_bytes() if path.is_file() else None
+    write()
+    try:
+        yield
+    except BaseException:
+        if previous is not None:
+            atomic_write_bytes(path, previous)
+        raise
+
+
+def load_npy(path: AnyPath) -> np.ndarray:
     """``np.load`` of a local or object-store ``.npy`` (no pickles)."""
     with storage.open_read(path) as f:
         return np.load(f, allow_pickle=False)
@@ -72,7 +90,6 @@ def fingerprint_files(paths: Iterable[AnyPath]) -> str:
     stats: list[tuple[str, Any]] = []
     listings: dict[Any, dict[str, Any]] = {}  # object stores: one listing a folder, not a request a file
     for p in paths:
-        p = upath(p)
         if storage.is_uri(p):
             if p.parent not in listings:
                 listings[p.parent] = storage.list_files(p.parent)
@@ -92,11 +109,10 @@ def _fingerprint_stats(stats: list[tuple[str, Any]]) -> str:
     return f"{len(stats)}:{h.hexdigest()[:16]}"
 
 
-def fingerprint_path(path: str | Path) -> str:
-    """Fingerprint of one file, or of every file below a folder ("" → "none")."""
-    if not path:
+def fingerprint_path(p: AnyPath | None) -> str:
+    """Fingerprint of one file, or of every file below a folder (``None``, an input not given → "none")."""
+    if p is None:
         return "none"
-    p = upath(path)
     if p.is_file():
         return fingerprint_files([p])
     if p.is_dir():
@@ -117,9 +133,6 @@ class StageDir:
     config: Mapping[str, Any]
     inputs: Mapping[str, Any]
 
-    def __post_init__(self) -> None:
-        self.path = upath(self.path)
-
     @property
     def manifest_path(self) -> AnyPath:
         return self.path / MANIFEST
@@ -128,8 +141,24 @@ class StageDir:
         return read_manifest(self.path)
 
     def is_complete(self) -> bool:
+        """The folder holds the finished artifact of this key (brought back first if a killed run set it aside)."""
         m = self.read_manifest()
-        return bool(m and m.get("key") == self.key and m.get("status") == "complete")
+        if m and m.get("key") == self.key and m.get("status") == "complete":
+            return True
+        return self._recover(m)
+
+    def _recover(self, m: dict[str, Any] | None) -> bool:
+        """A run of another key killed after ``begin`` set this key's finished artifact aside
+        (``.<stage>.prev``): put it back instead of recomputing it. ``True`` when it did."""
+        prev = read_manifest(self.previous_path)
+        if not (prev and prev.get("key") == self.key and prev.get("status") == "complete"):
+            return False
+        if m is not None and m.get("status") == "complete":  # a finished artifact of another key: not ours to drop
+            return False
+        storage.rmtree(self.path)
+        self.previous_path.rename(self.path)
+        logger.info("%s: brought back the finished %s artifact an interrupted run had set aside", self.path, self.stage)
+        return True
 
     @property
     def previous_path(self) -> AnyPath:
@@ -156,7 +185,10 @@ class StageDir:
             else:
                 storage.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        if resuming:
+            _drop_temporaries(self.path)
         self._write("running", outputs={})
+        faults.point(f"{self.stage}.begin")
         return resuming
 
     def restore(self) -> None:
@@ -177,6 +209,7 @@ class StageDir:
             raise
 
     def finish(self, outputs: Mapping[str, Any]) -> None:
+        faults.point(f"{self.stage}.finish")
         self._write("complete", outputs=outputs)
         storage.rmtree(self.previous_path)
 
@@ -198,8 +231,19 @@ class StageDir:
         atomic_write_json(self.manifest_path, manifest)
 
 
-def read_manifest(folder: "str | AnyPath") -> dict[str, Any] | None:
-    p = upath(folder) / MANIFEST
+def _drop_temporaries(folder: AnyPath) -> None:
+    """Temporary files of ``storage.atomic_open`` a killed writer left behind (never under a final name)."""
+    if storage.is_uri(folder):
+        return  # uploads are atomic: an object store keeps no half file
+    stale = [p for p in folder.rglob(".*.tmp-*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        logger.info("%s: removed %d temporary files of an interrupted run", folder, len(stale))
+
+
+def read_manifest(folder: AnyPath) -> dict[str, Any] | None:
+    p = folder / MANIFEST
     if not p.is_file():
         return None
     try:
@@ -208,7 +252,7 @@ def read_manifest(folder: "str | AnyPath") -> dict[str, Any] | None:
         raise ValueError(f"{p}: corrupt manifest ({e})") from None
 
 
-def require_complete(folder: "str | AnyPath", stage: str) -> dict[str, Any]:
+def require_complete(folder: AnyPath, stage: str) -> dict[str, Any]:
     """The manifest of a finished upstream stage, or a clear error telling which stage to run."""
     m = read_manifest(folder)
     if not m or m.get("status") != "complete":

@@ -12,24 +12,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import console, errors, pipeline
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger("mars_ray")
 
-STAGES = ("features", "select", "debias", "train", "evaluate")
-PRE_STAGES = ("wsss", "uss")  # built-in WSSS / USS: run first by `mars run` when their inputs are not given
-
-
-def _stage_module(name: str) -> Any:
-    import importlib
-
-    return importlib.import_module(f"mars_ray.stages.{name}")
+#: commands whose --out is a run folder (locked while they run; their errors go to RUN/logs)
+RUN_COMMANDS = ("run", *pipeline.PRE_STAGES, *pipeline.STAGES, "tune")
 
 
 # -- config from flags --------------------------------------------------------------------------
@@ -41,6 +35,8 @@ def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True,
                                   "same as --set data.root=…")
     p.add_argument("--pseudo-labels", help="folder (or URI) of pseudo-label PNGs {id}.png from any WSSS method")
     p.add_argument("--features-dir", help="folder (or URI) of external USS features {id}.npy|npz|pt ([d, h, w])")
+    p.add_argument("--image-labels", help="image-level labels: cls_labels.npy (IRN/AMN/ToCo/MCTformer), VOC "
+                                          "Annotations/ or image_labels.json; same as --set data.image_labels=…")
     p.add_argument("--uss", action="store_true",
                    help="use the built-in learned USS (features.extractor=stego; `mars run` trains it first)")
     p.add_argument("--split", help=split_help)
@@ -48,67 +44,47 @@ def _add_config_flags(p: argparse.ArgumentParser, *, out_required: bool = True,
                    help="run folder or object-store URI (s3://bucket/run); every stage writes RUN/<stage>/")
     p.add_argument("--config", help="YAML config file, local or a URI (sections data, features, select, debias, ray, …)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides, e.g. select.alpha=0.3")
+    p.add_argument("--wait", action="store_true",
+                   help="when another process holds --out, wait for it (default: refuse at once, naming it)")
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """``--set`` items plus the shorthand flags (``--data``, ``--pseudo-labels``, … , ``--uss``)."""
+def overrides_from_args(args: argparse.Namespace, *, split_key: str = "data.split") -> dict[str, Any]:
+    """``--set`` items plus the shorthand flags (``--data``, ``--pseudo-labels``, … , ``--uss``).
+
+    ``split_key``: the config key ``--split`` sets (``data.eval_split`` for ``mars evaluate``).
+    """
     overrides: dict[str, Any] = C.parse_set(args.set)
     flags = {"data.root": args.data, "data.pseudo_labels": args.pseudo_labels,
-             "data.features_dir": args.features_dir, "data.split": args.split}
+             "data.features_dir": args.features_dir, split_key: args.split,
+             "data.image_labels": getattr(args, "image_labels", None)}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     if getattr(args, "uss", False):
-        overrides["features.extractor"] = "stego"
+        overrides[pipeline.EXTRACTOR_KEY] = pipeline.LEARNED_EXTRACTOR
     return overrides
 
 
 def config_from_args(args: argparse.Namespace, *, build_missing: bool = False) -> C.Config:
-    """Defaults → ``--config`` → ``--set`` → flags. ``--uss`` means ``features.extractor=stego``.
-
-    ``build_missing`` (``mars run``): with neither pseudo labels nor features given and no extractor
-    chosen (``features.extractor`` in neither ``--set`` nor ``--config``), the run builds both —
-    CAM pseudo labels (``wsss``) and the learned USS (``features.extractor=stego``, ``uss``).
-    """
-    overrides = overrides_from_args(args)
-    cfg = C.build(args.config, overrides)
-    if not cfg.data.root:
-        raise ValueError("no dataset: pass --data ROOT (or data.root in --config)")
-    chosen = "features.extractor" in overrides or (
-        bool(args.config) and "features.extractor" in C.flatten(C.load_yaml(args.config)))
-    if build_missing and not cfg.data.pseudo_labels and not cfg.data.features_dir and not chosen:
-        cfg = C.merge(cfg, {"features.extractor": "stego"})
-    return cfg
+    """Defaults → ``--config`` → ``--set`` → flags; ``build_missing`` (``mars run``) applies the
+    pipeline's planning rule for the extractor (``pipeline.build_config``)."""
+    return pipeline.build_config(args.config, overrides_from_args(args), plan_inputs=build_missing)
 
 
-def plan_stages(cfg: C.Config, until: str | None = None) -> list[str]:
-    """The stages ``mars run`` runs: ``wsss`` when no pseudo labels are given, ``uss`` when the
-    features come from the learned ``stego`` extractor without a checkpoint, then ``STAGES``."""
-    stages = [] if cfg.data.pseudo_labels else ["wsss"]
-    if not cfg.data.features_dir and cfg.features.extractor == "stego" and not cfg.features.checkpoint:
-        stages.append("uss")
-    stages += list(STAGES)
-    if until:
-        order = list(PRE_STAGES + STAGES)
-        stages = [s for s in stages if order.index(s) <= order.index(until)]
-    return stages
+@contextmanager
+def _locked_run(args: argparse.Namespace, cfg: C.Config) -> Iterator[AnyPath]:
+    """Hold ``--out`` (``runlock``: one writer per run folder), then write its ``config.yaml`` — the
+    previous one comes back when the command fails, as the stages bring back their previous artifacts."""
+    from mars_ray.artifacts import provisional
+    from mars_ray.runlock import run_lock
+
+    with run_lock(upath(args.out), command=_command(args), wait=args.wait, ray_cfg=cfg.ray) as run_dir:
+        path = run_dir / "config.yaml"
+        with provisional(path, lambda: C.dump_yaml(cfg, path)):
+            yield run_dir
 
 
-def _prepare_run(args: argparse.Namespace, *, build_missing: bool = False) -> tuple[C.Config, AnyPath]:
-    cfg = config_from_args(args, build_missing=build_missing)
-    run_dir = upath(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    C.dump_yaml(cfg, run_dir / "config.yaml")
-    return cfg, run_dir
-
-
-def run_stages(cfg: C.Config, run_dir: "str | Path | storage.ObjectPath", stages: Sequence[str]) -> dict[str, AnyPath]:
-    """Run the named stages in order; each skips itself when its artifact is up to date."""
-    run_dir = upath(run_dir)
-    out = {}
-    for name in stages:
-        t0 = time.perf_counter()
-        out[name] = _stage_module(name).run(cfg, run_dir)
-        logger.info("stage %s done in %.1fs → %s", name, time.perf_counter() - t0, out[name])
-    return out
+def _command(args: argparse.Namespace) -> str:
+    """The command line, as a holder of a run folder names itself to a refused second process."""
+    return " ".join(["mars", *getattr(args, "argv", [args.command])])
 
 
 # -- subcommands --------------------------------------------------------------------------------
@@ -126,45 +102,46 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert_coco(args: argparse.Namespace) -> int:
-    from mars_ray.data.coco import convert_coco
-
-    ds = convert_coco(args.src, args.dst, link=not args.copy)
-    print(f"{ds.root}: {len(ds.ids('train'))} train, {len(ds.ids('val'))} val images, {ds.num_classes} classes")
-    return 0
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg, run_dir = _prepare_run(args, build_missing=True)
-    stages = plan_stages(cfg, args.until)
-    run_stages(cfg, run_dir, stages)
-    print(f"done: {', '.join(stages)} → {run_dir}")
+    cfg = config_from_args(args, build_missing=True)
+    with _locked_run(args, cfg) as run_dir:
+        stages = pipeline.plan_stages(cfg, args.until)
+        pipeline.run_stages(cfg, run_dir, stages)
+        print(f"done: {', '.join(stages)} → {run_dir}")
+        from mars_ray.report import write_report
+        print(f"report: {write_report(run_dir)}")
     return 0
+
+
+def _run_one(args: argparse.Namespace, name: str, overrides: dict[str, Any]) -> AnyPath:
+    cfg = pipeline.build_config(args.config, overrides)
+    with _locked_run(args, cfg) as run_dir:
+        return pipeline.run_stages(cfg, run_dir, [name])[name]
 
 
 def _cmd_stage(name: str) -> Callable[[argparse.Namespace], int]:
     def cmd(args: argparse.Namespace) -> int:
-        cfg, run_dir = _prepare_run(args)
-        path = run_stages(cfg, run_dir, [name])[name]
-        print(f"{name}: {path}")
+        print(f"{name}: {_run_one(args, name, overrides_from_args(args))}")
         return 0
 
     return cmd
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
     if args.baseline:
-        args.set = [*args.set, "train.baseline=true"]
-    return _cmd_stage("train")(args)
+        overrides["train.baseline"] = True
+    print(f"train: {_run_one(args, 'train', overrides)}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    extra = {"data.eval_split": args.split, "evaluate.checkpoint": args.checkpoint,
-             "train.baseline": "true" if args.baseline else None}
-    args.split = None  # --split names the evaluated split here, not data.split
-    args.set = [*args.set, *(f"{k}={v}" for k, v in extra.items() if v)]
-    cfg, run_dir = _prepare_run(args)
-    path = run_stages(cfg, run_dir, ["evaluate"])["evaluate"]
+    overrides = overrides_from_args(args, split_key="data.eval_split")  # --split names the evaluated split
+    if args.checkpoint:
+        overrides["evaluate.checkpoint"] = args.checkpoint
+    if args.baseline:
+        overrides["train.baseline"] = True
+    path = _run_one(args, "evaluate", overrides)  # the table is read after the lock: the stage finished it
     print((path / "table.txt").read_text().rstrip())
     print(f"evaluate: {path / 'metrics.json'}")
     return 0
@@ -172,13 +149,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate_labels(args: argparse.Namespace) -> int:
     from mars_ray.artifacts import atomic_write_json
-    from mars_ray.stages.evaluate_labels import evaluate, format_table
+    from mars_ray.data.voc import VOCDataset
+    from mars_ray.stages import evaluate_labels as EL
 
-    metrics = evaluate(args.data, args.labels, args.split, biased_as=args.biased_as)
-    out = upath(args.out) if args.out else upath(args.labels) / "metrics.json"
-    atomic_write_json(out, metrics)
-    print(format_table(metrics))
-    print(f"mIoU {100 * metrics['miou']:.1f}  FP {100 * metrics['fp']:.1f}  FN {100 * metrics['fn']:.1f}  → {out}")
+    if args.out and args.run:
+        raise ValueError("pass --out FILE or --run RUN, not both")
+    out = upath(args.out) if args.out else EL.metrics_path(args.run, args.labels) if args.run else None
+    if out is not None:  # never into an input: the labels are often someone else's dataset, or read-only
+        EL.check_not_inside(out, {"labels": args.labels, "dataset": args.data})
+    metrics = EL.evaluate(args.data, args.labels, args.split, biased_as=args.biased_as, pred_ignore=args.pred_ignore)
+    if out is not None:
+        dataset = VOCDataset(args.data)  # the fingerprint lets `mars report RUN` reuse the result while current
+        atomic_write_json(out, {**metrics, "fingerprint": EL.labels_fingerprint(dataset, args.labels, args.split)})
+    print(EL.format_table(metrics))
+    print(f"mIoU {100 * metrics['miou']:.1f}  FP {100 * metrics['fp']:.1f}  FN {100 * metrics['fn']:.1f}  → "
+          + (str(out) if out is not None else "not saved (--out FILE or --run RUN to keep it)"))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mars_ray.report import write_report
+
+    print(f"report: {write_report(args.run, max_images=args.max_images)}")
     return 0
 
 
@@ -188,22 +180,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     summary = run_sweep(args.space, args.out, config_file=args.config, overrides=overrides,
                         tracking_uri=args.tracking_uri, experiment=args.experiment, smoke=args.smoke_test,
-                        cache=not args.no_cache, verbose=0 if args.quiet else 1)
+                        cache=not args.no_cache, verbose=0 if args.quiet else 1, wait=args.wait,
+                        command=_command(args))
     print(summary["table"])
     best = summary["best"]
     print(f"best {summary['objective']['metric']} = {best[summary['objective']['metric']]:.4f} at "
           + ", ".join(f"{k}={v}" for k, v in best.items() if k not in ("trial_id", summary['objective']['metric'])))
+    if summary.get("reference_note"):
+        print(summary["reference_note"])
     print(f"{summary['trials']} trials ({summary['failed']} failed) in {summary['wall_s']}s; "
           f"best config → {summary['best_config']}; MLflow: {summary['tracking_uri']}")
+    if summary["artifact_errors"]:
+        print(f"mars: warning: {len(summary['artifact_errors'])} MLflow artifact upload(s) failed: "
+              f"{summary['artifact_errors'][0]} (all in {summary['results'].rsplit('/', 1)[0]}/summary.json)",
+              file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mars_ray.demo import run_demo
 
-    summary = run_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
-                       overrides=C.parse_set(args.set))
-    print(summary["table"])
+    from mars_ray.report import write_report
+    from mars_ray.runlock import run_lock
+
+    with run_lock(Path(args.out), command=_command(args), wait=args.wait):
+        summary = run_demo(Path(args.out), n_train=args.n_train, n_val=args.n_val, size=args.size, seed=args.seed,
+                           overrides=C.parse_set(args.set))
+        print(summary["table"])
+        print(f"report: {write_report(Path(args.out) / 'run')}")
     return 0
 
 
@@ -212,7 +216,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mars", description="MARS biased-object removal on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print every log line here, Ray's included (they always go to RUN/logs/mars.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from mars_ray.data.synthetic import BIAS_KINDS, CUES, IMAGE_FORMATS
@@ -238,15 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="png", help="image files (default png)")
     p.set_defaults(func=cmd_make_dataset)
 
-    p = sub.add_parser("convert-coco", help="WSSS COCO 2014 layout (train2014/, val2014/, SegmentationClass/) → VOC-style")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--copy", action="store_true", help="copy files instead of symlinking them")
-    p.set_defaults(func=cmd_convert_coco)
-
     p = sub.add_parser("run", help="run the pipeline stages in order")
     _add_config_flags(p)
-    p.add_argument("--until", choices=PRE_STAGES + STAGES, help="stop after this stage")
+    p.add_argument("--until", choices=pipeline.PRE_STAGES + pipeline.STAGES, help="stop after this stage")
     p.set_defaults(func=cmd_run)
 
     for name, help_ in (
@@ -278,8 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="folder of label PNGs {id}.png (a folder or a URI)")
     p.add_argument("--split", default="train")
     p.add_argument("--biased-as", choices=("background", "ignore"), default="background")
-    p.add_argument("--out", help="metrics JSON, a file or a URI (default LABELS/metrics.json)")
+    p.add_argument("--pred-ignore", choices=("ignore", "background"), default="ignore",
+                   help="255 in the evaluated labels: ignored (default) or counted as background (IRN's convention)")
+    p.add_argument("--out", help="metrics JSON, a file or a URI (never inside --labels or --data)")
+    p.add_argument("--run", help="run folder: write RUN/evaluate_labels/<labels folder name>.json "
+                                 "(without --out or --run the metrics are printed only)")
     p.set_defaults(func=cmd_evaluate_labels)
+
+    p = sub.add_parser("report", help="RUN/report/index.html: tables, per-class plots, image grids (static, no server)")
+    p.add_argument("run", help="run folder (or URI) holding config.yaml and the stage folders")
+    p.add_argument("--max-images", type=int, default=12, help="rows of the image grid (default 12)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a tune_spaces/*.yaml space, tracked in MLflow")
     p.add_argument("--space", required=True, help="search space YAML (tune_spaces/alpha_kbg.yaml, …)")
@@ -299,39 +307,196 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--wait", action="store_true", help="when another process holds --out, wait for it")
     p.set_defaults(func=cmd_demo)
+
+    _add_ecosystem_commands(sub)
     return parser
+
+
+# -- inputs from the WSSS / USS ecosystem (issue 13) ---------------------------------------------
+
+
+def cmd_convert_coco(args: argparse.Namespace) -> int:
+    from mars_ray.data.coco import convert_coco, rename_labels
+
+    if args.rename_labels:
+        if len(args.paths) != 1 or not args.data:
+            raise ValueError("convert-coco --rename-labels LABELS --data ROOT DST: give the dataset and one DST folder")
+        n = rename_labels(args.rename_labels, args.paths[0], root=args.data, category_ids=args.category_ids,
+                          link=not args.copy)
+        print(f"{n} labels renamed to the ids of {args.data} → {args.paths[0]}")
+        return 0
+    if len(args.paths) == 2:
+        src, dst = args.paths
+    elif len(args.paths) == 1 and args.images and args.gt:
+        src, dst = None, args.paths[0]
+    else:
+        raise ValueError("convert-coco SRC DST, or convert-coco --images IMAGES --gt GT DST")
+    ds = convert_coco(src, dst, images=args.images, gt=args.gt, gt_pattern=args.gt_pattern,
+                      category_ids=args.category_ids, splits=args.splits, link=not args.copy)
+    sizes = ", ".join(f"{len(ds.ids(s))} {s}" for s in args.splits)
+    print(f"{ds.root}: {sizes} images, {ds.num_classes} classes")
+    return 0
+
+
+def cmd_convert_cams(args: argparse.Namespace) -> int:
+    from mars_ray.data.cams import PRESETS
+    from mars_ray.stages.convert_cams import convert_cams
+
+    preset = dict(PRESETS[args.preset]) if args.preset else {}
+    fmt = args.format or preset.get("fmt")
+    bg = args.bg_threshold if args.bg_threshold is not None else preset.get("bg_threshold")
+    fg = args.fg_threshold if args.fg_threshold is not None else preset.get("fg_threshold")
+    if fmt is None or bg is None:
+        raise ValueError("convert-cams needs --format and --bg-threshold, or a --preset")
+    kwargs = {"split_files": {args.split: args.split_file}} if args.split_file and args.split else None
+    report = convert_cams(args.src, args.dst, fmt=fmt, bg_threshold=bg, fg_threshold=fg,
+                          crf=args.crf or bool(preset.get("crf")), root=args.data or "", split=args.split or "",
+                          dataset_kwargs=kwargs, num_actors=args.num_actors)
+    print(f"{report['images']} label PNGs → {args.dst} (format {fmt}, background score {bg}"
+          + (f", 255 band up to {fg}" if fg is not None else "") + (f", CRF {report['crf']}" if report["crf"] else "")
+          + f"; foreground {100 * report['fg_share']:.1f}%, ignore {100 * report['ignore_share']:.1f}%)")
+    return 0
+
+
+def cmd_convert_labels(args: argparse.Namespace) -> int:
+    from mars_ray.data.colormap import convert_colormap_folder
+
+    if not args.from_colormap:
+        raise ValueError("convert-labels: say what to convert from (--from-colormap)")
+    counts = convert_colormap_folder(args.src, args.dst, palette=args.palette)
+    print(f"{counts['colormap']} colour-map and {counts['indices']} index PNGs ({args.palette} palette) → {args.dst}")
+    return 0
+
+
+def cmd_import_uss(args: argparse.Namespace) -> int:
+    from mars_ray.models.import_uss import import_uss
+
+    out = import_uss(args.ckpt, args.out, source=args.source, num_heads=args.num_heads, prefix=args.prefix)
+    print(f"{args.source} checkpoint imported → {out}; use it with --set features.extractor=stego "
+          f"features.checkpoint={out}")
+    return 0
+
+
+def cmd_dump_features(args: argparse.Namespace) -> int:
+    from mars_ray.stages.dump_features import dump_features
+
+    overrides = C.parse_set(args.set)
+    overrides.update({k: v for k, v in {"data.root": args.data, "data.split": args.split}.items() if v})
+    cfg = C.build(args.config, overrides)
+    info = dump_features(cfg, args.out, overwrite=args.overwrite)
+    print(f"{info['written']} feature files written ({info['skipped']} already there), float16 [{info['dim']}, h, w] "
+          f"→ {args.out}; read them back with --features-dir {args.out}")
+    return 0
+
+
+def _add_ecosystem_commands(sub: Any) -> None:
+    """``convert-coco``, ``convert-cams``, ``convert-labels``, ``import-uss``, ``dump-features``."""
+    from mars_ray.data.cams import CAM_FORMATS, PRESETS
+    from mars_ray.data.coco import CATEGORY_IDS, GT_PATTERNS
+    from mars_ray.data.colormap import PALETTES
+
+    uss_sources = ("stego", "hp", "leopart")  # models.import_uss.SOURCES, not imported here: it loads torch
+
+    p = sub.add_parser("convert-coco", help="COCO 2014 layouts of WSSS repositories (ToCo, AMN, CLIMS/BECO, coco2voc) "
+                                            "→ VOC-style; or rename a label folder to a dataset's ids")
+    p.add_argument("paths", nargs="+", metavar="[SRC] DST",
+                   help="SRC (train2014/, val2014/, SegmentationClass/) and DST; DST alone with --images/--gt")
+    p.add_argument("--images", help="folder holding train2014/ and val2014/ images (AMN: coco_2014/JPEGImages)")
+    p.add_argument("--gt", help="GT folder, with {train,val}2014/ or flat (ToCo SegmentationClass, AMN coco_seg_anno, "
+                                "CLIMS/BECO mask, coco2voc class_labels)")
+    p.add_argument("--gt-pattern", choices=GT_PATTERNS, default="auto",
+                   help="GT names: coco = COCO_{split}2014_{012d}, 012d, int; auto tries them in that order")
+    p.add_argument("--category-ids", choices=CATEGORY_IDS, default="auto",
+                   help="coco91: raw COCO category ids (1..90) → 1..80; auto: remap when a value exceeds 80")
+    p.add_argument("--splits", nargs="+", choices=("train", "val"), default=["train", "val"])
+    p.add_argument("--rename-labels", metavar="LABELS",
+                   help="rename this label folder (000000000009.png, 9.png, …) to the ids of --data into DST")
+    p.add_argument("--data", help="converted dataset root (with --rename-labels)")
+    p.add_argument("--copy", action="store_true", help="copy files instead of symlinking them")
+    p.set_defaults(func=cmd_convert_coco)
+
+    p = sub.add_parser("convert-cams", help="CAM files of IRN/AMN/PSA/MCTformer/ToCo → pseudo-label PNGs "
+                                            "(0 background, 1..C, 255 band), on a Ray Data actor pool")
+    p.add_argument("src", help="folder of {id}.npy CAM files")
+    p.add_argument("dst", help="folder for {id}.png pseudo labels")
+    p.add_argument("--format", choices=CAM_FORMATS,
+                   help="irn: keys + high_res [K,H,W]; amn: high_res with a background channel first; "
+                        "psa: {class_idx: map} (PSA, MCTformer); toco: keys + high_res")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="published settings: irn (0.15), irn-band (0.05/0.30 + CRF), amn (0.25), amn-band "
+                        "(0.15/0.45 + CRF), toco-band (0.25/0.70 + CRF); explicit flags win")
+    p.add_argument("--bg-threshold", type=float, help="constant background score prepended to the CAMs")
+    p.add_argument("--fg-threshold", type=float,
+                   help="keep IRN's 255 band: foreground above this score, background below --bg-threshold")
+    p.add_argument("--crf", action="store_true", help="the dense CRF the format's repository applies (needs --data)")
+    p.add_argument("--data", help="dataset root: images for the CRF, ids for naming the outputs, class count check")
+    p.add_argument("--split", help="convert exactly this split (every id needs a CAM file)")
+    p.add_argument("--split-file", help="list file of --split (e.g. train_aug.txt outside ImageSets)")
+    p.add_argument("--num-actors", type=int, default=1)
+    p.set_defaults(func=cmd_convert_cams)
+
+    p = sub.add_parser("convert-labels", help="label PNGs as colour maps (ToCo's RGB predictions) → class indices")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--from-colormap", action="store_true", help="decode RGB colour-map PNGs to indices")
+    p.add_argument("--palette", choices=sorted(PALETTES), default="voc", help="voc: 20 classes, coco: 80")
+    p.set_defaults(func=cmd_convert_labels)
+
+    p = sub.add_parser("import-uss", help="STEGO .ckpt / HP ckpt.pth / Leopart .ckpt → a features.extractor=stego checkpoint")
+    p.add_argument("ckpt")
+    p.add_argument("out", help="checkpoint to write (then --set features.checkpoint=OUT)")
+    p.add_argument("--from", dest="source", choices=uss_sources, required=True)
+    p.add_argument("--num-heads", type=int, help="attention heads when neither config nor width tells (non-standard ViTs)")
+    p.add_argument("--prefix", help="Leopart: the state-dict prefix of the ViT when several are stored")
+    p.set_defaults(func=cmd_import_uss)
+
+    p = sub.add_parser("dump-features", help="float16 {id}.npz USS features of a split, readable with --features-dir")
+    p.add_argument("--data", required=True, help="dataset root (a folder or a URI)")
+    p.add_argument("--out", required=True, help="folder for the feature files (a folder or a URI)")
+    p.add_argument("--split", help="split to dump (default: data.split)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="e.g. features.extractor=stego features.checkpoint=CKPT")
+    p.add_argument("--overwrite", action="store_true", help="rewrite files that exist (default: skip them)")
+    p.set_defaults(func=cmd_dump_features)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    # stage lines and progress here; Ray's logs to RUN/logs, opened once the run folder's lock is ours
+    console.setup(args.verbose, _log_dir(args), defer=args.command in (*RUN_COMMANDS, "demo"))
     try:
         return int(args.func(args) or 0)
-    except Exception as e:  # noqa: BLE001 - user errors get one clear line, the rest a traceback
-        user = _user_error(e)
-        if user is None:
-            raise
-        print(f"mars: error: {user}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - every failure: one line, the full traceback in RUN/logs
+        code, line, trace = errors.report_error(e, _run_dir_of(args), argv=args.argv)
+        print(trace + line, file=sys.stderr)
+        return code
     finally:
         _shutdown_ray()
+        console.close()
 
 
-def _user_error(e: BaseException) -> BaseException | None:
-    """The ``ValueError``/``FileNotFoundError`` behind ``e``, unwrapping Ray's task errors."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (ValueError, FileNotFoundError)) and type(e).__module__ == "builtins":
-            return e
-        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError
-        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
-    return None
+def _log_dir(args: argparse.Namespace) -> AnyPath | None:
+    """``RUN/logs`` of the commands that write into a run folder (``demo``: ``OUT/run/logs``); ``None``
+    for the others (their Ray logs stay in Ray's session folder)."""
+    if args.command == "demo":
+        return upath(args.out) / "run" / "logs"
+    if args.command in RUN_COMMANDS:
+        return upath(args.out) / "logs"
+    run = getattr(args, "run", None)  # `report RUN`, `evaluate-labels --run RUN`: a run folder that exists
+    return upath(run) / "logs" if run and upath(run).is_dir() else None
+
+
+def _run_dir_of(args: argparse.Namespace) -> str | None:
+    """The run folder a command writes (where its error traceback goes), ``None`` for the others."""
+    if args.command == "demo":
+        return str(Path(args.out) / "run")
+    if args.command == "report":
+        return args.run
+    return getattr(args, "out", None) if args.command in RUN_COMMANDS else None
 
 
 def _shutdown_ray() -> None:
@@ -341,4 +506,4 @@ def _shutdown_ray() -> None:
         shutdown_if_started()
 
 
-__all__ = ["main", "build_parser", "config_from_args", "plan_stages", "run_stages", "STAGES", "PRE_STAGES"]
+__all__ = ["main", "build_parser", "config_from_args", "overrides_from_args"]

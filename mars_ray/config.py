@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from mars_ray.storage import ObjectPath, upath
+from mars_ray.storage import AnyPath, ObjectPath, upath
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,17 @@ class DataConfig:
     eval_split: str = "val"
     pseudo_labels: str = ""  # folder of Y^b PNGs from any WSSS method; "" → RUN/wsss (built-in CAM)
     features_dir: str = ""  # folder of external USS features {id}.npy|npz|pt; "" → features.extractor
+    # image-level labels in any format of mars_ray.data.image_labels (IRN/AMN/ToCo/MCTformer .npy,
+    # VOC Annotations/, image_labels.json); "" → ROOT/image_labels.json if present, else from GT
+    image_labels: str = ""
+    image_labels_difficult: bool = True  # VOC XML: count "difficult" objects (IRN's cls_labels.npy does)
+    gt_dir: str = "SegmentationClass"  # GT folder under ROOT (or absolute): SegmentationClassAug for VOC-aug
+    split_file: str = ""  # list file of data.split (plain ids or "/JPEGImages/x.jpg /SegClassAug/x.png")
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``mars_ray.data.voc.VOCDataset`` besides the root."""
+        return {"gt_dir": self.gt_dir, "split_files": {self.split: self.split_file} if self.split_file else None,
+                "image_labels": self.image_labels, "image_labels_difficult": self.image_labels_difficult}
 
 
 @dataclass(frozen=True)
@@ -58,17 +69,23 @@ class SelectConfig:
 
 
 def _crf_kwargs(section: Any) -> dict[str, float]:
-    """``algo.crf.dense_crf`` kwargs from a section's ``crf_*`` fields (debias, train)."""
+    """``algo.crf.dense_crf`` kwargs from a section's ``crf_*`` fields (debias, train, evaluate)."""
     names = ("iters", "gauss_sxy", "gauss_compat", "bilateral_sxy", "bilateral_srgb", "bilateral_compat")
     return {n: getattr(section, f"crf_{n}") for n in names}
 
 
 @dataclass(frozen=True)
 class DebiasConfig:
-    """Stage ``debias``: Eq 4–5 with dense-CRF refinement and binarisation."""
+    """Stage ``debias``: Eq 4–5 with dense-CRF refinement and binarisation.
 
-    threshold: float = 0.5
-    crf: bool = True
+    The paper says only that M is refined ("e.g. CRF") before Eq 5. How M^db is binarised is our
+    choice: a two-label CRF whose background score is the constant ``threshold`` (without the CRF:
+    keep = M > ``threshold``). 0.5 is the midpoint of M's [0, 1] range, not a tuned value;
+    ``tune_spaces/debias.yaml`` sweeps threshold × CRF, ``benchmarks/debias_sensitivity.py`` measures it.
+    """
+
+    threshold: float = 0.5  # our choice (the paper states none): keep where M beats this constant
+    crf: bool = True  # paper: "refinement (e.g. CRF)"
     crf_iters: int = 10
     crf_gauss_sxy: float = 3.0
     crf_gauss_compat: float = 3.0
@@ -82,6 +99,10 @@ class DebiasConfig:
     def crf_kwargs(self) -> dict[str, float] | None:
         """Keyword arguments for ``algo.crf.dense_crf``; ``None`` when the CRF is off."""
         return _crf_kwargs(self) if self.crf else None
+
+    def crf_kernels(self) -> dict[str, float]:
+        """The ``crf_*`` kernels whether ``debias.crf`` is on or not (``wsss.crf`` borrows them)."""
+        return _crf_kwargs(self)
 
 
 @dataclass(frozen=True)
@@ -135,8 +156,11 @@ class UssConfig:
 class TrainConfig:
     """Stage ``train`` (Sec 3.4 complementing): EMA teacher, CRF fill, certain mask, WCE on Ray Train.
 
-    Defaults are CPU-sized for the built-in dataset; ``jobs/voc.yaml`` holds the paper's settings
-    (DeepLabV3+ ResNet-101, crop 512, batch 16, lr 1e-3, wd 4e-5, EMA 0.999).
+    The paper states the segmenter (DeepLabV3+ ResNet-101) and the CRF; it does not state the EMA
+    momentum, output stride, crop, batch, lr, weight decay or epochs. Every default here is our
+    choice, CPU-sized for small data; ``jobs/voc.yaml`` holds our choices at VOC scale (OS 16, crop
+    512, batch 16, wd 4e-5 after DeepLabV3+'s training setup; lr 1e-3; EMA 0.999, a common
+    mean-teacher value). README "Stated vs chosen settings" lists them with the reasons.
     """
 
     model: str = "deeplab_tiny"  # a name in SEGMENTERS
@@ -153,7 +177,8 @@ class TrainConfig:
     weight_decay: float = 4e-5
     poly_power: float = 0.9
     epochs: int = 30
-    ema_momentum: float = 0.9  # CPU demo: ~240 steps; 0.99 left the teacher at all-background (paper: 0.999)
+    ema_momentum: float = 0.9  # our choice (paper: none stated); CPU demo, ~240 steps: 0.99 stayed all-background
+    wce: bool = True  # Eq 7 weighted CE (paper); false = plain CE on Y^co (the paper's Table 6 ablation)
     teacher_crf: bool = True
     crf_iters: int = 10  # dense CRF of the teacher's fill (Y^co); same kernels as debias.crf_*
     crf_gauss_sxy: float = 3.0
@@ -183,11 +208,24 @@ class EvaluateConfig:
     checkpoint: str = ""  # "" → RUN/train/model.pt
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
-    crf: bool = False  # dense CRF with dense_crf's defaults (the debias.crf_* kernels)
+    # paper: "multi-scale inference and CRF with conventional settings" (jobs/voc.yaml turns both on);
+    # conventional = DeepLab's CRF, as the authors' earlier code uses it: bilateral weight 4, sxy 67,
+    # srgb 3; Gaussian weight 3, sxy 1; 10 mean-field iterations. Its own kernels, not debias.crf_*.
+    crf: bool = False
+    crf_iters: int = 10
+    crf_gauss_sxy: float = 1.0
+    crf_gauss_compat: float = 3.0
+    crf_bilateral_sxy: float = 67.0
+    crf_bilateral_srgb: float = 3.0
+    crf_bilateral_compat: float = 4.0
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     use_gpu: bool = False  # one GPU per actor
     batch_size: int = 4
+
+    def crf_kwargs(self) -> dict[str, float] | None:
+        """``algo.crf.dense_crf`` kwargs of the evaluation CRF; ``None`` when ``crf`` is off."""
+        return _crf_kwargs(self) if self.crf else None
 
 
 @dataclass(frozen=True)
@@ -350,17 +388,111 @@ def build(config_file: "str | Path | ObjectPath | None" = None, overrides: Mappi
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that do not need the data (``ValueError`` naming the key)."""
+    """Every check that needs no data, before Ray starts (``ValueError`` naming the key).
+
+    Ranges of every section, combinations (``train.batch_size`` divisible by ``train.num_workers``,
+    ``uss`` weights for ViT backbones) and registry names (``features.extractor``, ``train.model``,
+    ``wsss.classifier``, ``uss.backbone``). ``build`` calls it; so do ``mars tune`` for every point
+    of a search space (``tune.space.validate_space``) and the stages for a config made with ``merge``.
+    """
+    _validate_ranges(cfg)
+    _validate_names(cfg)
+
+
+def _at_least(section: str, obj: Any, keys: tuple[str, ...], low: float) -> None:
+    for key in keys:
+        if getattr(obj, key) < low:
+            raise ValueError(f"{section}.{key} must be >= {low:g}, got {getattr(obj, key)}")
+
+
+def _positive(section: str, obj: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if not getattr(obj, key) > 0:
+            raise ValueError(f"{section}.{key} must be > 0, got {getattr(obj, key)}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{key} must be in [{low:g}, {high:g}], got {value}")
+
+
+def _factors(key: str, values: tuple[float, ...]) -> None:
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{key} must be positive factors, got {list(values)}")
+
+
+_CRF_KERNELS = ("crf_gauss_sxy", "crf_gauss_compat", "crf_bilateral_sxy", "crf_bilateral_srgb", "crf_bilateral_compat")
+
+
+def _validate_ranges(cfg: Config) -> None:
     if not 0.0 < cfg.select.alpha <= 1.0:
         raise ValueError(f"select.alpha must be in (0, 1], got {cfg.select.alpha}")
-    for key in ("k_fg", "k_bg", "max_pixels", "kmeans_iters", "num_actors", "batch_size"):
-        if getattr(cfg.features, key) < 1:
-            raise ValueError(f"features.{key} must be >= 1, got {getattr(cfg.features, key)}")
-    for key in ("num_actors", "batch_size", "crf_iters"):
-        if getattr(cfg.debias, key) < 1:
-            raise ValueError(f"debias.{key} must be >= 1, got {getattr(cfg.debias, key)}")
-    if cfg.select.chunk_rows < 1:
-        raise ValueError(f"select.chunk_rows must be >= 1, got {cfg.select.chunk_rows}")
+    _at_least("select", cfg.select, ("chunk_rows",), 1)
+    f = cfg.features
+    _at_least("features", f, ("k_fg", "k_bg", "max_pixels", "kmeans_iters", "num_actors", "batch_size"), 1)
+    _positive("features", f, ("cpus_per_actor",))
+    d = cfg.debias
+    _at_least("debias", d, ("num_actors", "batch_size", "crf_iters"), 1)
+    _positive("debias", d, ("cpus_per_actor", *_CRF_KERNELS))
+    if not 0.0 < d.threshold < 1.0:  # M is in [0, 1]: 0 or 1 would keep everything or nothing
+        raise ValueError(f"debias.threshold must be in (0, 1), got {d.threshold}")
+    w = cfg.wsss
+    _at_least("wsss", w, ("epochs", "batch_size", "crop_size", "num_workers", "num_actors", "cam_batch_size"), 1)
+    _at_least("wsss", w, ("max_failures",), -1)
+    _positive("wsss", w, ("lr", "cpus_per_worker", "cpus_per_actor"))
+    _at_least("wsss", w, ("weight_decay",), 0)
+    _factors("wsss.cam_scales", w.cam_scales)
+    _in_range("wsss.bg_threshold", w.bg_threshold, 0.0, 1.0)
+    u = cfg.uss
+    _at_least("uss", u, ("epochs", "dim", "batch_size", "crop_size", "knn", "n_samples", "num_workers"), 1)
+    _at_least("uss", u, ("ssl_epochs",), 0)
+    _at_least("uss", u, ("max_failures",), -1)
+    _positive("uss", u, ("lr", "ssl_lr", "cpus_per_worker"))
+    if not u.backbone_weights:
+        if u.backbone.startswith("vit"):
+            raise ValueError(
+                f"uss.backbone={u.backbone} needs uss.backbone_weights: a DINO checkpoint file or URI "
+                "(e.g. dino_vitbase8_pretrain.pth); weights are never downloaded"
+            )
+        if u.ssl_epochs < 1:
+            raise ValueError("uss.ssl_epochs must be >= 1 without uss.backbone_weights (a random frozen backbone teaches nothing)")
+    t = cfg.train
+    _at_least("train", t, ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters"), 1)
+    _at_least("train", t, ("val_every", "weight_decay", "poly_power"), 0)
+    _at_least("train", t, ("max_failures",), -1)
+    _positive("train", t, ("lr", "cpus_per_worker", *_CRF_KERNELS))
+    if t.batch_size % t.num_workers:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} is not divisible by train.num_workers={t.num_workers}: "
+            "every worker takes batch_size / num_workers images per step"
+        )
+    if not 0 < t.scale_min <= t.scale_max:
+        raise ValueError(f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}")
+    _in_range("train.ema_momentum", t.ema_momentum, 0.0, 1.0)
+    _in_range("train.momentum", t.momentum, 0.0, 1.0)
+    if t.output_stride not in (8, 16):
+        raise ValueError(f"train.output_stride must be 8 or 16, got {t.output_stride}")
+    e = cfg.evaluate
+    _factors("evaluate.scales", e.scales)
+    _at_least("evaluate", e, ("num_actors", "batch_size"), 1)
+    _positive("evaluate", e, ("cpus_per_actor", "crf_gauss_sxy", "crf_bilateral_sxy", "crf_bilateral_srgb"))
+    _at_least("evaluate", e, ("crf_iters",), 1)
+    _at_least("evaluate", e, ("crf_gauss_compat", "crf_bilateral_compat"), 0)
+    _at_least("ray", cfg.ray, ("num_cpus", "object_store_mb"), 0)
+
+
+def _validate_names(cfg: Config) -> None:
+    """Registry names; the model modules are imported on first use (they load torch)."""
+    from mars_ray.models import load_all
+    from mars_ray.models.registry import BACKBONES, CLASSIFIERS, FEATURES, SEGMENTERS
+
+    load_all()
+    for key, value, registry in (("features.extractor", cfg.features.extractor, FEATURES),
+                                 ("train.model", cfg.train.model, SEGMENTERS),
+                                 ("wsss.classifier", cfg.wsss.classifier, CLASSIFIERS),
+                                 ("uss.backbone", cfg.uss.backbone, BACKBONES)):
+        if value not in registry:
+            raise ValueError(f"{key}={value!r} is not a {registry.kind}; known: {', '.join(registry.names())}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -372,11 +504,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return cfg
 
 
-def dump_yaml(cfg: Config, path: "str | Path | ObjectPath") -> None:
+def dump_yaml(cfg: Config, path: AnyPath) -> None:
     """Write ``cfg`` as YAML to a local file or an object-store URI (atomically, see ``artifacts``)."""
     from mars_ray.artifacts import atomic_write_text
 
-    atomic_write_text(upath(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def slice_hash(*parts: Any) -> str:

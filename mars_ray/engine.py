@@ -1,5 +1,10 @@
 """Plain torch loops: training epoch, prediction, evaluation, and the MARS complementing step.
 
+Also what feeds them: ``SegAugment`` (segmentation crops), ``fit_crop`` (whole-image crops for the
+label-free CAM and USS models) and ``sharded_loader`` (a worker's shard). At ~500 lines this is over
+the house's ~450: the loops and their batch makers are one torch-only unit that every Ray Train
+worker imports, and splitting the ~80 lines of batch makers off would leave a module of three helpers.
+
 No Ray here: a Ray Train worker (``stages/``) builds the model, optimiser and batches and calls
 these functions. A *step function* maps one batch to a dict of named terms; keys starting with
 ``m_`` are detached metrics (floats or tensors) that are averaged and reported but never summed into
@@ -7,8 +12,10 @@ the loss; every other term is a scalar loss tensor, and their sum is back-propag
 
 Batches are dicts. Training batches (from :class:`SegAugment` via Ray Data): ``"image"`` float
 ``[B,3,H,W]`` in [0,1], ``"image_uint8"`` uint8 ``[B,H,W,3]``, ``"label"`` long ``[B,H,W]``
-(0 background, 1..C classes, 254 BIASED, 255 ignore). Evaluation batches: ``"image"`` and
-``"label"``, plus ``"id"`` (list of str) for :func:`predict_labels`.
+(0 background, 1..C classes, 254 BIASED, 255 ignore), and for MARS ``"class_mask"`` bool
+``[B,C+1]`` (background + each image's classes C_{I_i}, ``algo.complement.image_class_mask``).
+Evaluation batches: ``"image"`` and ``"label"``, plus ``"id"`` (list of str) for
+:func:`predict_labels` (and ``"class_mask"`` when the prediction fills Y^co).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from mars_ray.algo.complement import certain_mask, complement_labels, weighted_cross_entropy
+from mars_ray.algo.complement import certain_mask, complement_labels, restrict_probs, weighted_cross_entropy
 from mars_ray.algo.metrics import ConfusionMatrix
 from mars_ray.labels import BIASED, IGNORE
 
@@ -36,6 +43,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SegAugment",
     "baseline_step",
+    "fit_crop",
+    "sharded_loader",
     "build_sgd",
     "complement_step",
     "evaluate",
@@ -235,9 +244,21 @@ def _predict_batch(
     probs = predict_probs(model, image, scales=scales, flip=flip)
     if num_classes is not None and probs.shape[1] != num_classes:
         raise ValueError(f"model outputs {probs.shape[1]} classes but num_classes={num_classes} (incl. background)")
+    class_mask = _class_mask(batch)
+    if class_mask is not None:
+        probs = restrict_probs(probs, class_mask)
     if crf is not None:
         probs = _crf_refine(probs, _image_uint8(batch), crf)
+        if class_mask is not None:
+            probs = restrict_probs(probs, class_mask)
     return probs
+
+
+def _class_mask(batch: Mapping[str, Any]) -> Optional[Tensor]:
+    """The batch's ``class_mask`` ``[B, C+1]`` as a bool tensor, or ``None`` when it has none."""
+    if batch.get("class_mask") is None:
+        return None
+    return torch.as_tensor(batch["class_mask"]).bool()
 
 
 @contextlib.contextmanager
@@ -320,11 +341,18 @@ def complement_step(
     """MARS complementing (Sec. 3.4): teacher fills BIASED pixels, loss is Eq. 7's weighted CE.
 
     ``batch``: ``image [B,3,H,W]`` in [0,1], ``label [B,H,W]`` Y^db (254 biased, 255 ignore),
-    ``image_uint8 [B,H,W,3]`` (for the CRF; derived from ``image`` if absent). The teacher (kept in
-    eval mode, no grad) predicts softmax probs; with ``crf`` (``dense_crf`` kwargs) each image that
-    has BIASED pixels is CRF-refined and the refined argmax fills Y^co. The certain mask W (Eq. 6)
-    is the teacher's max foreground softmax probability *before* the CRF (the network's confidence;
-    CRF marginals are near-binary). ``use_wce=False`` trains plain CE on Y^co (ablation).
+    ``image_uint8 [B,H,W,3]`` (for the CRF; derived from ``image`` if absent), ``class_mask
+    [B,C+1]`` bool (background + the image's classes C_{I_i}; absent = every class allowed, the
+    image's classes unknown). The teacher (kept in eval mode, no grad) predicts softmax probs.
+
+    * Fill (Y^co): the probabilities restricted to background + C_{I_i} (``restrict_probs``), with
+      ``crf`` (``dense_crf`` kwargs) CRF-refined per image with BIASED pixels and restricted again;
+      their argmax fills the BIASED pixels, so it never picks a class the image lacks.
+    * W (Eq. 6, ``certain_mask``): max over c ∈ C_{I_i} of the raw softmax *before* the CRF (CRF
+      marginals are near-binary). Background is allowed in the fill but is not in C_{I_i} (the
+      image-level label set; reasons in ``certain_mask``).
+
+    ``use_wce=False`` trains plain CE on Y^co (the paper's Table 6 ablation).
 
     Returns ``{"wce" | "ce": loss, "m_biased_frac": share of labelled (non-255) pixels that are
     BIASED, "m_mean_w": mean W over labelled pixels}``.
@@ -337,11 +365,17 @@ def complement_step(
     if teacher_probs.shape[1] != num_classes:
         raise ValueError(f"teacher outputs {teacher_probs.shape[1]} classes but num_classes={num_classes}")
     biased = y_db == BIASED
-    fill_probs = teacher_probs
+    class_mask = _class_mask(batch)
+    fill_probs = teacher_probs if class_mask is None else restrict_probs(teacher_probs, class_mask)
     if crf is not None and bool(biased.any()):
-        fill_probs = _crf_refine(teacher_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1))
+        fill_probs = _crf_refine(fill_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1))
+        if class_mask is not None:  # the CRF's pairwise terms must not bring an absent class back
+            fill_probs = restrict_probs(fill_probs, class_mask)
     y_co = complement_labels(y_db, fill_probs.argmax(dim=1))
-    weight = certain_mask(y_db, teacher_probs) if use_wce else torch.ones_like(y_db, dtype=torch.float32)
+    if use_wce:
+        weight = certain_mask(y_db, teacher_probs, class_mask)
+    else:
+        weight = torch.ones_like(y_db, dtype=torch.float32)
     logits = student(image)
     loss = weighted_cross_entropy(logits, y_co, weight, ignore_index=IGNORE)
     labelled = y_db != IGNORE
@@ -434,3 +468,35 @@ class SegAugment:
             "image_uint8": img,
             "label": torch.from_numpy(out["label"]).long(),
         }
+
+
+def fit_crop(image: np.ndarray, size: int, rng: np.random.Generator, scale: Tuple[float, float] = (1.0, 1.5),
+             flip: bool = True) -> Tensor:
+    """uint8 ``[H, W, 3]`` → float ``[3, size, size]`` in [0, 1]: short side resized to ``size·s``
+    (s uniform in ``scale``), a random ``size²`` crop, a random horizontal flip.
+
+    Whole-image context survives (unlike a fixed-scale crop of a large image): the crops of the
+    label-free models (the CAM classifier, the USS), which see images without per-pixel labels.
+    """
+    h, w = image.shape[:2]
+    s = size / min(h, w) * float(rng.uniform(*scale))
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+    y = int(rng.integers(0, nh - size + 1))
+    x = int(rng.integers(0, nw - size + 1))
+    out = image[y : y + size, x : x + size]
+    if flip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).float().div_(255.0)
+
+
+def sharded_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, rank: int, world: int,
+                   seed: int) -> torch.utils.data.DataLoader:
+    """Worker ``rank`` of ``world``'s shard of ``dataset`` (``DistributedSampler``), reshuffled each
+    epoch by ``loader.sampler.set_epoch(epoch)``. The last incomplete round is dropped only when
+    every worker still gets two items or more, so a tiny dataset is never emptied."""
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=len(dataset) >= 2 * world,
+    )
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False)

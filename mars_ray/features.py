@@ -40,13 +40,12 @@ def upsample(features: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.n
     return t.numpy()
 
 
-def find_feature_file(folder: PathLike, image_id: str, listing: Optional[Mapping[str, Any]] = None) -> AnyPath:
+def find_feature_file(folder: AnyPath, image_id: str, listing: Optional[Mapping[str, Any]] = None) -> AnyPath:
     """``{folder}/{id}.npy|.npz|.pt`` (first match in that order); ``FileNotFoundError`` naming the id.
 
     ``listing``: the folder's file names (``storage.list_files``), so a caller looking up many ids
     lists the folder once instead of probing up to three names per id.
     """
-    folder = storage.upath(folder)
     for suffix in FEATURE_SUFFIXES:
         name = f"{image_id}{suffix}"
         if (name in listing) if listing is not None else (folder / name).is_file():
@@ -66,9 +65,8 @@ def _open_head(path: AnyPath) -> IO[bytes]:
     return storage.open_read(path)
 
 
-def feature_file_shape(path: PathLike) -> tuple[int, ...] | None:
+def feature_file_shape(path: AnyPath) -> tuple[int, ...] | None:
     """The array shape from a ``.npy`` header (no data read); ``None`` for other formats."""
-    path = storage.upath(path)
     if path.suffix != ".npy":
         return None
     try:
@@ -81,14 +79,13 @@ def feature_file_shape(path: PathLike) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
-def check_feature_folder(folder: PathLike, ids: list[str]) -> None:
+def check_feature_folder(folder: AnyPath, ids: list[str]) -> None:
     """Before a stage starts: every id has a feature file, and ``.npy`` headers agree on ``[d, h, w]``.
 
     The folder is listed once; on an object store the headers (first bytes of each ``.npy``) are
     read many at a time. ``.npz``/``.pt`` files are checked when read (their shape needs a full
     load). Raises ``FileNotFoundError``/``ValueError`` naming the folder or the first bad file.
     """
-    folder = storage.upath(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: features folder does not exist")
     listing = storage.list_files(folder)
@@ -105,13 +102,13 @@ def check_feature_folder(folder: PathLike, ids: list[str]) -> None:
             raise ValueError(f"{path}: feature dimension {shape[0]} differs from {dim} in {first.name}")
 
 
-def load_feature_file(path: PathLike) -> np.ndarray:
+def load_feature_file(path: AnyPath) -> np.ndarray:
     """Read one external feature file (local or object store) → float32 ``[d, h, w]``.
 
     ``.npz`` takes the array named ``features`` (or the only array); ``.pt`` a tensor or a dict
-    with ``features``. Raises ``ValueError`` naming the file for a wrong rank or NaN/inf values.
+    with ``features``. Any float dtype is accepted (``mars dump-features`` writes float16) and
+    converted. Raises ``ValueError`` naming the file for a wrong rank or NaN/inf values.
     """
-    path = storage.upath(path)
     try:
         arr = _read_array(path)
     except Exception as e:  # corrupt files fail in many ways (zip, pickle, OSError, ValueError)
@@ -154,7 +151,8 @@ class FeatureSource:
 
     ``features_dir`` non-empty → external files; otherwise the registry extractor ``extractor``
     built with ``extractor_kwargs`` (e.g. ``{"checkpoint": path}``). ``dim`` is checked to stay the
-    same across images (``ValueError`` naming the file that differs).
+    same across images (``ValueError`` naming the file that differs). Built inside Ray actors:
+    ``features_dir`` may arrive as the string Ray was sent, and becomes a path here.
     """
 
     def __init__(
@@ -189,10 +187,13 @@ class FeatureSource:
     def describe(self) -> str:
         return f"external:{self.features_dir}" if self.features_dir else type(self.model).__name__
 
-    @torch.no_grad()
     def __call__(self, image_id: str, image: np.ndarray) -> np.ndarray:
         """``image`` uint8 ``[H, W, 3]`` → F float32 ``[d, H, W]``."""
-        h, w = image.shape[:2]
+        return upsample(self.native(image_id, image), image.shape[:2])
+
+    @torch.no_grad()
+    def native(self, image_id: str, image: np.ndarray) -> np.ndarray:
+        """F at the source's own resolution: float32 ``[d, h, w]`` (what ``mars dump-features`` stores)."""
         if self.features_dir is not None:
             path = find_feature_file(self.features_dir, image_id, self._listing)
             feats: Any = load_feature_file(path)
@@ -210,4 +211,4 @@ class FeatureSource:
         fh, fw = feats.shape[1:]
         if fh < 1 or fw < 1:
             raise ValueError(f"{where}: empty feature map {fh}x{fw}")
-        return upsample(feats, (h, w))
+        return np.asarray(feats, dtype=np.float32)

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from mars_ray import storage
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ DB_NAME = "mlflow.db"
 ARTIFACTS = "mlartifacts"
 
 
-def resolve_tracking_uri(run_dir: "str | Path | storage.ObjectPath", explicit: str | None = None) -> str:
+def resolve_tracking_uri(run_dir: AnyPath, explicit: str | None = None) -> str:
     """``explicit`` (``--tracking-uri``) > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<abs RUN>/mlflow.db``.
 
     The SQLite default needs a local ``RUN``: for an object-store ``RUN`` without an explicit URI this
@@ -53,9 +54,9 @@ def resolve_tracking_uri(run_dir: "str | Path | storage.ObjectPath", explicit: s
             f"--out {run_dir} is on an object store, where the default MLflow store (a SQLite file "
             f"RUN/{DB_NAME}) cannot live: pass --tracking-uri (or set MLFLOW_TRACKING_URI) to an MLflow "
             f"server, e.g. http://MLFLOW:5000, or to a SQLite file on a local disk, e.g. "
-            f"sqlite:////local/path/{DB_NAME} (artifacts still go to {storage.upath(run_dir) / ARTIFACTS})"
+            f"sqlite:////local/path/{DB_NAME} (artifacts still go to {run_dir / ARTIFACTS})"
         )
-    return f"sqlite:///{(storage.upath(run_dir) / DB_NAME).resolve()}"
+    return f"sqlite:///{(run_dir / DB_NAME).resolve()}"
 
 
 @contextlib.contextmanager
@@ -80,7 +81,7 @@ def isolated_tracking_uri() -> Iterator[None]:
             mlflow_utils._tracking_uri = global_uri
 
 
-def default_artifact_location(uri: str, run_dir: "str | Path | storage.ObjectPath") -> str | None:
+def default_artifact_location(uri: str, run_dir: AnyPath) -> str | None:
     """Where a new experiment keeps its artifacts: ``RUN/mlartifacts``, or ``None`` to let a server decide.
 
     Local ``RUN``: a ``file://`` URI for local stores (sqlite / plain paths), ``None`` for servers.
@@ -90,10 +91,10 @@ def default_artifact_location(uri: str, run_dir: "str | Path | storage.ObjectPat
     if uri.startswith("databricks"):
         return None
     if storage.is_uri(run_dir):
-        return str(storage.upath(run_dir) / ARTIFACTS)
+        return str(run_dir / ARTIFACTS)
     if uri.startswith(("http://", "https://")):
         return None
-    return (storage.upath(run_dir) / ARTIFACTS).resolve().as_uri()
+    return (run_dir / ARTIFACTS).resolve().as_uri()
 
 
 # URI scheme → (module MLflow needs to write artifacts there, pip package that provides it)
@@ -225,7 +226,7 @@ def run_ids_by_name(uri: str, experiment: str) -> dict[str, str]:
     return {r.info.run_name: r.info.run_id for r in runs}
 
 
-def log_artifacts(uri: str, run_id: str, files: Sequence["str | Path | storage.ObjectPath"], *,
+def log_artifacts(uri: str, run_id: str, files: Sequence[AnyPath], *,
                   artifact_path: str | None = None, rank: int = 0) -> int:
     """Attach existing ``files`` to a run; returns how many were logged (rank 0 only).
 
@@ -238,8 +239,7 @@ def log_artifacts(uri: str, run_id: str, files: Sequence["str | Path | storage.O
 
     client = MlflowClient(tracking_uri=uri)
     n = 0
-    for f in files:
-        p = storage.upath(f)
+    for p in files:
         if not p.is_file():
             continue
         if not storage.is_uri(p):
@@ -266,7 +266,7 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], *, step: int 
 
 
 def label_montage(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
-                  path: "str | Path | storage.ObjectPath", *, scale: int = 2) -> "storage.AnyPath":
+                  path: AnyPath, *, scale: int = 2) -> AnyPath:
     """A PNG grid, one row per image: image | pseudo label Y^b | debiased label Y^db.
 
     ``rows``: ``(image_id, image [H, W, 3] uint8, Y^b [H, W] uint8, Y^db [H, W] uint8)``; labels are
@@ -290,11 +290,10 @@ def label_montage(rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]
     tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles]
     from mars_ray.artifacts import atomic_write_bytes
 
-    out = storage.upath(path)
     buf = io.BytesIO()
     Image.fromarray(np.concatenate(tiles, axis=0)).save(buf, format="PNG")
-    atomic_write_bytes(out, buf.getvalue())  # local: temporary name + rename; object store: one upload
-    return out
+    atomic_write_bytes(path, buf.getvalue())  # local: temporary name + rename; object store: one upload
+    return path
 
 
 __all__ = [

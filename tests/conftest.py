@@ -35,6 +35,18 @@ os.environ.update({
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """In-process torch runs tiny tensors here: intra-op threads oversubscribe the shared 2-core box
+    (up to 20× slower), one thread is fastest. Ray workers set their own thread counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _no_tracking_uri_leak():
     """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``: keep one test's store out of the next."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -72,8 +84,14 @@ def new_bucket(prefix: str) -> str:
 
 @pytest.fixture
 def s3_bucket(s3_server, request: pytest.FixtureRequest) -> str:
-    """A new empty bucket on the test S3 server: ``s3://<name>``."""
+    """A new empty bucket on the test S3 server for one test: ``s3://<name>``."""
     return new_bucket(request.node.name)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server, request: pytest.FixtureRequest) -> str:
+    """A new empty bucket shared by the tests of one module (named after it): ``s3://<name>``."""
+    return new_bucket(request.module.__name__)
 
 
 def upload_tree(local: Path, uri: str) -> str:
@@ -130,3 +148,42 @@ def copy_run(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import shutil
 
     return Path(shutil.copytree(run_dir, tmp_path_factory.mktemp("run") / "run"))
+
+
+#: the settings of ``full_run``: every stage at test size, with the optional branches that read more
+#: settings switched on (wsss.crf borrows debias.crf_*, debias.crf, evaluate.flip)
+FULL_RUN = {
+    "wsss.epochs": 2, "wsss.batch_size": 8, "wsss.crop_size": 48, "wsss.cam_scales": [1.0, 0.5], "wsss.crf": True,
+    "uss.ssl_epochs": 1, "uss.epochs": 2, "uss.batch_size": 8, "uss.crop_size": 48, "uss.dim": 16,
+    "debias.crf": True, "debias.crf_iters": 2,
+    "train.epochs": 2, "train.batch_size": 4, "train.crop_size": 32, "train.crf_iters": 2, "train.checkpoint_every": 1,
+    "evaluate.flip": True,
+}
+FULL_STAGES = ("wsss", "uss", "features", "select", "debias", "train", "evaluate")
+
+
+@pytest.fixture(scope="session")
+def full_run(tiny_data: Path, ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every stage (``FULL_STAGES``) once on ``tiny_data``, in-process, recording which settings each reads.
+
+    Returns ``{"run": RUN, "config": the YAML the CLI gets, "reads": {stage: {"section.key", …}}}``.
+    Read-only for tests (``copy_run`` for a private copy). Used by the stage-key test and the
+    fault-injection matrix (its clean reference).
+    """
+    from mars_ray import config as C
+    from mars_ray import pipeline
+
+    from tests.stage_reads import recorded_reads
+
+    base = tmp_path_factory.mktemp("full_run")
+    config = base / "full.yaml"
+    cfg = C.build(overrides={"data.root": str(tiny_data), "data.pseudo_labels": str(tiny_data / "pseudo_labels"),
+                             **FULL_RUN})
+    C.dump_yaml(cfg, config)
+    run = base / "run"
+    reads = {}
+    for stage in FULL_STAGES:
+        with recorded_reads() as r:
+            pipeline.run_stage(cfg, run, stage)
+        reads[stage] = set(r)
+    return {"run": run, "config": config, "reads": reads}

@@ -55,7 +55,7 @@ def test_fingerprint_changes_with_content(tmp_path: Path):
     a = fingerprint_path(tmp_path)
     (tmp_path / "f.txt").write_text("ab")
     assert fingerprint_path(tmp_path) != a
-    assert fingerprint_path("") == "none"
+    assert fingerprint_path(None) == "none"
 
 
 def test_failure_restores_the_previous_artifact(tmp_path: Path):

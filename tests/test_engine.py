@@ -22,14 +22,6 @@ from mars_ray.engine import (
 from mars_ray.models.deeplab import deeplab_tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads oversubscribe the shared 2-core box (20× slower); one thread is fastest here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class FixedLogits(nn.Module):
     """Ignores the image content; returns a learnable (or fixed) ``[B,K,H,W]`` logit map."""
@@ -249,6 +241,65 @@ def test_complement_step_plain_ce_and_crf_identity() -> None:
     )
     with pytest.raises(ValueError, match="num_classes"):
         complement_step(student, teacher, batch, num_classes=k + 1, crf=None)
+
+
+def _absent_class_case(two_images: bool = False):
+    """A teacher confident (p = 0.8) in class 3 everywhere; the image contains only class 1."""
+    k, h, w = 4, 6, 8
+    probs = torch.tensor([0.05, 0.10, 0.05, 0.80])  # bg, 1, 2, 3
+    logits = probs.log()[None, :, None, None].expand(1, k, h, w).clone()
+    logits[0, :, :, :2] = torch.tensor([0.70, 0.05, 0.05, 0.20]).log()[:, None, None]  # a bg-ish strip
+    teacher = FixedLogits(logits, learnable=False)
+    student = FixedLogits(torch.zeros(1, k, h, w))
+    y_db = torch.full((1, h, w), 254)
+    y_db[0, 0] = 0
+    y_db[0, -1] = 255
+    image = torch.rand(1, 3, h, w)
+    mask = torch.tensor([[True, True, False, False]])  # background + class 1
+    batch = {"image": image, "image_uint8": (image * 255).byte().permute(0, 2, 3, 1), "label": y_db,
+             "class_mask": mask}
+    return teacher, student, batch, k
+
+
+@pytest.mark.parametrize("crf", [None, {"iters": 5}], ids=["no-crf", "crf"])
+def test_complement_step_never_picks_a_class_absent_from_the_image(crf) -> None:
+    """Eq 6 and the fill run over the image's classes: a teacher sure of absent class 3 fills class 1
+    (or background where background beats class 1), and W = p_t(1), the max over C_I = {1}."""
+    teacher, student, batch, k = _absent_class_case()
+    out = complement_step(student, teacher, batch, num_classes=k, crf=crf)
+    out["wce"].backward()
+    g = student.logits.grad[0]  # CE gradient: negative on the filled class only
+    biased = batch["label"][0] == 254
+    filled = g.argmin(dim=0)[biased]
+    assert set(filled.unique().tolist()) <= {0, 1} and 1 in filled.tolist()
+    assert not bool((g[2:, biased] < 0).any())  # classes 2 and 3 are never the target
+    # W equals the teacher's probability of class 1 (raw softmax): 0.10 in the body, 0.05 in the strip
+    p1 = teacher.logits.softmax(1)[0, 1]
+    labelled = batch["label"][0] != 255
+    w = torch.where(biased, p1, torch.ones_like(p1))
+    assert out["m_mean_w"] == pytest.approx(float(w[labelled].mean()), rel=1e-5)
+    # without the class set (the image's classes unknown) the same teacher fills class 3 with W = 0.8
+    student.logits.grad = None
+    loose = complement_step(student, teacher, {k_: v for k_, v in batch.items() if k_ != "class_mask"},
+                            num_classes=k, crf=crf)
+    loose["wce"].backward()
+    assert bool((student.logits.grad[0].argmin(dim=0)[biased] == 3).any())
+    assert loose["m_mean_w"] > out["m_mean_w"] + 0.3
+
+
+def test_complement_step_rejects_a_class_mask_of_the_wrong_shape() -> None:
+    teacher, student, batch, k = _absent_class_case()
+    with pytest.raises(ValueError, match="class_mask"):
+        complement_step(student, teacher, dict(batch, class_mask=torch.ones(1, k + 1, dtype=torch.bool)),
+                        num_classes=k, crf=None)
+
+
+def test_predict_labels_with_class_mask_never_predicts_an_absent_class() -> None:
+    teacher, _, batch, _ = _absent_class_case()
+    (_, pred), = predict_labels(teacher, [dict(batch, id=["a"])], crf={"iters": 3})
+    assert set(np.unique(pred).tolist()) <= {0, 1}
+    (_, free), = predict_labels(teacher, [dict(batch, id=["a"], class_mask=None)])
+    assert 3 in np.unique(free).tolist()
 
 
 def test_baseline_step_treats_biased_as_ignore() -> None:

@@ -80,6 +80,35 @@ def test_same_behaviour_on_every_filesystem(root):
         (root / "x.txt").read_bytes()
 
 
+def test_rmtree_ignores_only_not_found(tmp_path: Path, monkeypatch):
+    """A delete that fails for any other reason raises (it used to be swallowed and surface later)."""
+    import errno
+    import os
+
+    folder = tmp_path / "old"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("busy.png", "gone.png", "ok.png"):
+        (folder / "sub" / name).write_bytes(b"x")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        name = os.fsdecode(path).rsplit("/", 1)[-1]
+        if name == "gone.png":  # removed by someone else meanwhile: fine
+            real_unlink(path, *args, **kwargs)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", name)
+        if name == "busy.png":
+            raise PermissionError(errno.EACCES, "Permission denied", name)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(PermissionError, match="busy.png"):
+        storage.rmtree(folder)
+    assert (folder / "sub" / "busy.png").exists()
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    storage.rmtree(folder)
+    assert not folder.exists()
+
+
 def test_artifacts_and_labels_on_s3(s3_bucket):
     run = upath(s3_bucket) / "run"
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)

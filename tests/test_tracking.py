@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mars_ray import tracking
+from mars_ray.storage import ObjectPath
 
 
 def test_tracking_uri_precedence(tmp_path: Path, monkeypatch):
@@ -71,19 +72,21 @@ def test_label_montage(tmp_path: Path):
 
 def test_uri_run_needs_an_explicit_tracking_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = ObjectPath("s3://bkt/run")
     with pytest.raises(ValueError) as e:
-        tracking.resolve_tracking_uri("s3://bkt/run")
+        tracking.resolve_tracking_uri(run)
     msg = str(e.value)
     assert "s3://bkt/run" in msg and "--tracking-uri" in msg and "sqlite:////" in msg and "http://" in msg
-    assert tracking.resolve_tracking_uri("s3://bkt/run", "sqlite:////x/y.db") == "sqlite:////x/y.db"
+    assert tracking.resolve_tracking_uri(run, "sqlite:////x/y.db") == "sqlite:////x/y.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
-    assert tracking.resolve_tracking_uri("s3://bkt/run") == "http://example:5000"
+    assert tracking.resolve_tracking_uri(run) == "http://example:5000"
 
 
 def test_uri_run_keeps_artifacts_with_the_run():
+    run = ObjectPath("s3://bkt/run")
     for store in ("sqlite:////x/mlflow.db", "http://example:5000"):
-        assert tracking.default_artifact_location(store, "s3://bkt/run") == "s3://bkt/run/mlartifacts"
-    assert tracking.default_artifact_location("databricks", "s3://bkt/run") is None
+        assert tracking.default_artifact_location(store, run) == "s3://bkt/run/mlartifacts"
+    assert tracking.default_artifact_location("databricks", run) is None
 
 
 def test_artifact_location_needs_its_client_library(monkeypatch):

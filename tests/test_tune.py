@@ -56,6 +56,8 @@ def test_shipped_spaces_validate(name: str, smoke: bool):
         assert space.metric == "debiased_miou" and space.mode == "max"
     if name == "complement.yaml":
         assert space.metric == "val_miou" and space.scheduler["type"] == "asha"
+    if name == "debias.yaml":  # threshold × CRF on/off: the binarisation, our choice (README)
+        assert T.grid_size(space) == (2 if smoke else 10) and space.metric == "debiased_miou"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +70,12 @@ def test_shipped_spaces_validate(name: str, smoke: bool):
         ({"select.alpha": {"grid_search": [0.4, 1.5]}}, r"select.alpha must be in \(0, 1\]"),
         ({"features.k_bg": {"uniform": [1, 4]}}, "draws real numbers but the key is int"),
         ({"train.lr": {"loguniform": [0, 1]}}, "low > 0"),
+        # every point of a space goes through the whole config validation (issue 12: it used to pass here)
+        ({"train.lr": {"grid_search": [-1]}}, r"train.lr = -1: train.lr must be > 0"),
+        ({"uss.epochs": {"randint": [0, 3]}}, r"uss.epochs = 0: uss.epochs must be >= 1"),
+        ({"wsss.bg_threshold": {"uniform": [0.5, 1.5]}}, r"wsss.bg_threshold must be in \[0, 1\]"),
+        ({"evaluate.scales": {"choice": [[1.0, -0.5]]}}, "evaluate.scales must be positive factors"),
+        ({"train.model": {"choice": ["deeplab_tiny", "unet"]}}, "train.model='unet' is not a segmentation model"),
     ],
 )
 def test_bad_space_values_are_named(tmp_path: Path, params: dict, match: str):
@@ -87,6 +95,22 @@ def test_bad_space_shapes(tmp_path: Path):
         T.load_space(_space(tmp_path, {"select.alpha": {"normal": [0, 1]}}))
     with pytest.raises(ValueError, match="smoke"):
         T.load_space(_space(tmp_path, {"select.alpha": {"choice": [0.4]}}), smoke=True)
+
+
+@pytest.mark.ray
+def test_tune_with_a_bad_grid_fails_before_ray_starts(tiny_data: Path, tmp_path: Path, capsys):
+    """`mars tune` with train.lr: {grid_search: [-1]}: one line, exit 2, no Ray, nothing written."""
+    import ray
+
+    from mars_ray.cli import main
+
+    space = _space(tmp_path, {"train.lr": {"grid_search": [0.01, -1]}})
+    was_up = ray.is_initialized()
+    rc = main(["tune", "--space", str(space), "--data", str(tiny_data), "--pseudo-labels",
+               str(tiny_data / "pseudo_labels"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "params.train.lr = -1: train.lr must be > 0" in err[0]
+    assert ray.is_initialized() == was_up and not (tmp_path / "run").exists()
 
 
 def test_asha_milestones():
@@ -178,7 +202,37 @@ def test_features_cache_computes_once_under_concurrency(tiny_data: Path, tmp_pat
     assert len(calls) == 2 and (tmp_path / "run0" / "features").resolve() == calls[1].resolve()
 
 
+def test_mlflow_artifact_failures_are_returned_not_swallowed(tmp_path: Path):
+    """An artifact store MLflow cannot write (its folder is a file) fails one trial's upload: the
+    error comes back (for summary.json) and the other trial's artifacts are still logged."""
+    from mlflow.tracking import MlflowClient
+
+    from mars_ray import tracking
+    from mars_ray.tune import sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    client = MlflowClient(uri)
+    client.create_run(tracking.ensure_experiment(uri, "bad", blocker.as_uri()), run_name="trial_a")
+    good_exp = tracking.ensure_experiment(uri, "good", (tmp_path / "art").as_uri())
+    good = client.create_run(good_exp, run_name="trial_b").info.run_id
+    run_dir = tmp_path / "run"
+    for t in ("a", "b"):
+        (run_dir / T.TRIALS_DIR / t).mkdir(parents=True)
+        (run_dir / T.TRIALS_DIR / t / "config.yaml").write_text("x: 1\n")
+    rows = [({"trial_id": "a"}, {})]
+    errors = sweep._log_artifacts(uri, "bad", rows, run_dir, run_dir / T.TUNE_DIR, best_trial="none")
+    assert len(errors) == 1 and errors[0].startswith("trial a: ") and "blocker" in errors[0]
+    assert sweep._log_artifacts(uri, "good", [({"trial_id": "b"}, {})], run_dir, run_dir / T.TUNE_DIR, "none") == []
+    assert [a.path for a in client.list_artifacts(good)] == ["config.yaml"]
+
+
 # -- a real sweep -------------------------------------------------------------------------------
+
+
+def tiny_data_root(run_dir: Path) -> str:
+    return C.build(run_dir / "config.yaml").data.root
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +273,13 @@ def test_sweep_reuses_features_per_k_bg(sweep):
     assert {(r["select.alpha"], r["features.k_bg"]) for r in rows} == {("0.2", "1"), ("0.2", "2"), ("0.6", "1"), ("0.6", "2")}
     assert (run_dir / "tune" / "heatmap.png").stat().st_size > 1000
     assert "0.2" in summary["table"] and "0.6" in summary["table"]
+    # the reference point: the pseudo labels' own score, in the summary, the table and the log note
+    from mars_ray.stages.evaluate_labels import evaluate
+
+    ref = evaluate(tiny_data_root(run_dir), C.build(run_dir / "config.yaml").data.pseudo_labels, "train")
+    assert summary["reference"]["value"] == pytest.approx(ref["miou"])
+    assert f"pseudo labels (reference, no debiasing): debiased_miou {100 * ref['miou']:.2f}" in summary["table"]
+    assert "beat" in summary["reference_note"]
 
 
 @pytest.mark.ray
@@ -239,6 +300,7 @@ def test_sweep_mlflow_runs(sweep):
     for m in ("debiased_miou", "debiased_fp", "debiased_fn", "target_ratio", "biased_fraction", "time_features_s"):
         assert runs[f"metrics.{m}"].notna().all(), m
     assert not any(c.startswith("metrics.config/") for c in runs.columns)
+    assert summary["artifact_errors"] == []
     client = MlflowClient(uri)
     names = {a.path for a in client.list_artifacts(runs["run_id"][0])}
     assert {"report.json", "montage.png", "stats.json", "config.yaml"} <= names
@@ -258,3 +320,17 @@ def test_best_yaml_reruns_to_the_same_objective(sweep, tmp_path: Path):
     assert main(["run", "--config", str(best), "--out", str(tmp_path / "rerun"), "--until", "debias"]) == 0
     m = evaluate(cfg.data.root, tmp_path / "rerun" / "debias", cfg.data.split)
     assert m["miou"] == pytest.approx(summary["best"]["debiased_miou"], abs=1e-9)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_of_a_sweep_shows_its_heatmap_and_table(sweep):
+    from mars_ray.report import write_report
+
+    run_dir, summary = sweep
+    index = write_report(run_dir)
+    html = index.read_text()
+    assert '<section id="sweep">' in html and 'src="sweep-heatmap.png"' in html
+    assert (index.parent / "sweep-heatmap.png").read_bytes() == (run_dir / "tune" / "heatmap.png").read_bytes()
+    assert f"{summary['trials']} trials" in html and "0.6" in html
+    assert 'id="label-quality"' in html  # the pseudo labels' own score: the sweep's reference point

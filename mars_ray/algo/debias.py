@@ -48,12 +48,18 @@ def binarize_activation(
     image: np.ndarray | None = None,
     crf: dict | None = None,
 ) -> np.ndarray:
-    """Binarise M into the keep mask of Eq. 5, optionally after dense-CRF refinement.
+    """Binarise M into the keep mask of Eq. 5 (M^db), optionally after dense-CRF refinement.
+
+    The paper says only that M is refined ("refinement (e.g. CRF)") before Eq. 5; how it becomes a
+    binary mask is our choice, documented here: a constant background score ``threshold`` (0.5 by
+    default, the midpoint of M's [0, 1] range, not tuned) against which M competes.
 
     Without CRF (``crf`` None): keep = M > threshold. With CRF (``image`` uint8 ``[h, w, 3]`` and
     ``crf`` a dict of ``dense_crf`` keyword arguments, ``{}`` for its defaults): a two-label problem
-    with P_fg ∝ M and P_bg ∝ threshold, normalised per pixel — so with no pairwise term the decision
-    is exactly M > threshold — refined by ``dense_crf``; keep = (argmax == fg), ties to not-keep.
+    with P_fg ∝ M and P_bg ∝ threshold (the constant background score), normalised per pixel — so
+    with no pairwise term the decision is exactly M > threshold — refined by ``dense_crf``;
+    keep = (argmax == fg), ties to not-keep. The sensitivity to both choices is measured by
+    ``benchmarks/debias_sensitivity.py`` (threshold 0.3-0.7 × CRF on/off on make-dataset variants).
 
     Args:
         activation: M ``[h, w]``.

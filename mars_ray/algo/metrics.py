@@ -112,6 +112,70 @@ def map_biased(label: np.ndarray, mode: str = "background") -> np.ndarray:
     return out
 
 
+TARGET_IOU = 0.3  # paper (Fig 8 / appendix): a centroid is a *target* centroid when IoU > 0.3 ...
+BIASED_IOU = 0.1  # ... and a *biased* centroid when IoU < 0.1
+
+
+def centroid_gt_iou(assignment: np.ndarray, class_ids: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU of each centroid's pixels with its class's ground truth in the same image.
+
+    ``assignment`` ``[h, w]`` centroid row index per pixel (-1 = no centroid), ``class_ids`` ``[m]``
+    the class of each row, ``gt`` ``[h, w]`` ground truth (255 pixels are left out of both sets) →
+    ``[m]`` float32: |A ∩ G| / |A ∪ G| with A = the row's pixels, G = pixels whose GT is its class
+    (0 when the union is empty). The paper's target-centroid ratio counts IoU > ``TARGET_IOU``.
+    Raises ValueError when the maps' shapes differ.
+    """
+    a, g = np.asarray(assignment), np.asarray(gt)
+    if a.shape != g.shape:
+        raise ValueError(f"assignment {a.shape} and gt {g.shape} must have the same shape")
+    class_ids = np.asarray(class_ids, dtype=np.int64)
+    m = class_ids.size
+    valid = g.reshape(-1) != IGNORE
+    a, g = a.reshape(-1)[valid], g.reshape(-1)[valid].astype(np.int64)
+    assigned = a >= 0
+    rows = a[assigned]
+    size_a = np.bincount(rows, minlength=m)[:m]
+    inter = np.bincount(rows, weights=g[assigned] == class_ids[rows], minlength=m)[:m]
+    size_g = np.array([(g == c).sum() for c in class_ids], dtype=np.float64) if m else np.zeros(0)
+    union = size_a + size_g - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
+
+
+def target_centroid_ratio(iou: np.ndarray) -> dict[str, float | int | None]:
+    """The paper's target-centroid figures for a set of centroids (their ``centroid_gt_iou``).
+
+    Returns ``{"target": n with IoU > 0.3, "biased": n with IoU < 0.1, "n": n with a finite IoU,
+    "target_ratio": target / n, "biased_ratio": biased / n}`` (ratios None when n = 0); NaN entries
+    (no ground truth) are left out.
+    """
+    iou = np.asarray(iou, dtype=np.float64)
+    iou = iou[np.isfinite(iou)]
+    n = int(iou.size)
+    target, biased = int((iou > TARGET_IOU).sum()), int((iou < BIASED_IOU).sum())
+    return {"target": target, "biased": biased, "n": n,
+            "target_ratio": target / n if n else None, "biased_ratio": biased / n if n else None}
+
+
+PRED_IGNORE_MODES = ("ignore", "background")
+
+
+def map_pred_ignore(pred: np.ndarray, mode: str = "ignore") -> np.ndarray:
+    """A prediction's 255 pixels mapped for evaluation (the target's 255 is always ignored).
+
+    ``mode="ignore"`` leaves 255 as is, so ``ConfusionMatrix`` skips those pixels (our default);
+    ``mode="background"`` counts them as background, as IRN's evaluation does. Other repositories'
+    numbers for the same labels differ by this choice alone. Returns a copy for ``"background"``.
+    Raises ValueError for another mode.
+    """
+    if mode not in PRED_IGNORE_MODES:
+        raise ValueError(f"pred-ignore mode must be one of {list(PRED_IGNORE_MODES)}, got {mode!r}")
+    if mode == "ignore":
+        return np.asarray(pred)
+    out = np.array(pred, copy=True)
+    out[out == IGNORE] = BACKGROUND
+    return out
+
+
 def _none_if_nan(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 

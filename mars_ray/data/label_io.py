@@ -59,12 +59,17 @@ def _open(path: PathLike) -> Image.Image:
 
 
 def read_image(path: PathLike) -> np.ndarray:
-    """Read any image PIL understands as ``uint8 [H, W, 3]`` RGB.
+    """Read any image PIL understands as ``uint8 [H, W, 3]`` RGB (16-bit grey scaled to 8 bits, not clipped).
 
     Raises ``FileNotFoundError`` if missing, ``ValueError`` naming the file if corrupt.
     """
     with _open(path) as im:
         try:
+            if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: PIL's convert("RGB") would clip it
+                grey = np.asarray(im).astype(np.int64)
+                if im.mode.startswith("I;16") or grey.max(initial=0) > 255:
+                    grey = grey >> 8
+                return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
         except (OSError, ValueError, SyntaxError) as e:
             raise ValueError(f"{path}: cannot decode image: {e}") from e
@@ -74,13 +79,13 @@ def read_label(path: PathLike) -> np.ndarray:
     """Read a single-channel label PNG as ``uint8 [H, W]``.
 
     Mode ``P``: the raw palette indices (not the colours); ``L``: the grey values; ``I``/``I;16``:
-    accepted when every value fits in 0..255. RGB/RGBA and other modes raise ``ValueError``
-    naming the file; a corrupt file raises ``ValueError`` with PIL's reason.
+    accepted when every value fits in 0..255. RGB/RGBA (a colour map: the error points at
+    ``mars convert-labels --from-colormap``) and other modes raise ``ValueError`` naming the file;
+    a corrupt file raises ``ValueError`` with PIL's reason.
     """
     with _open(path) as im:
         mode = im.mode
-        if mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
-            raise ValueError(f"{path}: expected a single-channel (palette or L) label PNG, got {mode}")
+        _check_label_mode(path, mode)
         try:
             arr = np.asarray(im)
         except (OSError, ValueError, SyntaxError) as e:
@@ -96,9 +101,28 @@ def read_label(path: PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def label_size(path: PathLike) -> tuple[int, int]:
-    """``(H, W)`` of an image or label file, read from the header only (no pixel decode)."""
+LABEL_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L")
+
+
+def _check_label_mode(path: PathLike, mode: str) -> None:
+    """``ValueError`` naming the file unless ``mode`` is a single-channel label mode (``LABEL_MODES``)."""
+    if mode in ("RGB", "RGBA"):
+        raise ValueError(
+            f"{path}: expected a single-channel (palette or L) label PNG, got {mode}; this looks like a "
+            "colour-map PNG (ToCo writes its predictions that way): turn the folder into class indices with "
+            "`mars convert-labels SRC DST --from-colormap --palette voc|coco`")
+    if mode not in LABEL_MODES:
+        raise ValueError(f"{path}: expected a single-channel (palette or L) label PNG, got {mode}")
+
+
+def label_size(path: PathLike, *, label: bool = False) -> tuple[int, int]:
+    """``(H, W)`` of an image or label file, read from the header only (no pixel decode).
+
+    ``label``: also check the header's mode is a label's (a colour-map PNG is named before any pixel is read).
+    """
     with _open(path) as im:
+        if label:
+            _check_label_mode(path, im.mode)
         w, h = im.size
     return h, w
 

@@ -55,20 +55,19 @@ def check_label(
 def check_label_folder(
     dataset: VOCDataset,
     split: str,
-    folder: PathLike,
+    folder: storage.AnyPath,
     *,
     name: str = "pseudo label",
 ) -> dict[str, storage.AnyPath]:
     """Map each id of ``split`` to ``{folder}/{id}.png``, checking presence and size
     (``label_folder_sizes``, which raises what it finds wrong)."""
-    root = storage.upath(folder)
-    return {i: root / f"{i}.png" for i in label_folder_sizes(dataset, split, folder, name=name)}
+    return {i: folder / f"{i}.png" for i in label_folder_sizes(dataset, split, folder, name=name)}
 
 
 def label_folder_sizes(
     dataset: VOCDataset,
     split: str,
-    folder: PathLike,
+    folder: storage.AnyPath,
     *,
     name: str = "pseudo label",
 ) -> dict[str, tuple[int, int]]:
@@ -79,7 +78,7 @@ def label_folder_sizes(
     from its image. Reads PNG headers only (no pixel decode); values are checked by the reader
     of each label (``check_label``).
     """
-    root = storage.upath(folder)
+    root = folder
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: {name} folder does not exist")
     ids = dataset.ids(split)
@@ -92,7 +91,7 @@ def label_folder_sizes(
             f"(first: {first})"
         )
     def sizes(i: str) -> tuple[str, tuple[int, int], tuple[int, int]]:
-        return i, label_size(root / f"{i}.png"), label_size(dataset.image_path(i))
+        return i, label_size(root / f"{i}.png", label=True), label_size(dataset.image_path(i))
 
     out: dict[str, tuple[int, int]] = {}
     for i, hw, img_hw in storage.map_reads(sizes, ids, remote=storage.is_uri(root) or storage.is_uri(dataset.root)):

@@ -8,22 +8,32 @@ Layout (``ROOT`` is the dataset folder)::
     ROOT/classes.txt                                 optional: class names, background first
     ROOT/image_labels.json                           optional: {id: [class ids 1..C]}
 
-Without ``classes.txt`` the 21 PASCAL VOC names are used. Image-level labels come from
-``image_labels.json`` when present, else from the classes present in the ground truth.
+Without ``classes.txt`` the 21 PASCAL VOC names are used. Image-level labels come from the file
+given as ``image_labels`` (any format of ``mars_ray.data.image_labels``: ``cls_labels.npy`` of
+IRN/AMN/ToCo/MCTformer, VOC ``Annotations/``, …), else from ``image_labels.json`` when present, else
+from the classes present in the ground truth.
+
+VOC-aug: ``gt_dir`` names the ground-truth folder (``SegmentationClassAug``; relative to ``ROOT``, or
+an absolute path / URI) and ``split_files`` maps a split name to a list file anywhere (``train_aug.txt``
+usually lives outside ``ImageSets``). A list file holds one id a line, or the two-path lines of the
+DeepLab/SBD lists, ``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`` (the id is
+the image's stem; the GT folder named there is only checked against ``gt_dir``).
 ``ROOT`` may be a local folder or an object-store URI (``s3://bucket/voc``, see ``mars_ray.storage``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-from typing import Optional, Union
+from pathlib import PurePosixPath
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
 from mars_ray import storage
+from mars_ray.console import SHOW
+from mars_ray.data.image_labels import ImageLabels, read_image_labels
 from mars_ray.data.label_io import read_label
 from mars_ray.labels import MAX_CLASSES
 
@@ -45,19 +55,50 @@ class VOCDataset:
     for a malformed ``classes.txt`` or ``image_labels.json``.
     """
 
-    def __init__(self, root: Union[str, "os.PathLike[str]", storage.ObjectPath]) -> None:
+    def __init__(
+        self,
+        root: Union[str, "os.PathLike[str]", storage.ObjectPath],
+        *,
+        gt_dir: str = "SegmentationClass",
+        split_files: Optional[Mapping[str, str]] = None,
+        image_labels: str = "",
+        image_labels_difficult: bool = True,
+    ) -> None:
         self.root = storage.upath(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: dataset folder does not exist")
         self.image_dir = self.root / "JPEGImages"
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"{self.image_dir}: dataset has no JPEGImages folder")
-        self.gt_dir = self.root / "SegmentationClass"
+        gt = gt_dir or "SegmentationClass"
+        self.gt_dir = storage.upath(gt) if storage.is_uri(gt) or os.path.isabs(gt) else self.root / gt
         self.split_dir = self.root / "ImageSets" / "Segmentation"
+        self.split_files = {k: storage.upath(v) for k, v in (split_files or {}).items() if v}
+        for split, path in self.split_files.items():
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: split file for split {split!r} does not exist")
+        self.image_labels_path = storage.upath(image_labels) if image_labels else self.root / "image_labels.json"
+        self.image_labels_given = bool(image_labels)
+        self.image_labels_difficult = image_labels_difficult
         self.classes: list[str] = self._read_classes()
-        self._image_labels: Optional[dict[str, list[int]]] = None
+        self._image_labels: Optional[ImageLabels] = None
+        self._gt_dir_warned = False
         self._ids_cache: dict[str, list[str]] = {}
         self._listings: dict[str, dict[str, object]] = {}  # object stores only: folder → {name: stat}
+
+    def spec(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this dataset in another process: ``VOCDataset(**ds.spec())``.
+
+        Every path is absolute (a Ray actor's working directory differs from the driver's); what Ray
+        actors get instead of the dataset object.
+        """
+        return {
+            "root": storage.absolute(self.root),
+            "gt_dir": storage.absolute(self.gt_dir),
+            "split_files": {k: storage.absolute(v) for k, v in self.split_files.items()} or None,
+            "image_labels": storage.absolute(self.image_labels_path) if self.image_labels_given else "",
+            "image_labels_difficult": self.image_labels_difficult,
+        }
 
     def _listed(self, folder: storage.AnyPath) -> Optional[dict[str, object]]:
         """On an object store, the folder's files (listed once): no request per image. Locally ``None``."""
@@ -97,17 +138,17 @@ class VOCDataset:
         return len(self.classes) - 1
 
     def ids(self, split: str) -> list[str]:
-        """Image ids of ``split`` in file order.
+        """Image ids of ``split`` in file order (from ``split_files[split]`` or ``ImageSets/Segmentation``).
 
         Blank lines and surrounding whitespace are dropped. Raises ``FileNotFoundError`` naming the
-        split file if missing, ``ValueError`` if it is empty or lists an id twice.
+        split file if missing, ``ValueError`` if it is empty, lists an id twice or has a malformed line.
         """
         if split in self._ids_cache:
             return list(self._ids_cache[split])
-        path = self.split_dir / f"{split}.txt"
+        path = self.split_path(split)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: split file for split {split!r} does not exist")
-        ids = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        ids = self._read_split_file(path)
         if not ids:
             raise ValueError(f"{path}: split {split!r} lists no image ids")
         seen: set[str] = set()
@@ -120,6 +161,39 @@ class VOCDataset:
             raise ValueError(f"{path}: duplicate ids {dups[:5]}{' …' if len(dups) > 5 else ''}")
         self._ids_cache[split] = ids
         return list(ids)
+
+    def split_path(self, split: str) -> storage.AnyPath:
+        """The list file of ``split``: the one given in ``split_files``, else ``ImageSets/Segmentation/{split}.txt``."""
+        return self.split_files.get(split) or self.split_dir / f"{split}.txt"
+
+    def _read_split_file(self, path: storage.AnyPath) -> list[str]:
+        """Ids of a list file: plain ids, or ``/JPEGImages/x.jpg /SegmentationClassAug/x.png`` lines."""
+        ids = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) > 2 or len(parts) == 2 and not any("/" in q or "." in q for q in parts):
+                raise ValueError(f"{path}: line {n} {line.strip()!r}: an image id cannot contain spaces "
+                                 "(expected one id, or 'image gt' paths as in train_aug.txt)")
+            image_id = PurePosixPath(parts[0]).stem if len(parts) == 2 else parts[0]
+            if len(parts) == 2:
+                gt = PurePosixPath(parts[1])
+                if gt.stem != image_id:
+                    raise ValueError(f"{path}: line {n} pairs image {parts[0]!r} with another image's GT {parts[1]!r}")
+                if gt.parent.name and gt.parent.name != self.gt_dir.name and not self._gt_dir_warned:
+                    logger.warning("%s names GT folder %s, but the dataset reads %s (data.gt_dir)",
+                                   path, gt.parent.name, self.gt_dir)
+                    self._gt_dir_warned = True
+            ids.append(image_id)
+        return ids
+
+    def known_ids(self) -> set[str]:
+        """Every id of every split file (``ImageSets/Segmentation/*.txt`` and ``split_files``)."""
+        paths = list(self.split_files.values())
+        if self.split_dir.is_dir():
+            paths += [self.split_dir / n for n in sorted(storage.list_files(self.split_dir)) if n.endswith(".txt")]
+        return {i for p in paths for i in self._read_split_file(p)}
 
     # -- files ----------------------------------------------------------------------------------
     def image_path(self, image_id: str) -> storage.AnyPath:
@@ -143,48 +217,59 @@ class VOCDataset:
         return all(self.gt_path(i) is not None for i in self.ids(split))
 
     # -- image-level labels ---------------------------------------------------------------------
-    def _load_image_labels(self) -> Optional[dict[str, list[int]]]:
-        if self._image_labels is not None:
-            return self._image_labels
-        path = self.root / "image_labels.json"
-        if not path.is_file():
-            return None
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected an object {{id: [class ids]}}, got {type(raw).__name__}")
-        out: dict[str, list[int]] = {}
-        for k, v in raw.items():
-            if not isinstance(v, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in v):
-                raise ValueError(f"{path}: labels of {k!r} must be a list of integers, got {v!r}")
-            bad = [c for c in v if not 1 <= c <= self.num_classes]
-            if bad:
-                raise ValueError(f"{path}: {k!r} has class ids {bad} outside 1..{self.num_classes}")
-            out[str(k)] = sorted(set(v))
-        self._image_labels = out
-        return out
+    def _load_image_labels(self) -> Optional[ImageLabels]:
+        """The image-label table (read once), or ``None`` when the dataset has none."""
+        if self._image_labels is None:
+            if not self.image_labels_given and not self.image_labels_path.is_file():
+                return None
+            self._image_labels = read_image_labels(
+                self.image_labels_path, class_names=self.classes, known_ids=self.known_ids(),
+                include_difficult=self.image_labels_difficult)
+        return self._image_labels
+
+    def image_label_table(self) -> Optional[ImageLabels]:
+        """The dataset's own image-level labels (``image_labels`` or ``ROOT/image_labels.json``), read
+        once; ``None`` when it has none. Unlike :meth:`image_labels` there is no ground-truth fallback:
+        what MARS's Eq 4 and Eq 6 may use (ground truth is not an input of WSSS). Raises what
+        ``read_image_labels`` raises (naming the file and the bad id or class)."""
+        return self._load_image_labels()
 
     def image_labels(self, image_id: str) -> list[int]:
         """Sorted foreground class ids (1..C) present in the image.
 
-        From ``image_labels.json`` when the dataset has one, else from the ground truth; raises
-        ``ValueError`` when neither knows the image.
+        From the image-label file when the dataset has one (``image_labels`` or ``image_labels.json``),
+        else from the ground truth; raises ``ValueError`` naming the file and the id when neither knows it.
         """
         table = self._load_image_labels()
         if table is not None:
-            if image_id not in table:
-                raise ValueError(f"{self.root / 'image_labels.json'}: no entry for image {image_id!r}")
-            return list(table[image_id])
+            return list(table.get(image_id))
         gt = self.gt_path(image_id)
         if gt is None:
             raise ValueError(
                 f"{self.root}: no image-level labels for {image_id!r} "
-                "(no image_labels.json and no SegmentationClass PNG)"
+                f"(no image_labels.json and no {self.gt_dir.name} PNG)"
             )
         vals = np.unique(read_label(gt))
         return [int(v) for v in vals if 1 <= v <= self.num_classes]
+
+    def check_image_labels(self, split: str) -> str:
+        """Log (and return) one line: which image-label format was read and how many ids of ``split`` it has.
+
+        Raises ``ValueError`` naming the file and the first ids of the split that have no entry.
+        Without an image-label file the line says the labels come from the ground truth.
+        """
+        ids = self.ids(split)
+        table = self._load_image_labels()
+        if table is None:
+            line = f"image labels: none given; taken from the ground truth in {self.gt_dir}"
+        else:
+            line, missing = table.summary(split, ids)
+            if missing:
+                more = f" … (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+                raise ValueError(f"{table.path}: no image-level labels for {len(missing)} of {len(ids)} ids of split "
+                                 f"{split!r}: {missing[:5]}{more}")
+        logger.info(line, extra=SHOW)  # the terminal shows it: which file was read is worth knowing
+        return line
 
     # -- fingerprint ----------------------------------------------------------------------------
     def fingerprint(self, split: str) -> str:
@@ -194,10 +279,15 @@ class VOCDataset:
         """
         h = hashlib.sha256()
         h.update("\n".join(self.classes).encode())
-        labels_json = self.root / "image_labels.json"
-        if labels_json.is_file():
-            st = labels_json.stat()
-            h.update(f"{labels_json.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        labels = self.image_labels_path
+        if labels.is_file():
+            st = labels.stat()
+            h.update(f"{labels.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        elif labels.is_dir():  # VOC Annotations/: every XML's size and mtime, from one listing
+            folder = labels / "Annotations" if (labels / "Annotations").is_dir() else labels
+            h.update(f"{folder}:{self.image_labels_difficult}".encode())
+            for name, st in sorted(storage.list_files(folder).items()):
+                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
         for i in self.ids(split):
             h.update(b"\0" + i.encode())
             for p in (self.image_path(i), self.gt_path(i)):

@@ -1,4 +1,4 @@
-"""DeepLabV3+ segmenters: ResNet-50/101 presets (paper setting) and ``deeplab_tiny`` for CPU demos.
+"""DeepLabV3+ segmenters: ResNet-50/101 presets (ResNet-101 is the paper's) and ``deeplab_tiny`` for CPU demos.
 
 Every segmenter takes ``x [B,3,H,W]`` float in ``[0,1]`` (ImageNet-normalised inside) and returns
 ``logits [B,num_classes,H,W]`` where ``num_classes`` counts the background. ``param_groups(lr)``
@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mars_ray import storage
+from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.models.registry import SEGMENTERS
 from mars_ray.models.resnet import ResNet, load_imagenet_weights
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
@@ -224,9 +225,9 @@ def deeplab_tiny(*, num_classes: int, output_stride: int = 8, pretrained_backbon
 
 
 def save_segmenter_checkpoint(
-    path: "str | Path | storage.ObjectPath", model: nn.Module, name: str, kwargs: Dict[str, Any],
+    path: AnyPath, model: nn.Module, name: str, kwargs: Dict[str, Any],
     extra: Optional[Dict[str, Any]] = None,
-) -> "storage.AnyPath":
+) -> AnyPath:
     """Write ``{format, name, kwargs, state_dict, extra}`` to ``path`` atomically (tmp file + rename;
     one upload when ``path`` is an object-store URI, see ``mars_ray.storage``); returns the path.
 
@@ -236,7 +237,6 @@ def save_segmenter_checkpoint(
     """
     if name not in SEGMENTERS:
         raise ValueError(f"checkpoint {path}: unknown segmenter {name!r}; known: {', '.join(SEGMENTERS.names())}")
-    path = storage.upath(path)
     model = getattr(model, "module", model)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -245,13 +245,11 @@ def save_segmenter_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra or {}),
     }
-    with storage.atomic_open(path) as f:
-        torch.save(payload, f)
-    return path
+    return save_torch_file(payload, path)
 
 
 def load_segmenter_checkpoint(
-    path: "str | Path | storage.ObjectPath",
+    path: "str | AnyPath",
     *,
     expect_name: Optional[str] = None,
     expect_num_classes: Optional[int] = None,
@@ -264,14 +262,7 @@ def load_segmenter_checkpoint(
     segmenter checkpoint, was saved from another preset than ``expect_name``, or for another class
     count than ``expect_num_classes`` (background included).
     """
-    path = storage.upath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"segmenter checkpoint {path}: no such file")
-    try:
-        with storage.open_read(path) as f:
-            ckpt = torch.load(f, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"segmenter checkpoint {path}: cannot be read by torch.load ({e})") from e
+    ckpt = load_torch_file(path, "segmenter checkpoint", map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"segmenter checkpoint {path}: not written by save_segmenter_checkpoint ({CHECKPOINT_FORMAT})")
     name, kwargs = ckpt["name"], dict(ckpt["kwargs"])

@@ -19,8 +19,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from mars_ray import storage
+from mars_ray.checkpoints import load_torch_file
 from mars_ray.models.registry import BACKBONES
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class ResNet(nn.Module):
         return {"low": low, "high": high}
 
 
-def load_imagenet_weights(model: ResNet, path: "str | Path | storage.ObjectPath") -> ResNet:
+def load_imagenet_weights(model: ResNet, path: "str | AnyPath") -> ResNet:
     """Load a torchvision-layout ImageNet checkpoint from ``path`` (a local file or an object-store
     URI) into ``model`` (in place).
 
@@ -150,14 +151,7 @@ def load_imagenet_weights(model: ResNet, path: "str | Path | storage.ObjectPath"
     is absent and ``ValueError`` naming the file and the missing / unexpected keys and shape
     mismatches when it does not fit the architecture.
     """
-    path = storage.upath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ImageNet weights {path}: no such file")
-    try:
-        with storage.open_read(path) as f:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"ImageNet weights {path}: cannot be read by torch.load ({e})") from e
+    obj = load_torch_file(path, "ImageNet weights")
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

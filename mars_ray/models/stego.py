@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from mars_ray.models import small_cnn as _small_cnn  # noqa: F401  (registers "small_cnn")
 from mars_ray.models import vit as _vit  # registers the ViT presets
 from mars_ray import storage
+from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.models.registry import BACKBONES, FEATURES
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
@@ -29,32 +31,44 @@ PathLike = Union[str, os.PathLike, storage.ObjectPath]
 #: STEGO's cocostuff ViT-S config: shifts and weights for (self, k-NN, random) pairs
 DEFAULT_SHIFTS = (0.18, 0.12, 0.46)
 DEFAULT_WEIGHTS = (0.67, 0.25, 0.63)
-CHECKPOINT_FORMAT = "mars_ray.stego/1"
+CHECKPOINT_FORMAT = "mars_ray.stego/2"  # /2 adds head_kind (linear-only or no head); /1 files still load
+_READABLE_FORMATS = ("mars_ray.stego/1", CHECKPOINT_FORMAT)
+HEAD_KINDS = ("stego", "linear", "none")
 
 
 class SegHead(nn.Module):
-    """STEGO head: linear 1x1 conv + (1x1 conv, ReLU, 1x1 conv), summed: B x in_dim x h x w → B x dim x h x w."""
+    """STEGO head: linear 1x1 conv + (1x1 conv, ReLU, 1x1 conv), summed: B x in_dim x h x w → B x dim x h x w.
 
-    def __init__(self, in_dim: int, dim: int = 70, dropout: float = 0.1) -> None:
+    The layout of STEGO's ``DinoFeaturizer`` (``src/modules.py``): ``cluster1`` = ``linear``,
+    ``cluster2`` = ``nonlinear``, code = ``cluster1(x) + cluster2(x)``; with ``nonlinear=False`` the
+    linear branch alone (STEGO's ``projection_type: linear``). STEGO draws one dropout mask per branch
+    while training, this head one for both; at inference both are the identity.
+    """
+
+    def __init__(self, in_dim: int, dim: int = 70, dropout: float = 0.1, nonlinear: bool = True) -> None:
         super().__init__()
         self.in_dim, self.dim = in_dim, dim
         self.dropout = nn.Dropout2d(dropout)
         self.linear = nn.Conv2d(in_dim, dim, 1)
-        self.nonlinear = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, dim, 1))
+        self.nonlinear = (nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, dim, 1))
+                          if nonlinear else None)
 
     def forward(self, feats: Tensor) -> Tensor:
         x = self.dropout(feats)
-        return self.linear(x) + self.nonlinear(x)
+        return self.linear(x) if self.nonlinear is None else self.linear(x) + self.nonlinear(x)
 
 
 class StegoModel(nn.Module):
-    """Frozen backbone + trainable :class:`SegHead`: B x 3 x H x W in [0, 1] → B x dim x h x w codes."""
+    """Frozen backbone + trainable :class:`SegHead`: B x 3 x H x W in [0, 1] → B x dim x h x w codes.
 
-    def __init__(self, backbone: nn.Module, head: SegHead) -> None:
+    ``head=None``: the backbone's features are the codes (an imported Leopart ViT's patch tokens).
+    """
+
+    def __init__(self, backbone: nn.Module, head: Optional[SegHead]) -> None:
         super().__init__()
         self.backbone = backbone.requires_grad_(False).eval()
         self.head = head
-        self.dim = head.dim
+        self.dim = head.dim if head is not None else int(getattr(backbone, "dim"))
         self.stride = int(getattr(backbone, "stride"))
 
     def train(self, mode: bool = True) -> "StegoModel":
@@ -68,7 +82,8 @@ class StegoModel(nn.Module):
         return self.backbone(images)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(images))
+        feats = self.features(images)
+        return feats if self.head is None else self.head(feats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,40 +214,42 @@ _REQUIRED = ("format", "backbone", "backbone_kwargs", "head_in_dim", "head_dim",
 
 def save_stego_checkpoint(
     model: StegoModel,
-    path: PathLike,
+    path: AnyPath,
     backbone_name: str,
     backbone_kwargs: Optional[Mapping[str, Any]] = None,
     backbone_weights: Optional[PathLike] = None,
-) -> "storage.AnyPath":
+) -> AnyPath:
     """Write one self-describing STEGO checkpoint (atomically; ``path`` local or an object-store URI);
     returns the path.
 
-    It records the BACKBONES name and kwargs, the head's sizes and weights, and either the absolute
-    path or URI of the backbone weights (``backbone_weights``, e.g. a DINO ``.pth``) or, if None, the backbone's
-    own state dict embedded (the self-trained ``small_cnn``).
+    It records the BACKBONES name and kwargs, the head's kind (``stego``: linear + nonlinear,
+    ``linear``, or ``none``: the backbone's features are the codes), sizes and weights, and either
+    the absolute path or URI of the backbone weights (``backbone_weights``, e.g. a DINO ``.pth``) or,
+    if None, the backbone's own state dict embedded (the self-trained ``small_cnn``, imported models).
     """
     if backbone_name not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone_name!r}; known: {', '.join(BACKBONES.names())}")
+    head = model.head
+    kind = "none" if head is None else ("stego" if head.nonlinear is not None else "linear")
     ckpt: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "backbone": backbone_name,
         "backbone_kwargs": dict(backbone_kwargs or {}),
         "backbone_weights": None if backbone_weights is None else storage.absolute(backbone_weights),
         "backbone_state": None if backbone_weights is not None else model.backbone.state_dict(),
-        "head_in_dim": model.head.in_dim,
-        "head_dim": model.head.dim,
-        "head_state": model.head.state_dict(),
+        "head_kind": kind,
+        "head_in_dim": model.dim if head is None else head.in_dim,
+        "head_dim": model.dim if head is None else head.dim,
+        "head_state": None if head is None else head.state_dict(),
     }
-    path = storage.upath(path)
-    with storage.atomic_open(path) as f:
-        torch.save(ckpt, f)
-    return path
+    return save_torch_file(ckpt, path)
 
 
-def _load_backbone_weights(backbone: nn.Module, weights: "storage.AnyPath", ckpt_path: "storage.AnyPath") -> None:
-    if not weights.is_file():
-        raise FileNotFoundError(f"{ckpt_path}: backbone weights {weights} not found")
-    _vit.load_dino_checkpoint(backbone, weights)  # generic: raw / wrapped state dict, strict match
+def _load_backbone_weights(backbone: nn.Module, weights: str, ckpt_path: "str | AnyPath") -> None:
+    try:
+        _vit.load_dino_checkpoint(backbone, weights)  # generic: raw / wrapped state dict, strict match
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{ckpt_path}: names backbone weights that do not exist ({e})") from None
 
 
 def load_stego_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> StegoModel:
@@ -242,21 +259,17 @@ def load_stego_checkpoint(path: PathLike, device: Union[str, torch.device] = "cp
         FileNotFoundError: the checkpoint or the backbone weights it names do not exist.
         ValueError: unreadable file, missing keys, unknown backbone, or weights that do not fit.
     """
-    path = storage.upath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: STEGO checkpoint not found")
-    try:
-        with storage.open_read(path) as f:
-            ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot be read as a torch checkpoint: {exc}") from exc
+    ckpt = load_torch_file(path, "STEGO checkpoint")
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: not a STEGO checkpoint (got {type(ckpt).__name__})")
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a STEGO checkpoint, missing keys {missing}")
-    if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+    if ckpt["format"] not in _READABLE_FORMATS:
+        raise ValueError(f"{path}: format {ckpt['format']!r}, expected one of {list(_READABLE_FORMATS)}")
+    kind = ckpt.get("head_kind", "stego")
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"{path}: head_kind {kind!r}, expected one of {list(HEAD_KINDS)}")
     if ckpt["backbone"] not in BACKBONES:
         raise ValueError(f"{path}: unknown backbone {ckpt['backbone']!r}; known: {', '.join(BACKBONES.names())}")
     backbone = BACKBONES.get(ckpt["backbone"], **ckpt["backbone_kwargs"])
@@ -266,14 +279,16 @@ def load_stego_checkpoint(path: PathLike, device: Union[str, torch.device] = "cp
         except RuntimeError as exc:
             raise ValueError(f"{path}: embedded backbone weights do not fit {ckpt['backbone']}: {exc}") from exc
     elif ckpt.get("backbone_weights"):
-        _load_backbone_weights(backbone, storage.upath(ckpt["backbone_weights"]), path)
+        _load_backbone_weights(backbone, ckpt["backbone_weights"], path)
     else:
         raise ValueError(f"{path}: neither backbone_state nor backbone_weights is set")
-    head = SegHead(int(ckpt["head_in_dim"]), int(ckpt["head_dim"]))
-    try:
-        head.load_state_dict(ckpt["head_state"])
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: head weights do not fit: {exc}") from exc
+    head = None
+    if kind != "none":
+        head = SegHead(int(ckpt["head_in_dim"]), int(ckpt["head_dim"]), nonlinear=kind == "stego")
+        try:
+            head.load_state_dict(ckpt["head_state"])
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: head weights do not fit: {exc}") from exc
     return StegoModel(backbone, head).to(device).eval()
 
 

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mars_ray import storage
+from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.models.registry import BACKBONES
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,11 @@ class VisionTransformer(nn.Module):
 
     The input is ImageNet-normalised, zero-padded (bottom/right) to a multiple of the patch size,
     and the learned position embedding (for a ``img_size``² grid) is bicubically resized to the
-    patch grid. ``dim`` and ``stride`` describe the output map.
+    patch grid: to the grid's size (``pos_interp="size"``), or exactly as DINO's
+    ``interpolate_pos_encoding`` does (``"dino"``: unchanged for a square grid of the stored size,
+    else ``scale_factor=((h + 0.1) / √N, (w + 0.1) / √N)``), which STEGO, HP and Leopart inherit;
+    checkpoints imported from them use ``"dino"`` so that their features come out unchanged.
+    ``dim`` and ``stride`` describe the output map.
     """
 
     def __init__(
@@ -110,8 +116,12 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         img_size: int = 224,
+        pos_interp: str = "size",
     ) -> None:
         super().__init__()
+        if pos_interp not in ("size", "dino"):
+            raise ValueError(f"pos_interp must be 'size' or 'dino', got {pos_interp!r}")
+        self.pos_interp = pos_interp
         self.dim = embed_dim
         self.stride = patch_size
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
@@ -142,9 +152,15 @@ class VisionTransformer(nn.Module):
         side = int(math.sqrt(n))
         if side * side == n and side == h == w:
             return self.pos_embed
+        if self.pos_interp == "dino" and h * w == n and h == w:
+            return self.pos_embed
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
+        if self.pos_interp == "dino":  # DINO vision_transformer.py: +0.1 against floating-point floor errors
+            scale = ((h + 0.1) / math.sqrt(n), (w + 0.1) / math.sqrt(n))
+            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic")
+        else:
+            patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -189,6 +205,12 @@ def vit_base_16(**kw: Any) -> VisionTransformer:
     return _build(patch_size=16, embed_dim=768, depth=12, num_heads=12, **kw)
 
 
+@BACKBONES.register("vit")
+def vit(**kw: Any) -> VisionTransformer:
+    """Any DINO-layout ViT, sizes as keyword arguments (imported checkpoints record theirs); default ViT-S/16."""
+    return _build(**kw)
+
+
 @BACKBONES.register("vit_tiny_test")
 def vit_tiny_test(**kw: Any) -> VisionTransformer:
     """A 2-block, 32-dim ViT with patch 8 on a 32 x 32 grid: for tests only."""
@@ -203,15 +225,6 @@ def _abbrev(items: list[str], n: int = 5) -> str:
     items = sorted(items)
     head = ", ".join(items[:n])
     return head + (f", … (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def _torch_load(path: "storage.AnyPath") -> Any:
-    """``torch.load`` with ``weights_only=True``; DINO full checkpoints also pickle ``args``."""
-    try:
-        with storage.open_read(path) as f, torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in several types
-        raise ValueError(f"{path}: cannot be read as a torch checkpoint (weights only): {exc}") from exc
 
 
 def extract_state_dict(obj: Any, path: PathLike = "<checkpoint>") -> dict[str, Tensor]:
@@ -253,10 +266,8 @@ def load_dino_checkpoint(model: nn.Module, path: PathLike) -> nn.Module:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, or missing / unexpected keys / shape mismatches (named).
     """
-    path = storage.upath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: DINO checkpoint not found")
-    state = extract_state_dict(_torch_load(path), path)
+    # DINO's full checkpoints also pickle their training ``args``
+    state = extract_state_dict(load_torch_file(path, "DINO checkpoint", safe_globals=[argparse.Namespace]), path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -279,9 +290,6 @@ def load_dino_checkpoint(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-def save_dino_checkpoint(model: nn.Module, path: PathLike) -> "storage.AnyPath":
+def save_dino_checkpoint(model: nn.Module, path: AnyPath) -> AnyPath:
     """Write ``model.state_dict()`` as a raw DINO-style state dict (atomically; local or URI); returns the path."""
-    path = storage.upath(path)
-    with storage.atomic_open(path) as f:
-        torch.save(model.state_dict(), f)
-    return path
+    return save_torch_file(model.state_dict(), path)

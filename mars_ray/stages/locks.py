@@ -40,6 +40,7 @@ class LockTable:
 
     def __init__(self) -> None:
         self._leases: dict[str, tuple[str, float]] = {}  # key → (holder, monotonic expiry)
+        self._info: dict[str, dict[str, Any]] = {}  # key → what its holder said about itself (for messages)
         self._changed: Optional[asyncio.Condition] = None
 
     def _cond(self) -> asyncio.Condition:
@@ -51,11 +52,13 @@ class LockTable:
         lease = self._leases.get(key)
         return lease is None or lease[0] == holder or lease[1] <= now
 
-    async def acquire(self, key: str, holder: str, ttl_s: float, timeout_s: Optional[float] = None) -> bool:
+    async def acquire(self, key: str, holder: str, ttl_s: float, timeout_s: Optional[float] = None,
+                      info: Optional[dict[str, Any]] = None) -> bool:
         """Take ``key`` for ``holder`` for ``ttl_s`` s; waits while another holder's lease is live.
 
-        Returns ``True`` once held, ``False`` when ``timeout_s`` passed first (``None``: wait forever).
-        A holder asking again for a key it holds gets it at once (its lease is extended).
+        Returns ``True`` once held, ``False`` when ``timeout_s`` passed first (``None``: wait forever;
+        ``0``: do not wait). A holder asking again for a key it holds gets it at once (its lease is
+        extended). ``info`` (host, pid, since, command, …) is kept for :meth:`holder_info`.
         """
         if ttl_s <= 0:
             raise ValueError(f"lock {key!r}: ttl_s must be > 0, got {ttl_s}")
@@ -69,6 +72,7 @@ class LockTable:
                     if old is not None and old[0] != holder:
                         logger.warning("lock %r: lease of %s expired; %s takes over", key, old[0], holder)
                     self._leases[key] = (holder, now + ttl_s)
+                    self._info[key] = {**(info or {}), "holder": holder}
                     return True
                 wait = self._leases[key][1] - now  # wake when the lease would expire, if not before
                 if deadline is not None:
@@ -99,6 +103,7 @@ class LockTable:
             if lease is None or lease[0] != holder:
                 return False
             del self._leases[key]
+            self._info.pop(key, None)
             cond.notify_all()
             return True
 
@@ -106,6 +111,10 @@ class LockTable:
         """The holder of a live lease on ``key``, or ``None``."""
         lease = self._leases.get(key)
         return lease[0] if lease is not None and lease[1] > time.monotonic() else None
+
+    async def holder_info(self, key: str) -> Optional[dict[str, Any]]:
+        """What the holder of a live lease on ``key`` said about itself (``info`` of ``acquire``), or ``None``."""
+        return self._info.get(key) if await self.holder(key) is not None else None
 
 
 def lock_actor() -> Any:
@@ -125,13 +134,24 @@ def new_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class LeaseHeld(Exception):
+    """``cluster_lock(..., wait=False)`` found the key held; ``info`` is what its holder said about itself."""
+
+    def __init__(self, key: str, info: Optional[dict[str, Any]]) -> None:
+        super().__init__(f"lock {key!r} is held by {(info or {}).get('holder', 'another holder')}")
+        self.key, self.info = key, info
+
+
 @contextmanager
-def cluster_lock(key: str, ttl_s: float = 120.0, *, poll_s: float = 30.0) -> Iterator[str]:
+def cluster_lock(key: str, ttl_s: float = 120.0, *, poll_s: float = 30.0, wait: bool = True,
+                 info: Optional[dict[str, Any]] = None) -> Iterator[str]:
     """``with cluster_lock("features:s3://…"):`` hold ``key`` exclusively across the whole cluster.
 
     Waits for the key (asking the actor again every ``poll_s`` s, so a restarted actor or a lease
     lost by a killed holder never blocks forever), renews the lease every ``ttl_s / 3`` s from a
-    daemon thread while the block runs, and releases it on exit. Yields the holder id.
+    daemon thread while the block runs, and releases it on exit. Yields the holder id. With
+    ``wait=False`` a held key raises :class:`LeaseHeld` at once; ``info`` describes this holder
+    to the others (``LeaseHeld.info``).
     """
     from ray.exceptions import RayActorError
 
@@ -141,8 +161,10 @@ def cluster_lock(key: str, ttl_s: float = 120.0, *, poll_s: float = 30.0) -> Ite
     waited = False
     while True:
         try:
-            if ray.get(actor.acquire.remote(key, holder, ttl_s, poll_s)):
+            if ray.get(actor.acquire.remote(key, holder, ttl_s, poll_s if wait else 0.0, info)):
                 break
+            if not wait:
+                raise LeaseHeld(key, ray.get(actor.holder_info.remote(key)))
         except RayActorError as e:  # the lock actor died: its leases went with it; start a new one
             logger.warning("lock %r: lock actor lost (%s); asking a new one", key, e)
             time.sleep(1.0)
@@ -177,4 +199,4 @@ def cluster_lock(key: str, ttl_s: float = 120.0, *, poll_s: float = 30.0) -> Ite
             logger.warning("lock %r: release failed (%s); the lease expires in %.0f s", key, e, ttl_s)
 
 
-__all__ = ["LockTable", "cluster_lock", "lock_actor", "new_holder"]
+__all__ = ["LeaseHeld", "LockTable", "cluster_lock", "lock_actor", "new_holder"]

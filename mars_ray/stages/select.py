@@ -9,10 +9,13 @@ dataset (column-projected, ``select.chunk_rows`` rows at a time) keep O(N) scala
 
 Outputs in ``RUN/select/``: ``centroids.npy`` ``[C+1, d]`` float32 (row c = V^c; row 0 and classes
 without centroids are zero), ``present.npy`` ``[C+1]`` bool, ``report.json`` (per class: centroid
-count, chosen count, distance summary, and where ground truth exists the *target ratio*: share of
-chosen centroids whose pixels are mostly the target object), ``chosen.parquet`` (one row a chosen
-centroid: image_id, class_id, k, count, distance, gt_match). ``RUN`` and the table may be local or
-on an object store (``mars_ray.storage``); the table is found through ``features.resolve``.
+count, chosen count, distance summary, and where ground truth exists two target measures of the
+chosen centroids: the paper's ``paper_target_ratio`` — Fig 8 and its appendix: share with IoU > 0.3
+with the class's ground truth, ``paper_biased_ratio`` the share with IoU < 0.1 — and our pixel-share
+``target_ratio``: share whose pixels are mostly the target object), ``chosen.parquet`` (one row a
+chosen centroid: image_id, class_id, k, count, distance, gt_match, gt_iou). A centroid table without
+the ``gt_iou`` column (written before it existed) still selects; its paper ratios are ``null``. ``RUN`` and the table may be local or
+on an object store (``mars_ray.storage``); the table is found through ``features.table_path``.
 """
 
 from __future__ import annotations
@@ -28,17 +31,21 @@ import pyarrow.parquet as pq
 import ray
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
 from mars_ray.algo.centroids import BackgroundMean, bias_distance, class_sums, means_from_sums, top_alpha_mask
+from mars_ray.algo.metrics import target_centroid_ratio
 from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, require_complete
 from mars_ray.data.voc import VOCDataset
 from mars_ray.stages import features as features_stage
+from mars_ray.stages import inputs
 from mars_ray.stages.runtime import ensure_ray
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
 TARGET_MATCH = 0.5  # a centroid "is the target object" when most of its pixels are GT of its class
+_EXECUTION_KEYS = {"chunk_rows"}  # rows per streamed batch: how the table is read, not what is chosen
+HIST_BINS = 20  # bins of the per-class bias-distance histograms in report.json (our choice: readable at C ≤ 80)
 
 
 def _vectors(batch: pa.RecordBatch) -> np.ndarray:
@@ -52,7 +59,7 @@ class CentroidSelector:
 
     def __init__(self, table: str, *, num_classes: int, alpha: float, chunk_rows: int) -> None:
         self.table = table
-        self.data = features_stage.open_table(table)
+        self.data = features_stage.open_table(upath(table))
         self.num_classes = num_classes
         self.alpha = alpha
         self.chunk_rows = chunk_rows
@@ -63,7 +70,7 @@ class CentroidSelector:
 
     def run(self, chosen_path: str) -> dict[str, Any]:
         """Eq 1–3 over the table; the chosen rows go to ``chosen_path`` (atomically, local or URI)."""
-        with storage.atomic_open(chosen_path) as sink:
+        with storage.atomic_open(upath(chosen_path)) as sink:
             return self._run(sink)
 
     def _run(self, sink: Any) -> dict[str, Any]:
@@ -76,17 +83,21 @@ class CentroidSelector:
             raise ValueError(f"{self.table}: no background centroids")
         bg_mean = acc.mean()
         # pass 2: distances of every foreground centroid (O(N) scalars)
-        dists, classes, matches = [], [], []
-        for b in self._batches(["class_id", "gt_match", "vector"], bg=False):
+        has_iou = "gt_iou" in self.data.schema.names  # tables from before the column: NaN
+        dists, classes, matches, ious = [], [], [], []
+        for b in self._batches(["class_id", "gt_match", "vector"] + (["gt_iou"] if has_iou else []), bg=False):
             if b.num_rows:
                 dists.append(bias_distance(_vectors(b), bg_mean))
                 classes.append(b.column("class_id").to_numpy(zero_copy_only=False))
                 matches.append(b.column("gt_match").to_numpy(zero_copy_only=False))
+                ious.append(b.column("gt_iou").to_numpy(zero_copy_only=False) if has_iou
+                            else np.full(b.num_rows, np.nan))
         if not dists:
             raise ValueError(f"{self.table}: centroid table has no foreground centroids")
         distances = np.concatenate(dists)
         class_ids = np.concatenate(classes).astype(np.int64)
         gt_match = np.concatenate(matches).astype(np.float64)
+        gt_iou = np.concatenate(ious).astype(np.float64)
         bad = class_ids[(class_ids < 1) | (class_ids > self.num_classes)]
         if bad.size:
             raise ValueError(f"{self.table}: class ids {sorted(set(bad.tolist()))[:10]} outside 1..{self.num_classes}")
@@ -111,6 +122,7 @@ class CentroidSelector:
                     "count": b.column("count").take(idx),
                     "distance": pa.array(distances[sl][idx]),
                     "gt_match": pa.array(gt_match[sl][idx].astype(np.float32)),
+                    "gt_iou": pa.array(gt_iou[sl][idx].astype(np.float32)),
                 }
             )
             writer = writer or pq.ParquetWriter(sink, part.schema)
@@ -122,13 +134,19 @@ class CentroidSelector:
         return {
             "centroids": centroids,
             "present": present,
-            "report": self._report(distances, class_ids, chosen, gt_match, acc.count),
+            "report": self._report(distances, class_ids, chosen, gt_match, gt_iou, acc.count),
         }
 
     def _report(
-        self, distances: np.ndarray, class_ids: np.ndarray, chosen: np.ndarray, gt_match: np.ndarray, n_bg: int
+        self, distances: np.ndarray, class_ids: np.ndarray, chosen: np.ndarray, gt_match: np.ndarray,
+        gt_iou: np.ndarray, n_bg: int,
     ) -> dict[str, Any]:
+        """Selection summary; per class also ``histogram``: counts of chosen / not-chosen bias
+        distances on ``HIST_BINS`` shared bins over the class's distance range (O(C·bins)). Where
+        ground truth exists: the paper's target / biased ratios (``gt_iou``) beside our pixel-share
+        ``target_ratio`` (``gt_match``)."""
         has_gt = bool(np.isfinite(gt_match).any())
+        has_iou = bool(np.isfinite(gt_iou).any())
         per_class: dict[int, dict[str, Any]] = {}
         for c in np.unique(class_ids):
             m = class_ids == c
@@ -142,9 +160,19 @@ class CentroidSelector:
                 "chosen_distance_min": float(d_sel.min()),
                 "chosen_distance_mean": float(d_sel.mean()),
             }
+            # bias-distance histograms of chosen / not-chosen centroids on shared edges (the report's plot)
+            edges = np.linspace(d_all.min(), d_all.max(), HIST_BINS + 1) if d_all.max() > d_all.min() \
+                else np.array([d_all.min() - 0.5 / HIST_BINS, d_all.min() + 0.5 / HIST_BINS])
+            entry["histogram"] = {
+                "edges": edges.tolist(),
+                "chosen": np.histogram(d_sel, edges)[0].tolist(),
+                "not_chosen": np.histogram(distances[m & ~chosen], edges)[0].tolist(),
+            }
             if has_gt:
                 entry["target_ratio"] = _ratio(gt_match[m & chosen])
                 entry["target_ratio_not_chosen"] = _ratio(gt_match[m & ~chosen])
+            if has_iou:
+                entry.update(_paper_ratios(gt_iou[m & chosen]))
             per_class[int(c)] = entry
         report: dict[str, Any] = {
             "alpha": self.alpha,
@@ -157,41 +185,49 @@ class CentroidSelector:
             report["target_ratio"] = _ratio(gt_match[chosen])
             report["target_ratio_not_chosen"] = _ratio(gt_match[~chosen])
             report["target_ratio_all"] = _ratio(gt_match)
+        if has_iou:
+            report.update(_paper_ratios(gt_iou[chosen]))
+            report.update({f"{k}_all": v for k, v in _paper_ratios(gt_iou).items()})
         return report
 
 
 def _ratio(match: np.ndarray) -> float | None:
+    """Our pixel-share measure: the share of centroids whose pixels are mostly (>= 50 %) the target."""
     match = match[np.isfinite(match)]
     return float((match >= TARGET_MATCH).mean()) if match.size else None
 
 
-def stage_dir(cfg: C.Config, run_dir: "features_stage.RunDir") -> StageDir:
-    run_dir = upath(run_dir)
+def _paper_ratios(iou: np.ndarray) -> dict[str, float | None]:
+    """The paper's measure (Fig 8, appendix): shares of centroids with IoU > 0.3 (target) and < 0.1 (biased)."""
+    r = target_centroid_ratio(iou)
+    return {"paper_target_ratio": r["target_ratio"], "paper_biased_ratio": r["biased_ratio"]}
+
+
+def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     upstream = require_complete(run_dir / "features", "features")
-    slice_ = {"select": {"alpha": cfg.select.alpha}}
-    inputs = {"features": upstream["key"]}
-    return StageDir(run_dir / "select", "select", C.slice_hash(slice_, inputs), slice_, inputs)
+    slice_ = {"select": {"alpha": cfg.select.alpha}, "data": inputs.dataset_key(cfg, [])}  # classes, report names
+    fingerprints = {"features": upstream["key"]}
+    return StageDir(run_dir / "select", "select", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
-def run(cfg: C.Config, run_dir: "features_stage.RunDir") -> AnyPath:
+def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Select V^c from ``RUN/features``; returns ``RUN/select`` (skipped when already complete)."""
-    run_dir = upath(run_dir)
     sd = stage_dir(cfg, run_dir)
     if sd.is_complete():
         logger.info("select: up to date in %s, skipping", sd.path)
         return sd.path
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     with sd.guard():
         ensure_ray(cfg.ray)
-        table = features_stage.resolve(run_dir) / features_stage.TABLE  # through a cache link
         actor = ray.remote(num_cpus=1)(CentroidSelector).remote(
-            storage.absolute(table), num_classes=dataset.num_classes, alpha=cfg.select.alpha,
+            storage.absolute(features_stage.table_path(run_dir)), num_classes=dataset.num_classes, alpha=cfg.select.alpha,
             chunk_rows=cfg.select.chunk_rows,
         )
         try:
             result = ray.get(actor.run.remote(storage.absolute(sd.path / "chosen.parquet")))
         finally:
             ray.kill(actor)
+        faults.point("select.chosen")
         report = result["report"]
         report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
         report["classes_without_centroids"] = [
@@ -201,11 +237,13 @@ def run(cfg: C.Config, run_dir: "features_stage.RunDir") -> AnyPath:
         atomic_save_npy(sd.path / "present.npy", result["present"])
         atomic_write_json(sd.path / "report.json", report)
         sd.finish({"centroids": "centroids.npy", "present": "present.npy", "report": "report.json",
-                   "n_chosen": report["n_chosen"], "target_ratio": report.get("target_ratio")})
-    ratio = report.get("target_ratio")
+                   "n_chosen": report["n_chosen"], "target_ratio": report.get("target_ratio"),
+                   "paper_target_ratio": report.get("paper_target_ratio")})
+    ratio, paper = report.get("target_ratio"), report.get("paper_target_ratio")
     logger.info(
-        "select: chose %d of %d foreground centroids (alpha=%.2f)%s",
+        "select: chose %d of %d foreground centroids (alpha=%.2f)%s%s",
         report["n_chosen"], report["n_foreground_centroids"], cfg.select.alpha,
-        "" if ratio is None or math.isnan(ratio) else f", target ratio {ratio:.1%}",
+        "" if paper is None else f", target-centroid ratio (paper: IoU > 0.3) {paper:.1%}",
+        "" if ratio is None or math.isnan(ratio) else f", pixel-share target ratio {ratio:.1%}",
     )
     return sd.path

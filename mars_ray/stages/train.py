@@ -4,7 +4,10 @@ MARS (default): a segmenter (``train.model`` in SEGMENTERS) learns from the debi
 (``RUN/debias/{id}.png`` or ``train.labels``). An EMA teacher (mean teacher, updated after every
 step) predicts on the same batch; its dense-CRF-refined argmax fills the BIASED (254) pixels → Y^co,
 the certain mask W (Eq 6) weights those pixels by the teacher's foreground confidence, and the
-student minimises the weighted CE (Eq 7) — ``engine.complement_step``. The final model is the teacher.
+student minimises the weighted CE (Eq 7; plain CE on Y^co with ``train.wce=false``, the paper's
+Table 6 ablation) — ``engine.complement_step``. The final model is the teacher. Every training row
+carries its image's classes C_I (``class_mask``: from the image-level labels when the dataset has
+them, else the classes present in Y^b; the log says which): the fill and W use only those classes.
 
 Baseline (``train.baseline=true``, ``mars train --baseline``): the same network, schedule and data
 pipeline on the pseudo labels Y^b (``data.pseudo_labels`` / ``RUN/wsss`` or ``train.labels``) with
@@ -16,8 +19,9 @@ Ray Train: ``TorchTrainer`` over ``train.num_workers`` (DDP via ``prepare_model`
 ``train.use_gpu``, mixed precision with ``train.amp`` where CUDA is available). The (image, label)
 rows are a Ray Data dataset, materialised before the trainer starts (RAY_NOTES: on small machines
 a lazy read blocks behind the workers' CPUs); every worker streams its shard each epoch and runs
-``SegAugment`` (scale, crop, flip) itself. Rank 0 reports a checkpoint (student, teacher, optimiser,
-scheduler, epoch, global step, history) every ``train.checkpoint_every`` epochs and after the last.
+``SegAugment`` (scale, crop, flip) itself (the worker's loop: ``stages/train_loop.py``). Rank 0
+reports a checkpoint (student, teacher, optimiser, scheduler, epoch, global step, history) every
+``train.checkpoint_every`` epochs and after the last.
 
 Resuming: Ray Train's run name is fixed per folder (``mars`` / ``baseline``) under ``RUN/train/ray``,
 so a killed run resumes from its last checkpoint, and ``FailureConfig(train.max_failures)`` restarts
@@ -41,36 +45,31 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import time
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 
 from mars_ray import config as C
-from mars_ray import storage
-from mars_ray.algo.complement import ema_update
-from mars_ray.artifacts import StageDir, atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint_path
-from mars_ray.artifacts import read_manifest, require_complete
+from mars_ray import faults, storage
+from mars_ray.artifacts import StageDir, atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint_files
+from mars_ray.artifacts import fingerprint_path, read_manifest, require_complete
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.validate import check_label, label_folder_sizes
 from mars_ray.data.voc import VOCDataset
-from mars_ray.engine import SegAugment, baseline_step, build_sgd, complement_step, evaluate, make_ema_teacher
-from mars_ray.engine import poly_lr_lambda, train_one_epoch
 from mars_ray.models.deeplab import load_segmenter_checkpoint, save_segmenter_checkpoint
 from mars_ray.models.registry import SEGMENTERS
 from mars_ray.stages import evaluate as evaluate_stage
-from mars_ray.stages import features as features_stage
-from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, map_images, report_epoch, restored_state
+from mars_ray.stages import inputs
+from mars_ray.stages.runtime import ensure_ray, final_state, fit_torch, map_images
+from mars_ray.stages.train_loop import TrainLoop, train_worker
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
-STATE = STATE_FILE
 HISTORY_FIELDS = ("epoch", "step", "loss", "ce", "wce", "biased_frac", "mean_w", "lr", "val_miou",
                   "images_per_s", "time")
 # do not change the trained weights' meaning: left out of the stage key
@@ -88,13 +87,12 @@ def out_names(cfg: C.Config) -> dict[str, str]:
     return {"train": "train", "predict": "predict", "complement": "complement"}
 
 
-def labels_dir(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
+def labels_dir(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Training labels: ``train.labels``, else Y^b (baseline) or ``RUN/debias`` (MARS); local or URI."""
-    if cfg.train.labels:
-        return upath(cfg.train.labels)
-    if cfg.train.baseline:
-        return upath(features_stage.pseudo_label_dir(cfg, upath(run_dir)))
-    return upath(run_dir) / "debias"
+    given = inputs.config_path(cfg.train.labels)
+    if given is not None:
+        return given
+    return inputs.pseudo_label_dir(cfg, run_dir) if cfg.train.baseline else run_dir / "debias"
 
 
 def _model_kwargs(cfg: C.Config, num_classes: int) -> dict[str, Any]:
@@ -107,35 +105,17 @@ def _model_kwargs(cfg: C.Config, num_classes: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _check_numbers(t: C.TrainConfig) -> None:
-    for key in ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if t.batch_size % t.num_workers:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} is not divisible by train.num_workers={t.num_workers}: "
-            "every worker takes batch_size / num_workers images per step"
-        )
-    if not 0 < t.scale_min <= t.scale_max:
-        raise ValueError(f"train.scale_min/scale_max must satisfy 0 < min <= max, got {t.scale_min}, {t.scale_max}")
-    if not 0.0 <= t.ema_momentum <= 1.0:
-        raise ValueError(f"train.ema_momentum must be in [0, 1], got {t.ema_momentum}")
-    if t.lr <= 0:
-        raise ValueError(f"train.lr must be positive, got {t.lr}")
-    if t.model not in SEGMENTERS:
-        raise ValueError(f"train.model={t.model!r} is not a segmenter; known: {', '.join(SEGMENTERS.names())}")
-
-
-def validate_inputs(cfg: C.Config, run_dir: "str | AnyPath") -> tuple[VOCDataset, AnyPath]:
+def validate_inputs(cfg: C.Config, run_dir: AnyPath) -> tuple[VOCDataset, AnyPath]:
     """Every check that needs no training, before any output is touched; returns (dataset, labels folder).
 
     Raises ``ValueError`` naming the key or file: batch not divisible across workers, a crop larger
     than every (scaled) image, a labels folder missing ids, an ``init_checkpoint`` of another
-    model or class count; ``FileNotFoundError`` when the debias stage has not run.
+    model or class count, image-level labels (MARS) with a bad id or class or without an id;
+    ``FileNotFoundError`` when the debias stage has not run.
     """
     t = cfg.train
-    _check_numbers(t)
-    dataset = VOCDataset(cfg.data.root)
+    C.validate(cfg)  # ranges and names (``mars train`` built the config so; a merged one may not be)
+    dataset = inputs.open_dataset(cfg)
     labels = labels_dir(cfg, run_dir)
     if not t.labels and not t.baseline:
         require_complete(labels, "debias")
@@ -151,50 +131,50 @@ def validate_inputs(cfg: C.Config, run_dir: "str | AnyPath") -> tuple[VOCDataset
         )
     if t.init_checkpoint:
         load_segmenter_checkpoint(t.init_checkpoint, expect_name=t.model, expect_num_classes=dataset.num_classes + 1)
+    class_source(cfg, run_dir, dataset, labels, check=True)  # bad image-level labels: named before training
     return dataset, labels
 
 
-def stage_dir(cfg: C.Config, run_dir: "str | AnyPath") -> StageDir:
+def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     """``RUN/train`` (or ``RUN/train_baseline``) and its key: config slice minus execution knobs + inputs."""
-    run_dir = upath(run_dir)
-    dataset = VOCDataset(cfg.data.root)
+    dataset = inputs.open_dataset(cfg)
     labels = labels_dir(cfg, run_dir)
     t = cfg.train
     slice_ = {
         "train": {k: v for k, v in C.to_dict(t).items() if k not in _EXECUTION_KEYS},
-        "data": {"root": storage.absolute(cfg.data.root), "split": cfg.data.split, "eval_split": cfg.data.eval_split},
+        "data": {**inputs.dataset_key(cfg, [cfg.data.split]), "eval_split": cfg.data.eval_split},
+        "labels": storage.absolute(labels),
     }
     if not t.labels and not t.baseline:
         label_fp = "debias:" + str(require_complete(labels, "debias")["key"])
     else:
-        label_fp = fingerprint_files_of(labels, dataset.ids(cfg.data.split))
-    inputs = {
+        label_fp = fingerprint_files(labels / f"{i}.png" for i in dataset.ids(cfg.data.split))
+    fingerprints = {
         "labels": label_fp,
         "dataset": dataset.fingerprint(cfg.data.split),
-        "init_checkpoint": fingerprint_path(t.init_checkpoint) if t.init_checkpoint else "none",
+        "init_checkpoint": fingerprint_path(inputs.config_path(t.init_checkpoint)),
     }
-    return StageDir(run_dir / out_names(cfg)["train"], "train", C.slice_hash(slice_, inputs),
-                    {**slice_, "epochs": t.epochs}, inputs)
+    classes = class_source(cfg, run_dir, dataset, labels)
+    if classes is not None:  # MARS: where C_I comes from (the dataset fingerprint covers the file's content)
+        slice_["image_classes"] = classes["kind"]
+    return StageDir(run_dir / out_names(cfg)["train"], "train", C.slice_hash(slice_, fingerprints),
+                    {**slice_, "epochs": t.epochs}, fingerprints)
 
 
-def fingerprint_files_of(folder: "str | AnyPath", ids: list[str]) -> str:
-    from mars_ray.artifacts import fingerprint_files
-
-    return fingerprint_files(upath(folder) / f"{i}.png" for i in ids)
-
-
-# ------------------------------------------------------------------------------------------ Ray Train worker
+# ------------------------------------------------------------------------------------------ Ray Data rows
 
 
 class _LoadPair:
-    """Ray Data callable: ids → (image uint8 [H,W,3], label uint8 [H,W]) rows, labels checked."""
+    """Ray Data callable: ids → (image uint8 [H,W,3], label uint8 [H,W]) rows, labels checked; with
+    ``class_source`` (MARS) also ``class_mask`` bool [C+1]: background + the image's classes C_{I_i}."""
 
-    def __init__(self, root: str, labels: str) -> None:
-        self.dataset = VOCDataset(root)
+    def __init__(self, dataset: dict[str, Any], labels: str, class_source: dict[str, str] | None = None) -> None:
+        self.dataset = VOCDataset(**dataset)
         self.labels = upath(labels)
+        self.classes = inputs.ImageClasses(self.dataset, class_source) if class_source else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        images, labels = [], []
+        images, labels, masks = [], [], []
         for image_id in batch["image_id"]:
             image = read_image(self.dataset.image_path(str(image_id)))
             path = self.labels / f"{image_id}.png"
@@ -202,173 +182,34 @@ class _LoadPair:
             check_label(label, num_classes=self.dataset.num_classes, image_hw=image.shape[:2], path=path)
             images.append(image)
             labels.append(label)
-        return {"image_id": batch["image_id"], "image": images, "label": labels}
-
-
-def _augmented_batches(shard: Any, augment: SegAugment, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's shard for one epoch: shuffled, augmented, stacked → engine training batches."""
-    for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                local_shuffle_buffer_size=max(64, 4 * batch_size), local_shuffle_seed=seed):
-        pairs = [augment.numpy(np.asarray(img), np.asarray(lab)) for img, lab in zip(b["image"], b["label"])]
-        img = torch.from_numpy(np.stack([p["image_uint8"] for p in pairs]))
-        yield {"image": img.permute(0, 3, 1, 2).float().div_(255.0), "image_uint8": img,
-               "label": torch.from_numpy(np.stack([p["label"] for p in pairs])).long()}
-
-
-def _val_miou(model: torch.nn.Module, root: str, ids: list[str], num_classes: int) -> float:
-    """Single-scale mIoU of ``model`` on ``ids`` (read from the dataset root, local or URI; rank 0 only)."""
-    dataset = VOCDataset(root)
-    device = next(model.parameters()).device
-
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
-        for i in ids:
-            image = torch.from_numpy(read_image(dataset.image_path(i))).permute(2, 0, 1)[None].float().div_(255.0)
-            yield {"image": image.to(device), "label": torch.from_numpy(read_label(dataset.gt_path(i)).copy())[None]}
-
-    return float(evaluate(model, batches(), num_classes).compute()["miou"])
-
-
-def _reduce_mean(stats: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over DDP workers (identity on one worker)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return stats
-    keys = sorted(k for k in stats if k != "images_per_s")
-    t = torch.tensor([stats[k] for k in keys] + [stats.get("images_per_s", 0.0)], dtype=torch.float64)
-    dist.all_reduce(t)
-    out = {k: float(v) / dist.get_world_size() for k, v in zip(keys, t[:-1])}
-    out["images_per_s"] = float(t[-1])  # summed: images per second of the whole group
-    return out
-
-
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function: unpack the loop config and run :func:`fit`."""
-    fit(**config)
-
-
-def fit(
-    *,
-    model_name: str,
-    model_kwargs: dict[str, Any],
-    num_classes: int,
-    baseline: bool,
-    init_checkpoint: str,
-    crop_size: int,
-    scale_range: tuple[float, float],
-    batch_size: int,
-    n_train: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    poly_power: float,
-    epochs: int,
-    ema_momentum: float,
-    crf: dict[str, float] | None,
-    amp: bool,
-    checkpoint_every: int,
-    val_every: int,
-    root: str,
-    val_ids: list[str],
-    seed: int,
-    threads: int,
-) -> None:
-    """The training loop on one Ray Train worker: model, optimiser, resume, then per epoch train → val → report.
-
-    ``batch_size`` is global (each of the ``world_size`` workers takes ``batch_size / world_size``);
-    ``n_train`` is the number of training rows (every worker gets ``n_train // world_size``).
-    """
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, threads))
-    torch.manual_seed(seed)  # identical initial weights on every worker (DDP also broadcasts them)
-    device = ray.train.torch.get_device()
-
-    student = SEGMENTERS.get(model_name, **model_kwargs)
-    if init_checkpoint:
-        init, _ = load_segmenter_checkpoint(init_checkpoint, expect_name=model_name, expect_num_classes=num_classes)
-        student.load_state_dict(init.state_dict())
-    teacher = make_ema_teacher(student).to(device)
-    student = ray.train.torch.prepare_model(student)
-    core = getattr(student, "module", student)
-    local_bs = batch_size // world
-    steps_per_epoch = math.ceil((n_train // world) / local_bs)
-    optimizer = build_sgd(core.param_groups(lr), lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(epochs * steps_per_epoch, poly_power))
-    use_amp = amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=True) if use_amp else None
-
-    start_epoch, step, history = 0, 0, []
-    state = restored_state(map_location=device, weights_only=False)
-    if state is not None:
-        core.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
-        if rank == 0:
-            logger.info("resuming from epoch %d, step %d", start_epoch, step)
-
-    if baseline:
-        def step_fn(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-            return baseline_step(student, batch)
-    else:
-        def step_fn(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-            return complement_step(student, teacher, batch, num_classes=num_classes, crf=crf)
-
-    def after_step(_: int) -> None:
-        nonlocal step
-        step += 1
-        ema_update(teacher, core, ema_momentum)
-
-    shard = ray.train.get_dataset_shard("train")
-    final = core if baseline else teacher
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        student.train()
-        augment = SegAugment(crop_size, scale_range, flip=True, seed=seed * 100003 + epoch * 101 + rank)
-        batches = _augmented_batches(shard, augment, local_bs, seed=seed * 7919 + epoch * 31 + rank)
-        stats = _reduce_mean(train_one_epoch(step_fn, batches, optimizer, scheduler=scheduler, scaler=scaler,
-                                             after_step=after_step, log_every=0))
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], **stats}
-        row.pop("steps", None)
-        last = epoch + 1 == epochs
-        if rank == 0 and val_ids and val_every and ((epoch + 1) % val_every == 0 or last):
-            row["val_miou"] = _val_miou(final, root, val_ids, num_classes)
-        row["time"] = time.perf_counter() - t0
-        history.append(row)
-        due = rank == 0 and ((epoch + 1) % checkpoint_every == 0 or last)
-        report_epoch(row, {"student": core.state_dict(), "teacher": teacher.state_dict(),
-                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                           "scaler": scaler.state_dict() if scaler is not None else None,
-                           "epoch": epoch + 1, "step": step, "history": history} if due else None)
+            if self.classes is not None:
+                masks.append(self.classes.mask(str(image_id)))
+        out = {"image_id": batch["image_id"], "image": images, "label": labels}
+        if self.classes is not None:
+            out["class_mask"] = np.stack(masks)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ driver outputs
 
 
-def write_history(history: list[dict[str, Any]], folder: "str | AnyPath") -> None:
-    """``history.csv`` (one row per epoch, empty where a term does not apply) and ``curves.png``."""
+def write_history(history: list[dict[str, Any]], folder: AnyPath) -> None:
+    """``history.csv`` (one row per epoch, empty where a term does not apply) and ``curves.png``
+    (drawn on a ``matplotlib.figure.Figure``: no process-wide backend is chosen here)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow({k: row.get(k, "") for k in HISTORY_FIELDS})
-    folder = upath(folder)
     atomic_write_text(folder / "history.csv", buf.getvalue())
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [r["loss"] for r in history], marker="o")
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
     val = [(r["epoch"], r["val_miou"]) for r in history if r.get("val_miou") is not None]
@@ -378,19 +219,20 @@ def write_history(history: list[dict[str, Any]], folder: "str | AnyPath") -> Non
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
     atomic_write_bytes(folder / "curves.png", png.getvalue())
 
 
-def _training_dataset(dataset: VOCDataset, split: str, labels: AnyPath, *, trainer_cpus: float) -> "ray.data.Dataset":
-    """(image, label) rows of the split. Streamed where the cluster has CPUs to spare beside the
-    trainer (memory stays flat as the dataset grows); materialised first on a small machine, where
-    a lazy read would wait behind the trainer's CPUs forever (RAY_NOTES)."""
+def _training_dataset(dataset: VOCDataset, split: str, labels: AnyPath, *, trainer_cpus: float,
+                      class_source: dict[str, str] | None) -> "ray.data.Dataset":
+    """(image, label[, class_mask]) rows of the split. Streamed where the cluster has CPUs to spare
+    beside the trainer (memory stays flat as the dataset grows); materialised first on a small
+    machine, where a lazy read would wait behind the trainer's CPUs forever (RAY_NOTES)."""
     ids = dataset.ids(split)
-    ds = map_images(ids, _LoadPair, {"root": storage.absolute(dataset.root), "labels": storage.absolute(labels)},
-                    batch_size=16)
-    spare = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus
-    return ds.materialize() if spare < 2 else ds
+    materialize = ray.cluster_resources().get("CPU", 0.0) - trainer_cpus < 2
+    ds = map_images(ids, _LoadPair, {"dataset": dataset.spec(), "labels": storage.absolute(labels),
+                                     "class_source": class_source},
+                    batch_size=16, progress="loading" if materialize else None)  # streamed: read once per epoch
+    return ds.materialize() if materialize else ds
 
 
 def _mark_extendable(sd: StageDir, epochs: int) -> None:
@@ -408,9 +250,8 @@ def is_complete(sd: StageDir, epochs: int) -> bool:
     return sd.is_complete() and int((m or {}).get("outputs", {}).get("epochs", -1)) == epochs
 
 
-def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
+def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Train on Ray Train and write the model, history, complemented labels and predictions; returns the folder."""
-    run_dir = upath(run_dir)
     dataset, labels = validate_inputs(cfg, run_dir)
     sd = stage_dir(cfg, run_dir)
     t = cfg.train
@@ -431,30 +272,20 @@ def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOC
     t = cfg.train
     names = out_names(cfg)
     ensure_ray(cfg.ray)
-    num_classes = dataset.num_classes + 1
-    ids = dataset.ids(cfg.data.split)
-    val_ids = _val_ids(dataset, cfg.data.eval_split)
-    model_kwargs = _model_kwargs(cfg, num_classes)
-    loop = dict(
-        model_name=t.model, model_kwargs=model_kwargs, num_classes=num_classes, baseline=t.baseline,
-        init_checkpoint=storage.absolute(t.init_checkpoint) if t.init_checkpoint else "",
-        crop_size=t.crop_size, scale_range=(t.scale_min, t.scale_max), batch_size=t.batch_size, n_train=len(ids),
-        lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, poly_power=t.poly_power, epochs=t.epochs,
-        ema_momentum=t.ema_momentum, crf=t.crf_kwargs(), amp=t.amp, checkpoint_every=t.checkpoint_every,
-        val_every=t.val_every, root=storage.absolute(dataset.root), val_ids=val_ids, seed=t.seed,
-        threads=max(1, int(t.cpus_per_worker)),
-    )
+    settings = loop_settings(cfg, dataset)
+    classes = class_source(cfg, run_dir, dataset, labels)
+    if classes is not None:
+        logger.info("train: each image's classes C_I (Eq 6 and the fill) from %s", inputs.describe_class_source(classes))
     t0 = time.perf_counter()
+    rows = _training_dataset(dataset, cfg.data.split, labels, trainer_cpus=t.num_workers * t.cpus_per_worker,
+                             class_source=classes)
     result = fit_torch(
-        train_worker, loop, name="baseline" if t.baseline else "mars", storage=sd.path / "ray",
+        train_worker, {"settings": settings}, name="baseline" if t.baseline else "mars", storage=sd.path / "ray",
         num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker,
-        max_failures=t.max_failures, datasets={"train": _training_dataset(dataset, cfg.data.split, labels,
-                                             trainer_cpus=t.num_workers * t.cpus_per_worker)},
+        max_failures=t.max_failures, datasets={"train": rows},
     )
-    if result.checkpoint is None:
-        raise RuntimeError(f"{sd.path / 'ray'}: training reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+    state = final_state(result, sd.path / "ray", weights_only=False)
+    model_kwargs = settings.model_kwargs
     model = SEGMENTERS.get(t.model, **model_kwargs)
     model.load_state_dict(state["student"] if t.baseline else state["teacher"])
     model_path = save_segmenter_checkpoint(
@@ -464,11 +295,13 @@ def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOC
     )
     history = state["history"]
     write_history(history, sd.path)
+    faults.point("train.model")
 
     predict = dict(checkpoint=model_path, dataset=dataset, num_actors=1, cpus_per_actor=1.0, use_gpu=t.use_gpu)
     if names["complement"]:
         out = _fresh(run_dir / names["complement"])
-        evaluate_stage.predict_split(split=cfg.data.split, out_dir=out, crf=t.crf_kwargs(), fill_dir=labels, **predict)
+        evaluate_stage.predict_split(split=cfg.data.split, out_dir=out, crf=t.crf_kwargs(), fill_dir=labels,
+                                     class_source=classes, **predict)
     if _has_split(dataset, cfg.data.eval_split):
         out = _fresh(run_dir / names["predict"] / cfg.data.eval_split)
         evaluate_stage.predict_split(split=cfg.data.eval_split, out_dir=out, **predict)
@@ -479,6 +312,30 @@ def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOC
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return outputs
+
+
+def class_source(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, labels: AnyPath, *,
+                 check: bool = False) -> dict[str, str] | None:
+    """Where MARS takes each image's classes C_I from (``inputs.image_class_source``); ``None`` for the
+    baseline (plain CE uses no class sets). ``ValueError`` naming the file and id for bad image labels."""
+    if cfg.train.baseline:
+        return None
+    return inputs.image_class_source(cfg, run_dir, dataset, fallback=labels, check=check)
+
+
+def loop_settings(cfg: C.Config, dataset: VOCDataset) -> TrainLoop:
+    """The :class:`TrainLoop` of this config; paths made absolute for the workers."""
+    t = cfg.train
+    num_classes = dataset.num_classes + 1
+    return TrainLoop(
+        model_name=t.model, model_kwargs=_model_kwargs(cfg, num_classes), num_classes=num_classes,
+        baseline=t.baseline, init_checkpoint=storage.absolute(t.init_checkpoint) if t.init_checkpoint else "",
+        crop_size=t.crop_size, scale_range=(t.scale_min, t.scale_max), batch_size=t.batch_size,
+        n_train=len(dataset.ids(cfg.data.split)), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+        poly_power=t.poly_power, epochs=t.epochs, ema_momentum=t.ema_momentum, crf=t.crf_kwargs(), wce=t.wce, amp=t.amp,
+        checkpoint_every=t.checkpoint_every, val_every=t.val_every, dataset=dataset.spec(),
+        val_ids=tuple(_val_ids(dataset, cfg.data.eval_split)), seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
+    )
 
 
 def _fresh(folder: AnyPath) -> AnyPath:

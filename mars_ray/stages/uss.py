@@ -33,27 +33,27 @@ workers read them directly, Ray Train keeps its checkpoints under ``RUN/uss/ray`
 from __future__ import annotations
 
 import logging
-import os
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from mars_ray import config as C
+from mars_ray import faults
 from mars_ray import storage as _storage
 from mars_ray.artifacts import StageDir, atomic_write_json, fingerprint_path
 from mars_ray.data.label_io import read_image
 from mars_ray.data.voc import VOCDataset
-from mars_ray.engine import train_one_epoch
-from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, report_epoch, restored_state
-from mars_ray.storage import AnyPath, upath
+from mars_ray.engine import fit_crop, sharded_loader, train_one_epoch
+from mars_ray.stages import inputs
+from mars_ray.stages.runtime import ensure_ray, final_state, fit_torch, report_epoch, restored_state, worker_seed
+from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-STATE = STATE_FILE
+CHECKPOINT = inputs.USS_CHECKPOINT
 RAY_NAME = "uss"
 # how the training is executed, not what it computes: left out of the stage key
 _EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures"}
@@ -62,30 +62,10 @@ _EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures"}
 # ------------------------------------------------------------------------------------------ data
 
 
-def fit_crop(image: np.ndarray, size: int, rng: np.random.Generator, scale: tuple[float, float] = (1.0, 1.5),
-             flip: bool = True) -> Tensor:
-    """uint8 ``[H, W, 3]`` → float ``[3, size, size]`` in [0, 1]: short side resized to ``size·s``
-    (s uniform in ``scale``), a random ``size²`` crop, a random horizontal flip.
-
-    Whole-image context survives (unlike a fixed-scale crop of a large image).
-    """
-    h, w = image.shape[:2]
-    s = size / min(h, w) * float(rng.uniform(*scale))
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    if (nh, nw) != (h, w):
-        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
-    y = int(rng.integers(0, nh - size + 1))
-    x = int(rng.integers(0, nw - size + 1))
-    out = image[y : y + size, x : x + size]
-    if flip and rng.random() < 0.5:
-        out = out[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).float().div_(255.0)
-
-
 class _Crops(torch.utils.data.Dataset):
     """Item i → ``{"image": 3 x S x S}`` (and with a k-NN table ``"knn"``: a crop of one of its neighbours)."""
 
-    def __init__(self, paths: list[str], size: int, seed: int, knn: Optional[Tensor] = None) -> None:
+    def __init__(self, paths: "tuple[str, ...]", size: int, seed: int, knn: Optional[Tensor] = None) -> None:
         self.paths, self.size, self.knn = paths, size, knn
         self.rng = np.random.default_rng(seed)
 
@@ -98,18 +78,6 @@ class _Crops(torch.utils.data.Dataset):
             j = int(self.knn[i, int(self.rng.integers(0, self.knn.shape[1]))])
             out["knn"] = fit_crop(read_image(self.paths[j]), self.size, self.rng)
         return out
-
-
-def _loader(dataset: torch.utils.data.Dataset, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    """This worker's shard (``DistributedSampler`` with the Ray Train rank), shuffled per epoch."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=ctx.get_world_size(), rank=ctx.get_world_rank(), shuffle=True, seed=seed,
-        drop_last=len(dataset) >= 2 * ctx.get_world_size(),
-    )
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -183,27 +151,41 @@ def _knn_table(backbone: nn.Module, paths: list[str], size: int, k: int, device:
 # ------------------------------------------------------------------------------------------ Ray Train
 
 
+@dataclass(frozen=True)
+class UssLoop:
+    """What a Ray Train worker of the ``uss`` stage needs (plain and picklable; :func:`loop_settings`)."""
+
+    paths: tuple[str, ...]  # absolute paths or URIs of the split's images
+    backbone: str
+    backbone_weights: str  # absolute path or URI of given weights; "" = self-supervised small_cnn
+    ssl_epochs: int
+    epochs: int
+    dim: int
+    batch_size: int
+    lr: float
+    ssl_lr: float
+    crop_size: int
+    knn: int
+    n_samples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class _Worker:
+    rank: int
+    world: int
+    device: torch.device
+
+
+_DONE = {"ssl": "ssl_epochs_done", "stego": "epochs_done"}  # state key counting each phase's epochs
+
+
 def _train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker function: unpack the loop config and run :func:`train_loop`."""
-    train_loop(**config)
+    """Ray Train worker function: unpack the loop settings and run :func:`train_loop`."""
+    train_loop(config["settings"])
 
 
-def train_loop(
-    *,
-    paths: list[str],
-    backbone: str,
-    backbone_weights: str,
-    ssl_epochs: int,
-    epochs: int,
-    dim: int,
-    batch_size: int,
-    lr: float,
-    ssl_lr: float,
-    crop_size: int,
-    knn: int,
-    n_samples: int,
-    seed: int,
-) -> None:
+def train_loop(s: UssLoop) -> None:
     """SSL (small_cnn without weights) → frozen backbone → k-NN table → STEGO head; one report per epoch.
 
     Resumes from ``ray.train.get_checkpoint()``: the phase epochs, global step, history, weights,
@@ -214,101 +196,118 @@ def train_loop(
 
     from mars_ray.models.stego import SegHead, StegoModel
 
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(seed + rank)
-    net = load_backbone(backbone, backbone_weights)
-    head = SegHead(int(net.dim), dim)
-    state: dict[str, Any] = {"ssl_epochs_done": 0, "epochs_done": 0, "step": 0, "history": [], "knn": None}
+    ctx = ray.train.get_context()
+    w = _Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    torch.manual_seed(worker_seed(s.seed, w.rank, stream="init"))
+    net = load_backbone(s.backbone, s.backbone_weights)
+    head = SegHead(int(net.dim), s.dim)
     restored = restored_state()
-    if restored is not None:
-        state = restored
-        if state["backbone"] is not None:
-            net.load_state_dict(state["backbone"])
-        head.load_state_dict(state["head"])
-        logger.info("uss: resuming after %d SSL + %d STEGO epochs (step %d)",
-                    state["ssl_epochs_done"], state["epochs_done"], state["step"])
-    state["resumed_at_step"] = state["step"] if restored is not None else None
-    reported = False
-
-    def report(phase: str, epoch: int, stats: dict[str, float], opt: torch.optim.Optimizer) -> None:
-        nonlocal reported
-        state["step"] += int(stats["steps"])
-        entry = {"phase": phase, "epoch": epoch, "step": state["step"], **stats}
-        state["history"].append(entry)
-        # the backbone goes into the state only when trained here (given weights are reloaded from their file)
-        state.update(backbone=None if backbone_weights else net.state_dict(), head=head.state_dict(),
-                     opt_phase=phase, opt=opt.state_dict())
-        report_epoch(entry, state if rank == 0 else None)
-        reported = True
-
-    # 1. self-supervised backbone (only without given weights)
-    if not backbone_weights and state["ssl_epochs_done"] < ssl_epochs:
-        objective = ray.train.torch.prepare_model(_SslObjective(net))
-        opt = torch.optim.Adam(net.parameters(), lr=ssl_lr)
-        if restored is not None and state.get("opt_phase") == "ssl":
-            opt.load_state_dict(state["opt"])
-        loader = _loader(_Crops(paths, crop_size, seed + 1000 * rank), batch_size, seed)
-        for epoch in range(state["ssl_epochs_done"], ssl_epochs):
-            loader.sampler.set_epoch(epoch)
-            batches = ({"image": b["image"].to(device)} for b in loader)
-            stats = train_one_epoch(lambda b: objective(b["image"]), batches, opt, log_every=0)
-            state["ssl_epochs_done"] = epoch + 1
-            report("ssl", epoch + 1, stats, opt)
-            logger.info("uss ssl epoch %d/%d: dense_nce %.4f", epoch + 1, ssl_epochs, stats["loss"])
-
-    # 2. frozen backbone → k-NN table (once) → STEGO head
-    model = StegoModel(net, head).to(device)
+    state = _initial_state() if restored is None else _resume(restored, net, head)
+    trains_backbone = not s.backbone_weights and state["ssl_epochs_done"] < s.ssl_epochs
+    if trains_backbone:  # 1. self-supervised backbone (only without given weights)
+        state = _ssl_phase(s, w, net, head, state, restored)
+    model = StegoModel(net, head).to(w.device)  # 2. frozen backbone → k-NN table (once) → STEGO head
     if state["knn"] is None:
-        state["knn"] = _knn_table(model.backbone, paths, crop_size, knn, device)
-    objective = ray.train.torch.prepare_model(_StegoObjective(model, n_samples))
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    if restored is not None and state.get("opt_phase") == "stego":
-        opt.load_state_dict(state["opt"])
-    loader = _loader(_Crops(paths, crop_size, seed + 2000 * rank, knn=state["knn"]), batch_size, seed)
-    for epoch in range(state["epochs_done"], epochs):
+        state = {**state, "knn": _knn_table(model.backbone, list(s.paths), s.crop_size, s.knn, w.device)}
+    _stego_phase(s, w, model, state, restored, must_report=not trains_backbone)
+
+
+def _initial_state() -> dict[str, Any]:
+    return {"ssl_epochs_done": 0, "epochs_done": 0, "step": 0, "history": [], "knn": None, "resumed_at_step": None}
+
+
+def _resume(state: dict[str, Any], net: nn.Module, head: nn.Module) -> dict[str, Any]:
+    """Load a restored checkpoint's weights into ``net`` and ``head``; the state to continue from."""
+    if state["backbone"] is not None:
+        net.load_state_dict(state["backbone"])
+    head.load_state_dict(state["head"])
+    logger.info("uss: resuming after %d SSL + %d STEGO epochs (step %d)",
+                state["ssl_epochs_done"], state["epochs_done"], state["step"])
+    return {**state, "resumed_at_step": state["step"]}
+
+
+def _optimizer(params: Any, lr: float, restored: dict[str, Any] | None, phase: str) -> torch.optim.Optimizer:
+    """Adam over ``params``, with the restored optimiser state when the checkpoint was taken in ``phase``."""
+    opt = torch.optim.Adam(params, lr=lr)
+    if restored is not None and restored.get("opt_phase") == phase:
+        opt.load_state_dict(restored["opt"])
+    return opt
+
+
+def _report(s: UssLoop, w: _Worker, state: dict[str, Any], phase: str, epoch: int, stats: dict[str, float],
+            net: nn.Module, head: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Report one epoch of ``phase`` (rank 0 with the new state as checkpoint); returns the new state.
+
+    The backbone goes into the state only when trained here (given weights are reloaded from their file).
+    """
+    step = state["step"] + int(stats["steps"])
+    entry = {"phase": phase, "epoch": epoch, "step": step, **stats}
+    state = {**state, _DONE[phase]: epoch, "step": step, "history": [*state["history"], entry],
+             "backbone": None if s.backbone_weights else net.state_dict(), "head": head.state_dict(),
+             "opt_phase": phase, "opt": opt.state_dict()}
+    report_epoch(entry, state if w.rank == 0 else None, epochs=s.ssl_epochs if phase == "ssl" else s.epochs)
+    return state
+
+
+def _ssl_phase(s: UssLoop, w: _Worker, net: nn.Module, head: nn.Module, state: dict[str, Any],
+               restored: dict[str, Any] | None) -> dict[str, Any]:
+    """Dense two-view InfoNCE on the backbone itself, up to ``s.ssl_epochs``; returns the state."""
+    import ray.train.torch
+
+    objective = ray.train.torch.prepare_model(_SslObjective(net))
+    opt = _optimizer(net.parameters(), s.ssl_lr, restored, "ssl")
+    crops = _Crops(s.paths, s.crop_size, worker_seed(s.seed, w.rank, stream="crops"))
+    loader = sharded_loader(crops, s.batch_size, rank=w.rank, world=w.world, seed=s.seed)
+    for epoch in range(state["ssl_epochs_done"], s.ssl_epochs):
+        loader.sampler.set_epoch(epoch)
+        batches = ({"image": b["image"].to(w.device)} for b in loader)
+        stats = train_one_epoch(lambda b: objective(b["image"]), batches, opt, log_every=0)
+        state = _report(s, w, state, "ssl", epoch + 1, stats, net, head, opt)
+        logger.info("uss ssl epoch %d/%d: dense_nce %.4f", epoch + 1, s.ssl_epochs, stats["loss"])
+    return state
+
+
+def _stego_phase(s: UssLoop, w: _Worker, model: nn.Module, state: dict[str, Any], restored: dict[str, Any] | None,
+                 *, must_report: bool) -> None:
+    """The STEGO head on the frozen backbone, up to ``s.epochs``. ``must_report``: report the state
+    even when no epoch is left (a run resumed after its last epoch hands its state back)."""
+    import ray.train.torch
+
+    objective = ray.train.torch.prepare_model(_StegoObjective(model, s.n_samples))
+    opt = _optimizer(model.head.parameters(), s.lr, restored, "stego")
+    crops = _Crops(s.paths, s.crop_size, worker_seed(s.seed, w.rank, stream="knn_crops"), knn=state["knn"])
+    loader = sharded_loader(crops, s.batch_size, rank=w.rank, world=w.world, seed=s.seed)
+    for epoch in range(state["epochs_done"], s.epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
-        batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
+        batches = ({k: v.to(w.device) for k, v in b.items()} for b in loader)
         stats = train_one_epoch(lambda b: objective(b["image"], b["knn"]), batches, opt, log_every=0)
-        state["epochs_done"] = epoch + 1
-        report("stego", epoch + 1, stats, opt)
-        logger.info("uss stego epoch %d/%d: loss %.4f", epoch + 1, epochs, stats["loss"])
-    if not reported:  # nothing left to train (resumed after the last epoch): hand the state back
-        report("stego", state["epochs_done"], {"steps": 0.0}, opt)
+        state = _report(s, w, state, "stego", epoch + 1, stats, model.backbone, model.head, opt)
+        must_report = False
+        logger.info("uss stego epoch %d/%d: loss %.4f", epoch + 1, s.epochs, stats["loss"])
+    if must_report:
+        _report(s, w, state, "stego", state["epochs_done"], {"steps": 0.0}, model.backbone, model.head, opt)
 
 
-def loop_config(cfg: C.Config, dataset: VOCDataset) -> dict[str, Any]:
-    """The keyword arguments of :func:`train_loop` for this config (plain, picklable)."""
+def loop_settings(cfg: C.Config, dataset: VOCDataset) -> UssLoop:
+    """The :class:`UssLoop` of this config: paths made absolute for the workers."""
     u = cfg.uss
-    return {
-        "paths": [_storage.absolute(dataset.image_path(i)) for i in dataset.ids(cfg.data.split)],
-        "backbone": u.backbone,
-        "backbone_weights": _storage.absolute(u.backbone_weights) if u.backbone_weights else "",
-        "ssl_epochs": u.ssl_epochs,
-        "epochs": u.epochs,
-        "dim": u.dim,
-        "batch_size": u.batch_size,
-        "lr": u.lr,
-        "ssl_lr": u.ssl_lr,
-        "crop_size": u.crop_size,
-        "knn": u.knn,
-        "n_samples": u.n_samples,
-        "seed": u.seed,
-    }
+    return UssLoop(
+        paths=tuple(_storage.absolute(dataset.image_path(i)) for i in dataset.ids(cfg.data.split)),
+        backbone=u.backbone, backbone_weights=_storage.absolute(u.backbone_weights) if u.backbone_weights else "",
+        ssl_epochs=u.ssl_epochs, epochs=u.epochs, dim=u.dim, batch_size=u.batch_size, lr=u.lr, ssl_lr=u.ssl_lr,
+        crop_size=u.crop_size, knn=u.knn, n_samples=u.n_samples, seed=u.seed,
+    )
 
 
-def fit(cfg: C.Config, dataset: VOCDataset, storage: "str | AnyPath", name: str = RAY_NAME) -> dict[str, Any]:
+def fit(cfg: C.Config, dataset: VOCDataset, storage: AnyPath, name: str = RAY_NAME) -> dict[str, Any]:
     """Train on Ray Train (resuming ``storage/name`` when it holds a checkpoint) → the final state dict."""
     u = cfg.uss
     result = fit_torch(
-        _train_worker, loop_config(cfg, dataset), name=name, storage=storage, num_workers=u.num_workers,
-        use_gpu=u.use_gpu, cpus_per_worker=u.cpus_per_worker, max_failures=u.max_failures,
+        _train_worker, {"settings": loop_settings(cfg, dataset)}, name=name, storage=storage,
+        num_workers=u.num_workers, use_gpu=u.use_gpu, cpus_per_worker=u.cpus_per_worker, max_failures=u.max_failures,
     )
-    if result.checkpoint is None:
-        raise RuntimeError(f"uss: Ray Train run {upath(storage) / name} reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
+    return final_state(result, storage / name)
 
 
 def build_model(cfg: C.UssConfig, state: dict[str, Any]) -> nn.Module:
@@ -326,64 +325,45 @@ def build_model(cfg: C.UssConfig, state: dict[str, Any]) -> nn.Module:
 # ------------------------------------------------------------------------------------------ stage
 
 
-def check_config(u: C.UssConfig) -> None:
-    """Range and combination checks of ``uss.*`` (``ValueError`` naming the key)."""
-    for key in ("epochs", "dim", "batch_size", "crop_size", "knn", "n_samples", "num_workers"):
-        if getattr(u, key) < 1:
-            raise ValueError(f"uss.{key} must be >= 1, got {getattr(u, key)}")
-    if u.ssl_epochs < 0:
-        raise ValueError(f"uss.ssl_epochs must be >= 0, got {u.ssl_epochs}")
-    for key in ("lr", "ssl_lr", "cpus_per_worker"):
-        if getattr(u, key) <= 0:
-            raise ValueError(f"uss.{key} must be > 0, got {getattr(u, key)}")
-    if not u.backbone_weights:
-        if u.backbone.startswith("vit"):
-            raise ValueError(
-                f"uss.backbone={u.backbone} needs uss.backbone_weights: a DINO checkpoint file or URI "
-                "(e.g. dino_vitbase8_pretrain.pth); weights are never downloaded"
-            )
-        if u.ssl_epochs < 1:
-            raise ValueError("uss.ssl_epochs must be >= 1 without uss.backbone_weights (a random frozen backbone teaches nothing)")
-
-
 def validate_inputs(cfg: C.Config) -> VOCDataset:
     """Config, dataset, images and backbone weights, checked before any output is touched."""
-    check_config(cfg.uss)
-    dataset = VOCDataset(cfg.data.root)
+    C.validate(cfg)  # ranges, backbone name and the weights rule
+    dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
     if len(ids) < 2:
         raise ValueError(f"uss needs at least 2 images in split {cfg.data.split!r} (k-NN and random pairs), got {len(ids)}")
     for i in ids:
         dataset.image_path(i)
-    if cfg.uss.backbone_weights and not upath(cfg.uss.backbone_weights).is_file():
-        raise FileNotFoundError(f"{cfg.uss.backbone_weights}: uss.backbone_weights does not exist")
+    weights = inputs.config_path(cfg.uss.backbone_weights)
+    if weights is not None and not weights.is_file():
+        raise FileNotFoundError(f"{weights}: uss.backbone_weights does not exist")
     load_backbone(cfg.uss.backbone, cfg.uss.backbone_weights)  # unknown name / wrong keys or shapes → ValueError
     return dataset
 
 
-def stage_dir(cfg: C.Config, run_dir: "str | AnyPath", dataset: VOCDataset | None = None) -> StageDir:
+def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None) -> StageDir:
     """``RUN/uss`` and its key: uss config slice + dataset fingerprint + backbone weights fingerprint."""
-    dataset = dataset or VOCDataset(cfg.data.root)
+    dataset = dataset or inputs.open_dataset(cfg)
     slice_ = {
-        "data": {"root": _storage.absolute(cfg.data.root), "split": cfg.data.split},
+        "data": inputs.dataset_key(cfg, [cfg.data.split]),
         "uss": {k: v for k, v in C.to_dict(cfg.uss).items() if k not in _EXECUTION_KEYS},
     }
-    inputs = {
+    fingerprints = {
         "dataset": dataset.fingerprint(cfg.data.split),
-        "backbone_weights": fingerprint_path(cfg.uss.backbone_weights),
+        "backbone_weights": fingerprint_path(inputs.config_path(cfg.uss.backbone_weights)),
     }
-    return StageDir(upath(run_dir) / "uss", "uss", C.slice_hash(slice_, inputs), slice_, inputs)
+    return StageDir(run_dir / inputs.USS_DIR, "uss", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
-def checkpoint_path(run_dir: "str | AnyPath") -> AnyPath:
-    return upath(run_dir) / "uss" / CHECKPOINT
+def checkpoint_path(run_dir: AnyPath) -> AnyPath:
+    """``RUN/uss/checkpoint.pt`` (``stages.inputs.uss_checkpoint``: where the ``stego`` extractor looks)."""
+    return inputs.uss_checkpoint(run_dir)
 
 
-def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
+def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Train the USS model; returns ``RUN/uss`` (skipped when already complete)."""
     from mars_ray.models.stego import save_stego_checkpoint
 
-    run_dir = upath(run_dir)
     dataset = validate_inputs(cfg)
     sd = stage_dir(cfg, run_dir, dataset)
     if sd.is_complete():
@@ -399,6 +379,7 @@ def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
                               backbone_weights=cfg.uss.backbone_weights or None)
         atomic_write_json(sd.path / "history.json", state["history"])
         _storage.rmtree(sd.path / "ray")  # per-epoch checkpoints: only needed to resume
+        faults.point("uss.checkpoint")
         last = state["history"][-1] if state["history"] else {}
         sd.finish({"checkpoint": CHECKPOINT, "history": "history.json", "dim": cfg.uss.dim,
                    "backbone": cfg.uss.backbone, "steps": state["step"], "final_loss": last.get("loss")})

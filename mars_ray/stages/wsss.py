@@ -26,8 +26,6 @@ directly, Ray Train keeps its checkpoints under ``RUN/wsss/ray`` there.
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -35,19 +33,20 @@ import torch
 from torch import Tensor, nn
 
 from mars_ray import config as C
-from mars_ray import storage
+from mars_ray import faults, storage
 from mars_ray.artifacts import StageDir, atomic_write_json
+from mars_ray.checkpoints import load_torch_file, save_torch_file
 from mars_ray.data.label_io import read_image, write_label
 from mars_ray.data.voc import VOCDataset
-from mars_ray.engine import build_sgd, poly_lr_lambda, train_one_epoch
-from mars_ray.stages.runtime import STATE_FILE, ensure_ray, fit_torch, map_images, report_epoch, restored_state
-from mars_ray.stages.uss import fit_crop
+from mars_ray.engine import build_sgd, fit_crop, poly_lr_lambda, sharded_loader, train_one_epoch
+from mars_ray.stages import inputs
+from mars_ray.stages.runtime import (ensure_ray, final_state, fit_torch, map_images, report_epoch, restored_state,
+                                     worker_seed)
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
 CLASSIFIER = "classifier.pt"
-STATE = STATE_FILE
 RAY_NAME = "wsss"
 _EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "num_actors", "cpus_per_actor",
                    "cam_batch_size"}
@@ -108,12 +107,10 @@ def train_loop(
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(seed + rank)
+    torch.manual_seed(worker_seed(seed, rank, stream="init"))
     net: nn.Module = CLASSIFIERS.get(classifier, num_classes=int(targets.shape[1]))
-    data = _Labelled(paths, targets, crop_size, seed + 1000 * rank)
-    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                                  drop_last=len(data) >= 2 * world)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
+    data = _Labelled(paths, targets, crop_size, worker_seed(seed, rank, stream="crops"))
+    loader = sharded_loader(data, batch_size, rank=rank, world=world, seed=seed)
     opt = build_sgd(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_lr_lambda(max(1, epochs * len(loader))))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
@@ -127,7 +124,7 @@ def train_loop(
     model = ray.train.torch.prepare_model(net)
     start = state["epoch"]
     for epoch in range(start, epochs):
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         model.train()
         batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
         stats = train_one_epoch(lambda b: cam_loss(model, b["image"], b["target"]), batches, opt,
@@ -137,18 +134,15 @@ def train_loop(
         state["history"].append(entry)
         state.update(epoch=epoch + 1, model=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
         logger.info("wsss epoch %d/%d: cls loss %.4f", epoch + 1, epochs, stats["loss"])
-        report_epoch(entry, state if rank == 0 else None)
+        report_epoch(entry, state if rank == 0 else None, epochs=epochs)
     if start >= epochs:  # resumed after the last epoch: hand the state back
         state.update(model=net.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
         report_epoch({"epoch": state["epoch"], "step": state["step"]}, state if rank == 0 else None)
 
 
-def save_classifier(path: "str | AnyPath", name: str, num_classes: int, state_dict: dict[str, Tensor]) -> AnyPath:
+def save_classifier(path: AnyPath, name: str, num_classes: int, state_dict: dict[str, Tensor]) -> AnyPath:
     """A self-describing classifier file (CLASSIFIERS name, C, weights), written atomically (local or URI)."""
-    path = upath(path)
-    with storage.atomic_open(path) as f:
-        torch.save({"classifier": name, "num_classes": num_classes, "state": state_dict}, f)
-    return path
+    return save_torch_file({"classifier": name, "num_classes": num_classes, "state": state_dict}, path)
 
 
 def load_classifier(path: "str | AnyPath", device: str = "cpu") -> nn.Module:
@@ -157,12 +151,8 @@ def load_classifier(path: "str | AnyPath", device: str = "cpu") -> nn.Module:
     from mars_ray.models.registry import CLASSIFIERS
 
     load_all()
-    path = upath(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such classifier checkpoint")
+    ckpt = load_torch_file(path, "classifier checkpoint")
     try:
-        with storage.open_read(path) as f:
-            ckpt = torch.load(f, map_location="cpu", weights_only=True)
         model = CLASSIFIERS.get(ckpt["classifier"], num_classes=int(ckpt["num_classes"]))
         model.load_state_dict(ckpt["state"])
     except (KeyError, RuntimeError, TypeError) as e:
@@ -179,7 +169,7 @@ class CamImages:
     def __init__(
         self,
         *,
-        root: str,
+        dataset: dict[str, Any],
         checkpoint: str,
         out_dir: str,
         scales: tuple[float, ...],
@@ -191,7 +181,7 @@ class CamImages:
         threads: int = 1,
     ) -> None:
         torch.set_num_threads(max(1, threads))
-        self.dataset = VOCDataset(root)
+        self.dataset = VOCDataset(**dataset)
         self.device = torch.device(device)
         self.model = load_classifier(checkpoint, device)
         self.out_dir = upath(out_dir)
@@ -223,25 +213,11 @@ class CamImages:
 # ------------------------------------------------------------------------------------------ stage
 
 
-def check_config(w: C.WsssConfig) -> None:
-    """Range checks of ``wsss.*`` (``ValueError`` naming the key)."""
-    for key in ("epochs", "batch_size", "crop_size", "num_workers", "num_actors", "cam_batch_size"):
-        if getattr(w, key) < 1:
-            raise ValueError(f"wsss.{key} must be >= 1, got {getattr(w, key)}")
-    for key in ("lr", "cpus_per_worker", "cpus_per_actor"):
-        if getattr(w, key) <= 0:
-            raise ValueError(f"wsss.{key} must be > 0, got {getattr(w, key)}")
-    if not w.cam_scales or any(s <= 0 for s in w.cam_scales):
-        raise ValueError(f"wsss.cam_scales must be positive factors, got {list(w.cam_scales)}")
-    if not 0.0 <= w.bg_threshold <= 1.0:
-        raise ValueError(f"wsss.bg_threshold must be in [0, 1], got {w.bg_threshold}")
-
-
 def cam_splits(cfg: C.Config, dataset: VOCDataset) -> list[str]:
     """The splits that get pseudo labels: ``data.split``, plus ``data.eval_split`` when asked and usable."""
     splits = [cfg.data.split]
     ev = cfg.data.eval_split
-    if cfg.wsss.cam_eval_split and ev and ev != cfg.data.split and (dataset.split_dir / f"{ev}.txt").is_file():
+    if cfg.wsss.cam_eval_split and ev and ev != cfg.data.split and dataset.split_path(ev).is_file():
         try:
             for i in dataset.ids(ev):
                 dataset.image_labels(i)
@@ -254,14 +230,10 @@ def cam_splits(cfg: C.Config, dataset: VOCDataset) -> list[str]:
 
 def validate_inputs(cfg: C.Config) -> tuple[VOCDataset, list[str]]:
     """Config, classifier name, images and image-level labels of the split (``ValueError`` naming the id)."""
-    from mars_ray.models import load_all
-    from mars_ray.models.registry import CLASSIFIERS
-
-    check_config(cfg.wsss)
-    load_all()
-    CLASSIFIERS.builder(cfg.wsss.classifier)  # unknown name → ValueError listing the known ones
-    dataset = VOCDataset(cfg.data.root)
+    C.validate(cfg)  # ranges and names, wsss.classifier included
+    dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
+    dataset.check_image_labels(cfg.data.split)  # one line: which file/format, how many ids matched
     labels = [dataset.image_labels(i) for i in ids]  # raises naming the id without labels
     for i in ids:
         dataset.image_path(i)
@@ -270,29 +242,29 @@ def validate_inputs(cfg: C.Config) -> tuple[VOCDataset, list[str]]:
     return dataset, cam_splits(cfg, dataset)
 
 
-def stage_dir(cfg: C.Config, run_dir: "str | AnyPath", dataset: VOCDataset | None = None,
+def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None,
               splits: list[str] | None = None) -> StageDir:
     """``RUN/wsss`` and its key: wsss config slice + the dataset's fingerprint of every split written."""
     if dataset is None or splits is None:
         dataset, splits = validate_inputs(cfg)
     slice_ = {
-        "data": {"root": storage.absolute(cfg.data.root), "splits": splits},
+        "data": inputs.dataset_key(cfg, splits),
         "wsss": {k: v for k, v in C.to_dict(cfg.wsss).items() if k not in _EXECUTION_KEYS},
+        "crf": _crf_kwargs(cfg),  # the debias.crf_* kernels, when wsss.crf uses them
     }
-    inputs = {f"dataset:{s}": dataset.fingerprint(s) for s in splits}
-    return StageDir(upath(run_dir) / "wsss", "wsss", C.slice_hash(slice_, inputs), slice_, inputs)
+    fingerprints = {f"dataset:{s}": dataset.fingerprint(s) for s in splits}
+    return StageDir(run_dir / "wsss", "wsss", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
 def _crf_kwargs(cfg: C.Config) -> dict[str, float] | None:
     """The dense-CRF settings of ``debias`` reused for the CAM labels when ``wsss.crf`` is on."""
     if not cfg.wsss.crf:
         return None
-    return replace(cfg.debias, crf=True).crf_kwargs()
+    return cfg.debias.crf_kernels()
 
 
-def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
+def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Train the classifier and write the CAM pseudo labels; returns ``RUN/wsss`` (skipped when complete)."""
-    run_dir = upath(run_dir)
     dataset, splits = validate_inputs(cfg)
     sd = stage_dir(cfg, run_dir, dataset, splits)
     if sd.is_complete():
@@ -313,19 +285,17 @@ def run(cfg: C.Config, run_dir: "str | AnyPath") -> AnyPath:
             result = fit_torch(_train_worker, loop, name=RAY_NAME, storage=sd.path / "ray",
                                num_workers=w.num_workers, use_gpu=w.use_gpu, cpus_per_worker=w.cpus_per_worker,
                                max_failures=w.max_failures)
-            if result.checkpoint is None:
-                raise RuntimeError(f"wsss: Ray Train run {sd.path / 'ray'} reported no checkpoint")
-            with result.checkpoint.as_directory() as d:
-                state = torch.load(os.path.join(d, STATE), map_location="cpu", weights_only=True)
+            state = final_state(result, sd.path / "ray")
             save_classifier(ckpt, w.classifier, dataset.num_classes, state["model"])
             atomic_write_json(sd.path / "history.json", state["history"])
             storage.rmtree(sd.path / "ray")  # per-epoch checkpoints: only needed to resume
+            faults.point("wsss.classifier")
         ids = [i for s in splits for i in dataset.ids(s)]
         ds = map_images(
             ids,
             CamImages,
             dict(
-                root=storage.absolute(dataset.root), checkpoint=storage.absolute(ckpt),
+                dataset=dataset.spec(), checkpoint=storage.absolute(ckpt),
                 out_dir=storage.absolute(sd.path), scales=tuple(w.cam_scales),
                 flip=w.cam_flip, bg_threshold=w.bg_threshold, crf=_crf_kwargs(cfg), skip_existing=resuming,
                 device="cuda" if w.use_gpu else "cpu", threads=max(1, int(w.cpus_per_actor)),

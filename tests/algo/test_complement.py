@@ -75,3 +75,39 @@ def test_ema_closed_form():
     for bad in (-0.1, 1.1):
         with pytest.raises(ValueError):
             ema_update(teacher, student, bad)
+
+
+def test_absent_class_never_filled_nor_weighted():
+    """A teacher confident in a class the image lacks: W is the max over the image's classes only."""
+    from mars_ray.algo.complement import image_class_mask, restrict_probs
+
+    y_db = torch.tensor([[[254, 254, 1]]])  # two biased pixels, one kept class-1 pixel
+    probs = torch.zeros(1, 4, 1, 3)
+    probs[0, :, 0, 0] = torch.tensor([0.1, 0.1, 0.8, 0.0])  # confident in class 2 (absent)
+    probs[0, :, 0, 1] = torch.tensor([0.2, 0.3, 0.1, 0.4])  # class 3 (absent) is the max
+    probs[0, :, 0, 2] = torch.tensor([0.1, 0.9, 0.0, 0.0])
+    mask = image_class_mask([[1]], num_classes=4)
+    assert mask.tolist() == [[True, True, False, False]]
+    w = certain_mask(y_db, probs, mask)
+    assert torch.allclose(w, torch.tensor([[[0.1, 0.3, 1.0]]]))  # max over C_I = {1}, raw probs
+    w_all = certain_mask(y_db, probs)  # without image labels: all fg classes
+    assert torch.allclose(w_all, torch.tensor([[[0.8, 0.4, 1.0]]]))
+    restricted = restrict_probs(probs, mask)
+    assert torch.allclose(restricted.sum(1), torch.ones(1, 1, 3))
+    assert restricted[:, 2:].abs().sum() == 0
+    fill = complement_labels(y_db, restricted.argmax(1))
+    assert set(fill.unique().tolist()) <= {0, 1}
+    assert fill.tolist() == [[[0, 1, 1]]]  # pixel 0: bg 0.1 vs class-1 0.1 → tie to bg; pixel 1: class 1
+
+
+def test_restrict_probs_falls_back_to_background_and_checks_mask():
+    from mars_ray.algo.complement import image_class_mask, restrict_probs
+
+    probs = torch.zeros(1, 3, 1, 1)
+    probs[0, 2] = 1.0  # all mass on an absent class
+    out = restrict_probs(probs, image_class_mask([[1]], 3))
+    assert out[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="class_mask"):
+        restrict_probs(probs, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="outside"):
+        image_class_mask([[3]], 3)

@@ -67,3 +67,47 @@ def test_summarize_json_ready():
     assert s["per_class"]["cat"]["fn"] == pytest.approx(2 / 6)
     with pytest.raises(ValueError):
         summarize(_hand_cm(), ["background", "cat"])
+
+
+def test_pred_ignore_conventions_by_hand():
+    """255 in a prediction: skipped (ours) or counted as background (IRN's convention)."""
+    import numpy as np
+    import pytest
+
+    from mars_ray.algo.metrics import ConfusionMatrix, map_pred_ignore
+
+    target = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 255, 1, 255]])
+    ign, bg = ConfusionMatrix(2), ConfusionMatrix(2)
+    ign.update(map_pred_ignore(pred, "ignore"), target)
+    bg.update(map_pred_ignore(pred, "background"), target)
+    assert ign.compute()["miou"] == pytest.approx(1.0)  # both 255 pixels skipped
+    # background: bg TP 2, P 3, T 2 → IoU 2/3; class 1: TP 1, P 1, T 2 → 1/2
+    assert bg.compute()["miou"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert (pred == np.array([[0, 255, 1, 255]])).all()  # input untouched
+    with pytest.raises(ValueError, match="pred-ignore"):
+        map_pred_ignore(pred, "zero")
+
+
+def test_centroid_gt_iou_against_a_loop_and_paper_ratio():
+    import numpy as np
+    import pytest
+
+    from mars_ray.algo.metrics import centroid_gt_iou, target_centroid_ratio
+
+    rng = np.random.default_rng(0)
+    assignment = rng.integers(-1, 4, (12, 9))
+    class_ids = np.array([1, 1, 2, 3])
+    gt = rng.integers(0, 4, (12, 9))
+    gt[0, :4] = 255
+    got = centroid_gt_iou(assignment, class_ids, gt)
+    for r, c in enumerate(class_ids):
+        valid = gt != 255
+        a, g = (assignment == r) & valid, (gt == c) & valid
+        want = (a & g).sum() / max((a | g).sum(), 1)
+        assert got[r] == pytest.approx(want, abs=1e-6)
+    by_hand = target_centroid_ratio(np.array([0.5, 0.31, 0.3, 0.05, 0.2, np.nan]))
+    assert by_hand == {"target": 2, "biased": 1, "n": 5, "target_ratio": 0.4, "biased_ratio": 0.2}
+    assert target_centroid_ratio(np.array([]))["target_ratio"] is None
+    with pytest.raises(ValueError):
+        centroid_gt_iou(assignment, class_ids, gt[:, :3])

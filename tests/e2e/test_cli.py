@@ -11,9 +11,10 @@ import pytest
 
 from mars_ray.cli import main
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 
+@pytest.mark.ray
 def test_run_then_evaluate_labels(tiny_data: Path, ray_local, tmp_path: Path, capsys):
     run = tmp_path / "run"
     rc = main(["run", "--data", str(tiny_data), "--pseudo-labels", str(tiny_data / "pseudo_labels"),
@@ -23,12 +24,24 @@ def test_run_then_evaluate_labels(tiny_data: Path, ray_local, tmp_path: Path, ca
     assert (run / "select" / "centroids.npy").is_file() and (run / "select" / "report.json").is_file()
     assert len(list((run / "debias").glob("*.png"))) == 16
     assert "alpha: 0.5" in (run / "config.yaml").read_text()
+    assert (run / "report" / "index.html").is_file()  # `mars run` ends with the report
+    before = sorted(p.name for p in (run / "debias").iterdir())
     rc = main(["evaluate-labels", "--data", str(tiny_data), "--labels", str(run / "debias"), "--split", "train"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "mIoU" in out and "background" in out
-    metrics = json.loads((run / "debias" / "metrics.json").read_text())
-    assert 0 <= metrics["miou"] <= 1 and set(metrics["per_class"]) >= {"background"}
+    assert "mIoU" in out and "background" in out and "not saved" in out
+    assert sorted(p.name for p in (run / "debias").iterdir()) == before  # never written into an input
+    # --run RUN: RUN/evaluate_labels/<folder>.json; --out inside an input folder is refused
+    assert main(["evaluate-labels", "--data", str(tiny_data), "--labels", str(run / "debias"), "--run", str(run)]) == 0
+    metrics = json.loads((run / "evaluate_labels" / "debias.json").read_text())
+    assert 0 <= metrics["miou"] <= 1 and set(metrics["per_class"]) >= {"background"} and metrics["fingerprint"]
+    assert f"{100 * metrics['miou']:.1f}" in capsys.readouterr().out
+    for inside in (run / "debias" / "m.json", tiny_data / "m.json"):
+        assert main(["evaluate-labels", "--data", str(tiny_data), "--labels", str(run / "debias"),
+                     "--out", str(inside)]) == 2
+        assert "an input" in capsys.readouterr().err and not inside.exists()
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {run / 'report' / 'index.html'}"
     # ray_local is still up: the CLI only stops a Ray it started itself
     assert ray_local.is_initialized()
 
@@ -51,7 +64,7 @@ def test_bad_input_is_one_clear_line(tiny_data: Path, tmp_path: Path, capsys, ex
 def test_console_script_and_module_entry_points():
     out = subprocess.run([sys.executable, "-m", "mars_ray", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    for cmd in ("make-dataset", "run", "features", "select", "debias", "evaluate-labels", "demo"):
+    for cmd in ("make-dataset", "run", "features", "select", "debias", "evaluate-labels", "report", "demo"):
         assert cmd in out.stdout
 
 

@@ -19,14 +19,10 @@ import yaml
 from mars_ray import config as C
 from mars_ray.cli import main
 from mars_ray.storage import upath
-from tests.conftest import new_bucket, upload_tree
+from mars_ray.storage import upath
+from tests.conftest import upload_tree
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_server) -> str:
-    return new_bucket("mars-e2e")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +44,14 @@ def test_run_and_evaluate_labels_on_s3(s3_data: str, bucket: str, ray_local, cap
     assert "alpha: 0.5" in (r / "config.yaml").read_text()
     assert (r / "select" / "report.json").is_file() and (r / "select" / "centroids.npy").is_file()
     assert len(list((r / "debias").glob("*.png"))) == 16
-    rc = main(["evaluate-labels", "--data", s3_data, "--labels", f"{run}/debias", "--split", "train"])
+    assert (r / "report" / "index.html").is_file() and list((r / "report" / "grid").glob("*.png"))  # the run report
+    assert "debias    debiased labels" in (r / "logs" / "mars.log").read_text()  # uploaded when `mars` ends
+    rc = main(["evaluate-labels", "--data", s3_data, "--labels", f"{run}/debias", "--split", "train", "--run", run])
     assert rc == 0
     assert "mIoU" in capsys.readouterr().out
-    metrics = json.loads((r / "debias" / "metrics.json").read_text())
+    metrics = json.loads((r / "evaluate_labels" / "debias.json").read_text())
     assert 0 <= metrics["miou"] <= 1
+    assert not (r / "debias" / "metrics.json").exists()  # never into the evaluated folder
     _no_stray_local_folder()
 
 
@@ -88,12 +87,12 @@ def test_tune_on_s3_writes_results_and_computes_features_once(sweep):
     assert summary["features_computed"] == 1
     cached = [p for p in (r / "cache").iterdir() if p.name.startswith("features-") and p.is_dir()]
     assert len(cached) == 1 and json.loads((cached[0] / "manifest.json").read_text())["status"] == "complete"
-    from mars_ray.stages import features
+    from mars_ray.stages import cache
 
     trials = sorted((r / "trials").iterdir())
     assert len(trials) == 2
     for t in trials:
-        assert features.resolve(t) == cached[0]
+        assert cache.resolve(t) == cached[0]
         assert (t / "select" / "report.json").is_file() and (t / "debias" / "stats.json").is_file()
     assert C.build(trials[0] / "config.yaml").features.cache_dir == f"{run}/cache"
     # Ray Tune kept its experiment state on S3 too
@@ -131,6 +130,6 @@ def test_best_yaml_on_s3_reruns_to_the_same_objective(sweep, bucket: str):
     assert re.match(r"s3://", cfg.data.root)
     rerun = f"{bucket}/rerun"
     assert main(["run", "--config", best, "--out", rerun, "--until", "debias"]) == 0
-    m = evaluate(cfg.data.root, f"{rerun}/debias", cfg.data.split)
+    m = evaluate(cfg.data.root, upath(rerun) / "debias", cfg.data.split)
     assert m["miou"] == pytest.approx(summary["best"]["debiased_miou"], abs=1e-9)
     _no_stray_local_folder()

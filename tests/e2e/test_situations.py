@@ -13,10 +13,11 @@ import pytest
 import yaml
 
 from mars_ray import config as C
-from mars_ray.cli import build_parser, config_from_args, main, plan_stages
+from mars_ray.cli import build_parser, config_from_args, main
+from mars_ray.pipeline import plan_stages
 from tests.stages.test_external_features import texture_features, write_features
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.timeout(400)]
 
 FAST = ["debias.crf=false", "uss.ssl_epochs=1", "uss.epochs=1", "uss.batch_size=8", "uss.crop_size=48",
         "uss.dim=16", "wsss.epochs=1", "wsss.batch_size=8", "wsss.crop_size=48", "wsss.cam_scales=[1.0]",
@@ -51,6 +52,7 @@ def _debiased(run: Path, tiny_data: Path) -> int:
     return json.loads((run / "debias" / "stats.json").read_text())["foreground_pixels"]
 
 
+@pytest.mark.ray
 def test_a_pseudo_labels_and_external_features(tiny_data: Path, ray_local, tmp_path: Path):
     feats = write_features(tmp_path / "feats", texture_features(tiny_data))
     run = tmp_path / "run"
@@ -62,6 +64,7 @@ def test_a_pseudo_labels_and_external_features(tiny_data: Path, ray_local, tmp_p
     assert _debiased(run, tiny_data) > 0
 
 
+@pytest.mark.ray
 def test_b_pseudo_labels_and_uss_trained_in_the_run(tiny_data: Path, ray_local, tmp_path: Path):
     run = tmp_path / "run"
     assert main(["run", "--data", str(tiny_data), "--pseudo-labels", str(tiny_data / "pseudo_labels"),
@@ -75,6 +78,7 @@ def test_b_pseudo_labels_and_uss_trained_in_the_run(tiny_data: Path, ray_local, 
     assert _debiased(run, tiny_data) > 0
 
 
+@pytest.mark.ray
 def test_c_images_and_image_labels_only(tiny_data: Path, ray_local, tmp_path: Path):
     run = tmp_path / "run"
     assert main(["run", "--data", str(tiny_data), "--out", str(run), "--until", "debias", "--set", *FAST]) == 0
@@ -94,4 +98,4 @@ def test_c_images_and_image_labels_only(tiny_data: Path, ray_local, tmp_path: Pa
 def test_uss_and_wsss_subcommands_exist():
     help_text = build_parser().format_help()
     assert " wsss " in help_text.replace("\n", " ") or "wsss" in help_text
-    assert C.build(overrides={"uss.backbone": "vit_base_8"}).uss.backbone == "vit_base_8"
+    assert C.build(overrides={"uss.backbone": "vit_base_8", "uss.backbone_weights": "dino.pth"}).uss.backbone == "vit_base_8"

@@ -17,14 +17,6 @@ from mars_ray.models.resnet import ResNet
 DEEPLABS = ["deeplab_tiny", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads oversubscribe the shared 2-core box (20× slower); one thread is fastest here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("name", DEEPLABS)
 def test_forward_shape_and_param_groups(name: str) -> None:
@@ -141,8 +133,8 @@ def test_checkpoint_round_trip_on_object_store(s3_bucket: str) -> None:
 
     kwargs = {"num_classes": 3}
     model = SEGMENTERS.get("deeplab_tiny", **kwargs).eval()
-    path = save_segmenter_checkpoint(f"{s3_bucket}/ck/seg.pt", model, "deeplab_tiny", kwargs, {"epoch": 1})
-    assert str(path) == f"{s3_bucket}/ck/seg.pt" and upath(path).is_file()
+    path = save_segmenter_checkpoint(upath(f"{s3_bucket}/ck/seg.pt"), model, "deeplab_tiny", kwargs, {"epoch": 1})
+    assert str(path) == f"{s3_bucket}/ck/seg.pt" and path.is_file()
     loaded, extra = load_segmenter_checkpoint(str(path), expect_num_classes=3)
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():

@@ -1,8 +1,10 @@
-"""The weight-free texture extractor: contract, determinism, speed, object/context separation."""
+"""The weight-free texture extractor: contract, determinism, object/context separation.
+
+Its speed is measured by ``benchmarks/extractor_speed.py`` (wall clock is no test on a shared machine).
+"""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +46,6 @@ def test_deterministic_and_batch_independent() -> None:
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         build_texture_extractor()(torch.rand(1, 1, 8, 8))
-
-
-def test_fast_on_cpu() -> None:
-    ext = build_texture_extractor()
-    x = torch.rand(1, 3, 96, 96)
-    ext(x)
-    t = time.perf_counter()
-    for _ in range(5):
-        ext(x)
-    assert (time.perf_counter() - t) / 5 < 0.05
 
 
 def test_separates_objects_from_contexts(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from mars_ray.models.stego import (
     stego_step,
 )
 from mars_ray.models.vit import save_dino_checkpoint
+from mars_ray.storage import upath
 
 TINY_CNN = {"widths": (8, 16, 16, 16), "out_dim": 16}
 
@@ -128,8 +129,9 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
 
 def test_checkpoint_and_backbone_weights_on_object_store(s3_bucket: str) -> None:
     model = _model("vit_tiny_test").eval()
-    weights = save_dino_checkpoint(model.backbone, f"{s3_bucket}/w/backbone.pth")
-    path = save_stego_checkpoint(model, f"{s3_bucket}/uss/stego.pt", "vit_tiny_test", {}, backbone_weights=weights)
+    weights = save_dino_checkpoint(model.backbone, upath(s3_bucket) / "w" / "backbone.pth")
+    path = save_stego_checkpoint(model, upath(s3_bucket) / "uss" / "stego.pt", "vit_tiny_test", {},
+                                 backbone_weights=weights)
     extractor = FEATURES.get("stego", checkpoint=str(path))
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():

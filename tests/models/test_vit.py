@@ -9,6 +9,7 @@ import torch
 
 from mars_ray.models.registry import BACKBONES
 from mars_ray.models.vit import VisionTransformer, load_dino_checkpoint, save_dino_checkpoint
+from mars_ray.storage import upath
 
 PRESETS = {  # name: (patch, embed_dim, heads); depth 12, mlp 4x, 224 px grid in the DINO release
     "vit_small_8": (8, 384, 6),
@@ -118,7 +119,7 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
 
 def test_round_trip_on_object_store(s3_bucket: str) -> None:
     a, b = _pair()
-    path = save_dino_checkpoint(a, f"{s3_bucket}/dino/vit.pth")
+    path = save_dino_checkpoint(a, upath(s3_bucket) / "dino" / "vit.pth")
     load_dino_checkpoint(b, str(path))
     x = torch.rand(1, 3, 32, 32)
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)

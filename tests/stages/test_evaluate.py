@@ -44,11 +44,43 @@ def test_metrics_equal_evaluate_labels_on_the_written_predictions(tiny_data: Pat
         assert metrics[key] == ref[key], key  # the same integer counts → the same floats
     assert len({m["iou"] for m in metrics["per_class"].values()}) > 1
     assert metrics["scales"] == [0.75, 1.0, 1.25] and metrics["flip"] and metrics["crf"]
+    assert metrics["crf_kwargs"] == CONVENTIONAL_CRF
     assert (out / "table.txt").read_text().strip() == evaluate_labels.format_table(ref)
     # rerun with the same inputs: skipped
     mtime = (out / "metrics.json").stat().st_mtime_ns
     evaluate.run(cfg, run)
     assert (out / "metrics.json").stat().st_mtime_ns == mtime
+
+
+CONVENTIONAL_CRF = {"iters": 10, "gauss_sxy": 1.0, "gauss_compat": 3.0,
+                    "bilateral_sxy": 67.0, "bilateral_srgb": 3.0, "bilateral_compat": 4.0}
+"""DeepLab's CRF (bilateral weight 4, sxy 67, srgb 3; Gaussian weight 3, sxy 1; 10 iterations):
+the paper's "CRF with conventional settings", as the authors' earlier code sets it."""
+
+
+def test_the_evaluation_crf_is_the_conventional_one(tiny_data: Path, tmp_path: Path, monkeypatch):
+    import numpy as np
+
+    import mars_ray.algo.crf as crf_module
+
+    assert evaluate.crf_kwargs(C.build(overrides={"evaluate.crf": True})) == CONVENTIONAL_CRF
+    assert evaluate.crf_kwargs(C.Config()) is None  # off by default (CPU-sized); the job files turn it on
+    # what reaches dense_crf in an evaluation actor
+    seen: list[dict] = []
+    real = crf_module.dense_crf
+    monkeypatch.setattr(crf_module, "dense_crf", lambda image, probs, **kw: seen.append(kw) or real(image, probs, **kw))
+    ds = VOCDataset(tiny_data)
+    cfg = C.build(overrides={"data.root": str(tiny_data), "evaluate.crf": True})
+    (tmp_path / "pred").mkdir()
+    actor = evaluate.PredictImages(checkpoint=str(_checkpoint(tmp_path / "m.pt", 5, ds.classes)), dataset=ds.spec(),
+                                   out_dir=str(tmp_path / "pred"), num_classes=5, crf=evaluate.crf_kwargs(cfg),
+                                   with_gt=False)
+    actor({"image_id": np.array(["val_0000"])})
+    assert seen == [CONVENTIONAL_CRF]
+    # the paper's protocol in both job files: multi-scale + flip + the conventional CRF
+    for job in ("voc.yaml", "coco.yaml"):
+        e = C.build(Path(__file__).resolve().parents[2] / "jobs" / job).evaluate
+        assert e.crf and e.flip and len(e.scales) == 5 and e.crf_kwargs() == CONVENTIONAL_CRF, job
 
 
 def test_checkpoint_of_another_class_count_is_one_clear_line(tiny_data: Path, ray_local, tmp_path: Path, capsys):

@@ -16,9 +16,9 @@ from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource, load_feature_file
 from mars_ray.models import load_all
 from mars_ray.models.registry import FEATURES
-from mars_ray.stages import debias, features, select
+from mars_ray.stages import debias, features, inputs, select
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240)]
 
 
 def texture_features(root: Path, split: str = "train") -> dict[str, np.ndarray]:
@@ -105,6 +105,7 @@ def test_missing_id_fails_before_outputs(tiny_data: Path, feats_dir: Path, tmp_p
     assert not (run / "features").exists()
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("defect", ["dim"])  # rank and NaN/inf: same path, checked by the loader test above
 def test_bad_file_is_named_by_the_stage(tiny_data: Path, feats_dir: Path, tmp_path: Path, ray_local, defect: str):
     bad_dir = tmp_path / "bad"
@@ -127,6 +128,7 @@ def test_bad_file_is_named_by_the_stage(tiny_data: Path, feats_dir: Path, tmp_pa
     assert f"{victim}.npy" in str(err.value)
 
 
+@pytest.mark.ray
 def test_external_texture_features_round_trip(tiny_data: Path, feats_dir: Path, tmp_path: Path, ray_local):
     """Files written from the built-in extractor's own output give the built-in result exactly."""
     built_in, external = tmp_path / "built_in", tmp_path / "external"
@@ -155,7 +157,7 @@ def test_npy_headers_are_checked_before_the_stage_starts(tiny_data: Path, feats_
     run = tmp_path / "run"
     # no Ray needed: the header pass in validate_inputs names the file
     with pytest.raises(ValueError, match=f"{ids[4]}.npy: feature dimension 5"):
-        features.validate_inputs(_cfg(tiny_data, **{"data.features_dir": str(bad_dir)}), run)
+        inputs.validate_inputs(_cfg(tiny_data, **{"data.features_dir": str(bad_dir)}), run)
     np.save(bad_dir / f"{ids[4]}.npy", np.ones((12, 12), np.float32))
     with pytest.raises(ValueError, match=r"shape \[d, h, w\]"):
-        features.validate_inputs(_cfg(tiny_data, **{"data.features_dir": str(bad_dir)}), run)
+        inputs.validate_inputs(_cfg(tiny_data, **{"data.features_dir": str(bad_dir)}), run)

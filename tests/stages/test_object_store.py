@@ -24,13 +24,13 @@ from mars_ray.artifacts import load_npy, read_manifest
 from mars_ray.data.label_io import read_label, write_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource, check_feature_folder, feature_file_shape
-from mars_ray.stages import debias, evaluate_labels, features, select
+from mars_ray.stages import cache, debias, evaluate_labels, features, inputs, select
 from mars_ray.stages.locks import cluster_lock, lock_actor
 from mars_ray.storage import upath
 
-from tests.conftest import new_bucket, upload_tree
+from tests.conftest import upload_tree
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 STAGES = ("features", "select", "debias")
 
@@ -48,11 +48,6 @@ def _copy(src: str, dst: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_server) -> str:
-    return new_bucket("mars-object-store")
-
-
-@pytest.fixture(scope="module")
 def s3_data(bucket: str, tiny_data: Path) -> str:
     return upload_tree(tiny_data, f"{bucket}/data")
 
@@ -63,13 +58,14 @@ def s3_run(bucket: str, s3_data: str, ray_local) -> str:
     run = f"{bucket}/run"
     cfg = _cfg(s3_data, f"{s3_data}/pseudo_labels")
     for stage in (features, select, debias):
-        stage.run(cfg, run)
+        stage.run(cfg, upath(run))
     return run
 
 
 # -- the lock --------------------------------------------------------------------------------------
 
 
+@pytest.mark.ray
 def test_cluster_lock_excludes_renews_and_takes_over_expired_leases(ray_local):
     key = f"test:{uuid.uuid4().hex}"
     spans: list[tuple[float, float]] = []
@@ -118,24 +114,24 @@ def test_external_features_from_s3(s3_bucket: str, tmp_path: Path):
     np.savez(local / "b.npz", features=feats["b"])
     torch.save(torch.from_numpy(feats["c"]), local / "c.pt")
     uri = upload_tree(local, f"{s3_bucket}/feats")
-    check_feature_folder(uri, ["a", "b", "c"])
-    assert feature_file_shape(f"{uri}/a.npy") == (4, 6, 8)
+    check_feature_folder(upath(uri), ["a", "b", "c"])
+    assert feature_file_shape(upath(uri) / "a.npy") == (4, 6, 8)
     image = np.zeros((12, 16, 3), np.uint8)
     remote, here = FeatureSource(features_dir=uri), FeatureSource(features_dir=local)
     for i in feats:
         np.testing.assert_array_equal(remote(i, image), here(i, image))
     with pytest.raises(FileNotFoundError, match=rf"{uri}: no feature file for image 'zz'"):
-        check_feature_folder(uri, ["a", "zz"])
-    fingerprint = features.feature_source_fingerprint({"features_dir": uri})["features_dir"]
+        check_feature_folder(upath(uri), ["a", "zz"])
+    fingerprint = inputs.feature_source_fingerprint({"features_dir": uri})["features_dir"]
     assert fingerprint.startswith("3:")
-    with storage.atomic_open(f"{uri}/d.npy") as f:
+    with storage.atomic_open(upath(uri) / "d.npy") as f:
         np.save(f, np.zeros((5, 6, 8), np.float32))
     with pytest.raises(ValueError, match=rf"{uri}/d\.npy: feature dimension 5 differs from 4"):
-        check_feature_folder(uri, ["a", "d"])
-    assert features.feature_source_fingerprint({"features_dir": uri})["features_dir"] not in ("", fingerprint)
+        check_feature_folder(upath(uri), ["a", "d"])
+    assert inputs.feature_source_fingerprint({"features_dir": uri})["features_dir"] not in ("", fingerprint)
     upath(f"{uri}/e.npy").write_bytes(b"not an array")
     with pytest.raises(ValueError, match=rf"{uri}/e\.npy: not a readable \.npy file"):
-        check_feature_folder(uri, ["e"])
+        check_feature_folder(upath(uri), ["e"])
     upath(f"{uri}/f.npy").write_bytes(upath(f"{uri}/a.npy").read_bytes()[:-8])
     with pytest.raises(ValueError, match=rf"{uri}/f\.npy: cannot read features"):
         FeatureSource(features_dir=uri)("f", image)
@@ -144,12 +140,13 @@ def test_external_features_from_s3(s3_bucket: str, tmp_path: Path):
 # -- the chain on S3 --------------------------------------------------------------------------------
 
 
+@pytest.mark.ray
 def test_chain_on_s3_equals_the_local_run(s3_run: str, s3_data: str, debiased_run: Path, tiny_data: Path):
     run = upath(s3_run)
     for stage in STAGES:
         m = read_manifest(run / stage)
         assert m and m["status"] == "complete" and "link" not in m, stage
-    assert features.resolve(run) == run / "features"
+    assert cache.resolve(run) == run / "features"
     assert features.table_stats(run / "features" / features.TABLE) == {
         k: v for k, v in read_manifest(debiased_run / "features")["outputs"].items() if k != "table"}
     np.testing.assert_allclose(load_npy(run / "select" / "centroids.npy"),
@@ -166,7 +163,7 @@ def test_chain_on_s3_equals_the_local_run(s3_run: str, s3_data: str, debiased_ru
     local_stats = json.loads((debiased_run / "debias" / "stats.json").read_text())
     assert s3_stats == local_stats and s3_stats["biased_pixels"] > 0
     # evaluate-labels of the S3 labels against the S3 ground truth = the metrics of the local files
-    got = evaluate_labels.confusion(s3_data, f"{s3_run}/debias", "train")
+    got = evaluate_labels.confusion(s3_data, run / "debias", "train")
     ds = VOCDataset(tiny_data)
     ref = ConfusionMatrix(ds.num_classes + 1)
     for i in ids:
@@ -174,15 +171,17 @@ def test_chain_on_s3_equals_the_local_run(s3_run: str, s3_data: str, debiased_ru
     np.testing.assert_array_equal(got.mat, ref.mat)
 
 
+@pytest.mark.ray
 def test_rerun_on_s3_skips(s3_run: str, s3_data: str):
     run = upath(s3_run)
     before = {s: (run / s / "manifest.json").read_bytes() for s in STAGES}
     cfg = _cfg(s3_data, f"{s3_data}/pseudo_labels")
     for stage in (features, select, debias):
-        stage.run(cfg, s3_run)
+        stage.run(cfg, run)
     assert {s: (run / s / "manifest.json").read_bytes() for s in STAGES} == before
 
 
+@pytest.mark.ray
 def test_debias_resume_on_s3_writes_only_missing_labels(s3_run: str, s3_data: str, bucket: str, tiny_data: Path):
     other = f"{bucket}/run_resume"
     _copy(s3_run, other)
@@ -193,7 +192,7 @@ def test_debias_resume_on_s3_writes_only_missing_labels(s3_run: str, s3_data: st
     ids = VOCDataset(tiny_data).ids("train")
     kept_before = storage.list_files(run / "debias")[f"{ids[0]}.png"]
     (run / "debias" / f"{ids[1]}.png").unlink()
-    debias.run(_cfg(s3_data, f"{s3_data}/pseudo_labels"), other)
+    debias.run(_cfg(s3_data, f"{s3_data}/pseudo_labels"), run)
     after = storage.list_files(run / "debias")
     assert after[f"{ids[0]}.png"] == kept_before and f"{ids[1]}.png" in after
     assert read_manifest(run / "debias")["status"] == "complete"
@@ -201,6 +200,7 @@ def test_debias_resume_on_s3_writes_only_missing_labels(s3_run: str, s3_data: st
                                   read_label(upath(s3_run) / "debias" / f"{ids[1]}.png"))
 
 
+@pytest.mark.ray
 def test_features_cache_on_s3_computes_once_for_two_runs(s3_run: str, s3_data: str, bucket: str, monkeypatch):
     calls = []
     compute = features._compute
@@ -211,10 +211,10 @@ def test_features_cache_on_s3_computes_once_for_two_runs(s3_run: str, s3_data: s
 
     monkeypatch.setattr(features, "_compute", counting)
     cfg = _cfg(s3_data, f"{s3_data}/pseudo_labels", **{"features.cache_dir": f"{bucket}/cache"})
-    runs = [f"{bucket}/cached{i}" for i in range(2)]
+    runs = [upath(f"{bucket}/cached{i}") for i in range(2)]
     errors: list[BaseException] = []
 
-    def one(run: str) -> None:
+    def one(run) -> None:
         try:
             features.run(cfg, run)
         except BaseException as e:  # noqa: BLE001
@@ -229,24 +229,25 @@ def test_features_cache_on_s3_computes_once_for_two_runs(s3_run: str, s3_data: s
     target = features.cache_path(cfg, runs[0])
     assert calls[0] == target and str(target).startswith(f"{bucket}/cache/features-")
     for r in runs:
-        assert features.resolve(r) == target
-        link = read_manifest(upath(r) / "features")
+        assert cache.resolve(r) == target
+        link = read_manifest(r / "features")
         assert link["status"] == "complete" and link["link"] == str(target)
         assert link["key"] == read_manifest(target)["key"] == read_manifest(upath(s3_run) / "features")["key"]
-        assert set(storage.list_files(upath(r) / "features")) == {"manifest.json"}  # no table copy
+        assert set(storage.list_files(r / "features")) == {"manifest.json"}  # no table copy
     # a rerun changes nothing; select reads the table through the link
-    before = (upath(runs[1]) / "features" / "manifest.json").read_bytes()
+    before = (runs[1] / "features" / "manifest.json").read_bytes()
     features.run(cfg, runs[1])
-    assert len(calls) == 1 and (upath(runs[1]) / "features" / "manifest.json").read_bytes() == before
+    assert len(calls) == 1 and (runs[1] / "features" / "manifest.json").read_bytes() == before
     select.run(cfg, runs[1])
-    np.testing.assert_allclose(load_npy(upath(runs[1]) / "select" / "centroids.npy"),
+    np.testing.assert_allclose(load_npy(runs[1] / "select" / "centroids.npy"),
                                load_npy(upath(s3_run) / "select" / "centroids.npy"), rtol=1e-5, atol=1e-6)
     # a link whose cache folder is gone is named, not followed into nothing
     storage.rmtree(target)
     with pytest.raises(FileNotFoundError, match=rf"{runs[0]}/features/manifest.json: links to {target}"):
-        features.resolve(runs[0])
+        cache.resolve(runs[0])
 
 
+@pytest.mark.ray
 def test_bad_pseudo_labels_on_s3_are_named_and_keep_the_finished_artifact(
     s3_run: str, s3_data: str, bucket: str, tiny_data: Path
 ):
@@ -262,7 +263,7 @@ def test_bad_pseudo_labels_on_s3_are_named_and_keep_the_finished_artifact(
     garbage = upath(bad) / f"{ids[2]}.png"
     garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     with pytest.raises(ValueError, match=rf"{garbage}"):
-        features.run(cfg, other)
+        features.run(cfg, upath(other))
     assert (feat / "manifest.json").read_bytes() == before
     # a readable label with a value out of range: fails in a Ray worker after the stage began,
     # and the finished artifact it had set aside comes back untouched
@@ -271,7 +272,7 @@ def test_bad_pseudo_labels_on_s3_are_named_and_keep_the_finished_artifact(
     label[0, 0] = 77
     write_label(upath(bad) / f"{ids[0]}.png", label)
     with pytest.raises(Exception) as err:
-        features.run(cfg, other)
+        features.run(cfg, upath(other))
     assert f"{bad}/{ids[0]}.png" in str(err.value) and "77" in str(err.value)
     assert (feat / "manifest.json").read_bytes() == before
     assert features.table_stats(feat / features.TABLE)["rows"] == read_manifest(feat)["outputs"]["rows"]

@@ -21,9 +21,9 @@ from mars_ray.models.deeplab import load_segmenter_checkpoint
 from mars_ray.stages import evaluate, train, uss, wsss
 from mars_ray.storage import ObjectPath, upath
 
-from tests.conftest import new_bucket, upload_tree
+from tests.conftest import upload_tree
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 
 def _pngs(folder: ObjectPath) -> list[str]:
@@ -32,12 +32,6 @@ def _pngs(folder: ObjectPath) -> list[str]:
 
 def _json(path: ObjectPath) -> dict:
     return json.loads(path.read_text())
-
-
-@pytest.fixture(scope="module")
-def bucket(s3_server) -> str:
-    """One bucket for this module's train → evaluate → rerun → more epochs sequence."""
-    return new_bucket("mars-train")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def s3_run(debiased_run: Path, tiny_data: Path, ray_local, bucket: str) -> tuple
         "train.epochs": 1, "train.batch_size": 4, "train.num_workers": 1, "train.cpus_per_worker": 1.0,
         "train.crop_size": 32, "train.crf_iters": 2, "evaluate.batch_size": 6,
     }
-    assert train.run(C.build(overrides=over), str(run)) == run / "train"
+    assert train.run(C.build(overrides=over), run) == run / "train"
     return run, over
 
 
@@ -60,6 +54,7 @@ def _history(folder: ObjectPath) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO((folder / "history.csv").read_text())))
 
 
+@pytest.mark.ray
 def test_train_writes_every_artifact_to_the_bucket(s3_run, tiny_data: Path):
     run, over = s3_run
     out = run / "train"
@@ -80,6 +75,7 @@ def test_train_writes_every_artifact_to_the_bucket(s3_run, tiny_data: Path):
     assert not Path("s3:").exists()  # no stray local folder named after the URI
 
 
+@pytest.mark.ray
 def test_evaluate_from_the_bucket_then_reruns_skip(s3_run, tiny_data: Path, monkeypatch: pytest.MonkeyPatch):
     run, over = s3_run
     cfg = C.build(overrides=over)
@@ -99,6 +95,7 @@ def test_evaluate_from_the_bucket_then_reruns_skip(s3_run, tiny_data: Path, monk
     assert train.run(cfg, run) == run / "train" and evaluate.run(cfg, run) == ev  # up to date: skipped
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_more_epochs_resume_from_the_checkpoint_in_the_bucket(s3_run):
     """Ray Train restores its last checkpoint from the bucket: epoch 1 is not retrained."""
@@ -112,6 +109,7 @@ def test_more_epochs_resume_from_the_checkpoint_in_the_bucket(s3_run):
     assert (extra["epoch"], extra["step"]) == (2, 8)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_wsss_on_s3(tiny_data: Path, ray_local, s3_bucket: str):
     data = upload_tree(tiny_data, f"{s3_bucket}/data")
@@ -146,15 +144,15 @@ def test_uss_reads_dataset_and_dino_weights_from_s3(tiny_data: Path, s3_bucket: 
 
     data = upload_tree(tiny_data, f"{s3_bucket}/data")
     run = upath(s3_bucket) / "run"
-    bad = save_dino_checkpoint(BACKBONES.get("small_cnn"), f"{s3_bucket}/w/dino_wrong.pth")
+    bad = save_dino_checkpoint(BACKBONES.get("small_cnn"), upath(s3_bucket) / "w" / "dino_wrong.pth")
     with pytest.raises(ValueError, match=r"s3://.*/dino_wrong\.pth.*missing keys"):
         uss.run(C.build(overrides={"data.root": data, "uss.backbone": "vit_tiny_test",
                                    "uss.backbone_weights": str(bad)}), run)
     assert not (run / "uss").exists()
     torch.manual_seed(0)
-    good = save_dino_checkpoint(BACKBONES.get("vit_tiny_test"), f"{s3_bucket}/w/dino_tiny.pth")
+    good = save_dino_checkpoint(BACKBONES.get("vit_tiny_test"), upath(s3_bucket) / "w" / "dino_tiny.pth")
     cfg = C.build(overrides={"data.root": data, "uss.backbone": "vit_tiny_test", "uss.backbone_weights": str(good),
                              "uss.ssl_epochs": 0})
     sd = uss.stage_dir(cfg, run, uss.validate_inputs(cfg))
     assert sd.path == run / "uss" and sd.inputs["backbone_weights"].startswith("1:")
-    assert uss.checkpoint_path(str(run)) == run / "uss" / uss.CHECKPOINT
+    assert uss.checkpoint_path(run) == run / "uss" / uss.CHECKPOINT

@@ -38,7 +38,7 @@ def _table(run_dir: Path):
 
 def test_centroid_table(run: Path, tiny_data: Path):
     t = _table(run)
-    assert t.column_names == ["image_id", "class_id", "is_bg", "k", "count", "gt_match", "vector"]
+    assert t.column_names == ["image_id", "class_id", "is_bg", "k", "count", "gt_match", "gt_iou", "vector"]
     ds = VOCDataset(tiny_data)
     ids = set(ds.ids("train"))
     assert set(t.column("image_id").to_pylist()) <= ids
@@ -59,6 +59,8 @@ def test_centroid_table(run: Path, tiny_data: Path):
             assert rows["count"].sum() == (label == c).sum()
     gt_match = np.asarray(t.column("gt_match"))
     assert np.all((gt_match >= 0) & (gt_match <= 1))  # the tiny dataset has ground truth
+    gt_iou = np.asarray(t.column("gt_iou"))
+    assert np.all((gt_iou >= 0) & (gt_iou <= gt_match + 1e-6))  # |A∩G|/|A∪G| <= |A∩G|/|A|
 
 
 def test_select_equals_in_memory_algorithm(run: Path, tiny_data: Path):
@@ -80,6 +82,35 @@ def test_select_equals_in_memory_algorithm(run: Path, tiny_data: Path):
         assert 0.0 <= entry["target_ratio"] <= 1.0
     chosen = pads.dataset(str(run / "select" / "chosen.parquet")).to_table()
     assert chosen.num_rows == report["n_chosen"]
+
+
+def test_select_paper_target_ratio(run: Path, tiny_data: Path, tmp_path: Path):
+    """report.json: the paper's target ratio (IoU > 0.3) and biased ratio (IoU < 0.1) of the chosen
+    centroids, overall and per class, next to our pixel-share measure; a table without gt_iou selects."""
+    report = json.loads((run / "select" / "report.json").read_text())
+    chosen = pads.dataset(str(run / "select" / "chosen.parquet")).to_table().to_pandas()
+    iou = chosen["gt_iou"].to_numpy()
+    assert report["paper_target_ratio"] == pytest.approx(float((iou > 0.3).mean()))
+    assert report["paper_biased_ratio"] == pytest.approx(float((iou < 0.1).mean()))
+    assert 0 <= report["paper_target_ratio_all"] <= 1 and "target_ratio" in report
+    for name, e in report["per_class"].items():
+        mine = chosen[chosen["class_id"] == e["class_id"]]["gt_iou"].to_numpy()
+        assert e["paper_target_ratio"] == pytest.approx(float((mine > 0.3).mean())), name
+        assert e["paper_biased_ratio"] == pytest.approx(float((mine < 0.1).mean())), name
+    # an old table (no gt_iou column) still selects the same V^c; the paper ratios are absent
+    other = tmp_path / "run"
+    shutil.copytree(run / "features", other / "features")
+    table = other / "features" / features.TABLE
+    old = pads.dataset(str(table)).to_table().drop(["gt_iou"])
+    shutil.rmtree(table)
+    table.mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(old, table / "part-0.parquet")
+    select.run(_cfg(tiny_data), other)
+    np.testing.assert_array_equal(np.load(other / "select" / "centroids.npy"), np.load(run / "select" / "centroids.npy"))
+    old_report = json.loads((other / "select" / "report.json").read_text())
+    assert "paper_target_ratio" not in old_report and old_report["target_ratio"] == report["target_ratio"]
 
 
 def test_debiased_labels(run: Path, tiny_data: Path):
@@ -169,3 +200,30 @@ def test_out_of_range_label_value_is_named_and_old_artifact_kept(run: Path, tiny
     # artifact of the earlier inputs is back in place, untouched
     assert (other / "features" / "manifest.json").read_text() == before
     assert (other / "features" / features.TABLE).is_dir()
+
+
+def test_select_histograms_and_debias_per_class_counts(run: Path, tiny_data: Path):
+    """report.json's per-class histograms hold every centroid on shared edges; stats.json's per-class
+    and most-biased counts equal those counted from the PNGs (what the run report shows)."""
+    report = json.loads((run / "select" / "report.json").read_text())
+    chosen = pads.dataset(str(run / "select" / "chosen.parquet")).to_table().to_pandas()
+    for name, e in report["per_class"].items():
+        h = e["histogram"]
+        assert len(h["edges"]) == len(h["chosen"]) + 1 == len(h["not_chosen"]) + 1
+        assert sum(h["chosen"]) == e["n_chosen"] and sum(h["chosen"]) + sum(h["not_chosen"]) == e["n_centroids"]
+        mine = chosen[chosen["class_id"] == e["class_id"]]["distance"].to_numpy()
+        assert np.histogram(mine, np.asarray(h["edges"]))[0].tolist() == h["chosen"]
+    ds = VOCDataset(tiny_data)
+    fg, biased, share = np.zeros(ds.num_classes + 1, int), np.zeros(ds.num_classes + 1, int), {}
+    for i in ds.ids("train"):
+        y_b, y_db = read_label(tiny_data / "pseudo_labels" / f"{i}.png"), read_label(run / "debias" / f"{i}.png")
+        m = (y_b >= 1) & (y_b <= ds.num_classes)
+        fg += np.bincount(y_b[m], minlength=ds.num_classes + 1)
+        biased += np.bincount(y_b[m & (y_db == 254)], minlength=ds.num_classes + 1)
+        share[i] = float((y_db == 254).mean())
+    stats = json.loads((run / "debias" / "stats.json").read_text())
+    assert {n: (e["foreground_pixels"], e["biased_pixels"]) for n, e in stats["per_class"].items()} == {
+        ds.classes[c]: (int(fg[c]), int(biased[c])) for c in range(1, ds.num_classes + 1) if fg[c]}
+    top = sorted((s for s in share.values() if s > 0), reverse=True)[:16]  # compared by value: ties may swap ids
+    assert [r["biased_share"] for r in stats["most_biased"]] == pytest.approx(top)
+    assert all(r["biased_share"] == pytest.approx(share[r["image_id"]]) for r in stats["most_biased"])

@@ -7,13 +7,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mars_ray import config as C
+from mars_ray.data.label_io import read_label
 from mars_ray.data.voc import VOCDataset
+from mars_ray.engine import SegAugment
 from mars_ray.models.deeplab import load_segmenter_checkpoint, save_segmenter_checkpoint
 from mars_ray.models.registry import SEGMENTERS
 from mars_ray.stages import train
+from mars_ray.stages.train_loop import _augmented_batches
 
 from tests.conftest import copy_run
 
@@ -51,6 +55,10 @@ def test_two_workers_checkpoint_then_resume(run: Path, tiny_data: Path):
     assert extra["classes"] == ds.classes and (extra["epoch"], extra["step"]) == (1, steps)
     assert (out / "curves.png").stat().st_size > 1000
     assert len(list((run / "complement").glob("*.png"))) == len(ds.ids("train"))
+    image_labels = json.loads((tiny_data / "image_labels.json").read_text())
+    for i in ds.ids("train"):  # the fill takes background or one of the image's classes, nothing else
+        y_db, y_co = read_label(run / "debias" / f"{i}.png"), read_label(run / "complement" / f"{i}.png")
+        assert set(np.unique(y_co[y_db == 254]).tolist()) <= {0, *image_labels[i]}, i
     assert len(list((run / "predict" / "val").glob("*.png"))) == len(ds.ids("val"))
     assert list((out / "ray" / "mars").glob("checkpoint_*"))
 
@@ -69,6 +77,36 @@ def test_two_workers_checkpoint_then_resume(run: Path, tiny_data: Path):
     mtime = (out / "model.pt").stat().st_mtime_ns
     train.run(_cfg(tiny_data, **{"train.epochs": 2}), run)
     assert (out / "model.pt").stat().st_mtime_ns == mtime
+
+
+def test_training_rows_carry_the_image_classes(run: Path, tiny_data: Path):
+    """MARS rows and batches carry class_mask [C+1] (background + the image-level labels); the
+    baseline's do not; train.wce reaches the worker's loop settings."""
+    import torch
+
+    cfg = _cfg(tiny_data)
+    ds = VOCDataset(tiny_data)
+    source = train.class_source(cfg, run, ds, run / "debias")
+    assert source["kind"] == "image_labels"
+    ids = ds.ids("train")[:5]
+    rows = train._LoadPair(ds.spec(), str(run / "debias"), source)({"image_id": np.array(ids)})
+    labels = json.loads((tiny_data / "image_labels.json").read_text())
+    want = np.zeros((5, 5), bool)
+    want[:, 0] = True
+    for r, i in enumerate(ids):
+        want[r, labels[i]] = True
+    assert rows["class_mask"].dtype == bool and np.array_equal(rows["class_mask"], want)
+
+    class Shard:
+        def iter_batches(self, **_):
+            yield rows  # lists of arrays, as Ray Data hands variable-size images over
+
+    (batch,) = list(_augmented_batches(Shard(), SegAugment(32, (1.0, 1.0), flip=False, seed=0), 5, seed=0))
+    assert batch["class_mask"].dtype == torch.bool and torch.equal(batch["class_mask"], torch.from_numpy(want))
+    assert train.class_source(_cfg(tiny_data, **{"train.baseline": True}), run, ds, run / "debias") is None
+    base = train._LoadPair(ds.spec(), str(tiny_data / "pseudo_labels"))({"image_id": np.array(ids)})
+    assert "class_mask" not in base
+    assert train.loop_settings(cfg, ds).wce and not train.loop_settings(_cfg(tiny_data, **{"train.wce": False}), ds).wce
 
 
 def test_baseline_trains_on_pseudo_labels(run: Path, tiny_data: Path):
@@ -103,7 +141,8 @@ def _raises_before_training(cfg: C.Config, run: Path, match: str) -> None:
 def test_bad_config_fails_before_training(run: Path, tiny_data: Path, tmp_path: Path, over, match):
     other = tmp_path / "run"
     shutil.copytree(run / "debias", other / "debias")
-    _raises_before_training(_cfg(tiny_data, **{"train.batch_size": 4, **over}), other, match)
+    # merged without validation: the stage's own call of config.validate must stop it (C.build would, earlier)
+    _raises_before_training(C.merge(_cfg(tiny_data, **{"train.batch_size": 4}), over), other, match)
 
 
 def test_missing_label_ids_are_named(run: Path, tiny_data: Path, tmp_path: Path):

@@ -17,7 +17,7 @@ from mars_ray.models.registry import BACKBONES
 from mars_ray.models.vit import save_dino_checkpoint
 from mars_ray.stages import uss
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.timeout(300)]
 
 TINY = {"uss.ssl_epochs": 1, "uss.epochs": 3, "uss.batch_size": 8, "uss.crop_size": 48, "uss.lr": 5e-3,
         "uss.dim": 16}
@@ -34,6 +34,7 @@ def run(tiny_data: Path, ray_local, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.ray
 def test_correspondence_loss_decreases(run: Path):
     history = json.loads((run / "uss" / "history.json").read_text())
     assert [(h["phase"], h["epoch"]) for h in history] == [("ssl", 1), ("stego", 1), ("stego", 2), ("stego", 3)]
@@ -44,6 +45,7 @@ def test_correspondence_loss_decreases(run: Path):
     assert {"corr_self", "corr_knn", "corr_random"} <= set(history[-1])  # all three STEGO pair types
 
 
+@pytest.mark.ray
 def test_checkpoint_loads_as_stego_extractor(run: Path, tiny_data: Path):
     ds = VOCDataset(tiny_data)
     image_id = ds.ids("train")[0]
@@ -68,6 +70,7 @@ def test_wrong_dino_weights_fail_before_training(tiny_data: Path, tmp_path: Path
         uss.run(_cfg(tiny_data, **{"uss.backbone": "vit_base_8"}), tmp_path / "run")
 
 
+@pytest.mark.ray
 def test_vit_with_dino_weights_resumes_the_step_counter(tiny_data: Path, tmp_path: Path, ray_local):
     """Same Ray Train name + storage: the second fit starts from the first one's checkpoint."""
     torch.manual_seed(0)
