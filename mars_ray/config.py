@@ -45,8 +45,8 @@ class DataConfig:
 class FeaturesConfig:
     """Stage ``features``: USS embeddings F and per-image, per-class K-means (Sec 3.2)."""
 
-    extractor: str = "texture"  # a name in mars_ray.models.registry.FEATURES
-    checkpoint: str = ""  # for learned extractors (e.g. "stego"): "" → RUN/uss/checkpoint.pt
+    extractor: str = "adaptive"  # a name in mars_ray.models.registry.FEATURES; adaptive: fitted on the split
+    checkpoint: str = ""  # stego: "" → RUN/uss/checkpoint.pt; adaptive: a uss_stats.npz, "" → fitted by the stage
     k_fg: int = 2
     k_bg: int = 2
     max_pixels: int = 20000  # K-means is fitted on at most this many pixels of a region

@@ -155,19 +155,17 @@ def separation_warnings(scores: dict[int, dict[str, float]], class_names: list[s
     for c in does_not_separate(scores, threshold):
         s = scores[c]
         name = class_names[c] if c < len(class_names) else str(c)
-        if s["kept_chosen"] >= 0.5:
-            lines.append(
-                f"the USS features see no difference between the chosen and the other centroids of class {name} "
-                f"(separation {s['score']:.2f} < {threshold}): debiasing will remove little there; fine if the "
-                "class has no co-occurring context, else try another extractor (features.extractor=adaptive, "
-                "--uss, or --features-dir)"
-            )
+        head = (f"the USS features do not separate objects from their contexts for class {name}; debiasing may "
+                f"remove targets (separation {s['score']:.2f} < {threshold}: V^c keeps {s['kept_chosen']:.0%} of the "
+                f"chosen and {s['kept_not_chosen']:.0%} of the other centroids' pixels)")
+        if s["kept_chosen"] >= 0.5:  # both groups activate V^c: more likely little is removed
+            tail = ("; both groups look alike to these features, so it will more likely remove little: fine if the "
+                    "class has no co-occurring context, else try another extractor (features.extractor=adaptive or "
+                    "texture, --uss, or --features-dir)")
         else:
-            lines.append(
-                f"the USS features do not separate objects from their contexts for class {name} (separation "
-                f"{s['score']:.2f} < {threshold}); debiasing may remove targets; try features.extractor=adaptive, "
-                "--uss, external features (--features-dir), or a larger select.alpha"
-            )
+            tail = ("; try another extractor (features.extractor=adaptive or texture, --uss, or --features-dir) or a "
+                    "different select.alpha")
+        lines.append(head + tail)
     return lines
 
 

@@ -57,8 +57,13 @@ Constants that remain, and why (none is tuned to one dataset):
 ``fit_adaptive_stats`` fits, ``AdaptiveStats.save``/``load`` store the fitted arrays with a content
 hash (``digest``) in one ``.npz``, and ``AdaptiveExtractor(stats)`` (registry name ``adaptive``,
 ``FEATURES.get("adaptive", stats=path)``) computes F from them, identically wherever it is rebuilt.
-Fewer than ``MIN_FIT_IMAGES`` (8) images raise ``ValueError``: such statistics would describe the
-images, not the dataset.
+Fewer than ``MIN_FIT_IMAGES`` (8) images raise ``ValueError`` by default: such statistics describe
+the images, not the dataset. The ``features`` stage fits on the split it then debiases, so there it
+falls back to fitting on whatever the split holds (>= 1 image), with a warning.
+
+The fitted bytes are deterministic for a seed, the images and their order, and torch's thread count
+(float32 convolutions round differently with other thread counts); the ``features`` stage fits in a
+one-thread Ray task and keeps the file, so a rerun reuses it rather than refitting.
 """
 
 from __future__ import annotations
@@ -327,10 +332,13 @@ class AdaptiveFitter:
         idx = rng.choice(n, min(self.pixels_per_image, n), replace=False)
         self._samples.append(cues[:, np.sort(idx)].T.astype(np.float64))
 
-    def finish(self) -> AdaptiveStats:
-        """Fit the whitening and the codebooks. ``ValueError`` for fewer than ``MIN_FIT_IMAGES`` images."""
+    def finish(self, *, min_images: int = MIN_FIT_IMAGES) -> AdaptiveStats:
+        """Fit the whitening and the codebooks. ``ValueError`` for fewer than ``min_images`` images (at least 1).
+
+        The ``features`` stage passes ``min_images=1`` and warns below ``MIN_FIT_IMAGES`` (its documented
+        fallback for a tiny split: statistics of the very images it then describes)."""
         n_images = len(self._samples)
-        if n_images < MIN_FIT_IMAGES:
+        if n_images < max(1, int(min_images)):
             raise ValueError(
                 f"adaptive extractor: {n_images} image(s) to fit on, at least {MIN_FIT_IMAGES} needed "
                 "(statistics of fewer images describe those images, not the dataset); use a larger split "
@@ -382,12 +390,12 @@ def fit_sample(ids: Sequence[str], *, max_images: int = MAX_FIT_IMAGES, seed: in
 
 
 def fit_adaptive_stats(images: Iterable[np.ndarray], *, short_side: Optional[int] = None, seed: int = 0,
-                       pixels_per_image: int = 1024) -> AdaptiveStats:
+                       pixels_per_image: int = 1024, min_images: int = MIN_FIT_IMAGES) -> AdaptiveStats:
     """Fit :class:`AdaptiveStats` on ``images`` (uint8 ``[H, W, 3]`` each, streamed once).
 
     ``short_side``: the images' typical short side, which fixes the Gabor wavelengths; None → the
-    first image's (give it when sizes vary). Raises ``ValueError`` for fewer than ``MIN_FIT_IMAGES``
-    images, a non-RGB image, or images without any variation.
+    first image's (give it when sizes vary). Raises ``ValueError`` for fewer than ``min_images``
+    images (default ``MIN_FIT_IMAGES``), a non-RGB image, or images without any variation.
     """
     fitter: Optional[AdaptiveFitter] = None
     for image in images:
@@ -397,7 +405,7 @@ def fit_adaptive_stats(images: Iterable[np.ndarray], *, short_side: Optional[int
         fitter.add(image)
     if fitter is None:
         raise ValueError(f"adaptive extractor: no images to fit on, at least {MIN_FIT_IMAGES} needed")
-    return fitter.finish()
+    return fitter.finish(min_images=min_images)
 
 
 # --------------------------------------------------------------------------------------------

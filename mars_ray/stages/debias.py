@@ -152,6 +152,22 @@ class DebiasImages:
                 disagree)
 
 
+def check_adaptive_stats(cfg: C.Config, run_dir: AnyPath) -> None:
+    """With statistics the ``features`` stage fitted, the file debias loads must hold exactly what the
+    features were clustered with (its digest is in the features manifest): both stages then compute
+    the same F. ``ValueError`` naming the file otherwise (replaced or corrupt after the stage ran)."""
+    if not inputs.fits_adaptive_stats(cfg):
+        return
+    from mars_ray.models.adaptive import AdaptiveStats
+
+    path = inputs.adaptive_stats_path(run_dir)
+    recorded = ((require_complete(run_dir / "features", "features").get("outputs") or {}).get("uss_stats_digest"))
+    digest = AdaptiveStats.load(path).digest
+    if digest != recorded:
+        raise ValueError(f"{path}: adaptive statistics (digest {digest[:12]}) are not the ones the features stage "
+                         f"clustered with ({str(recorded)[:12]}); rerun `mars features`")
+
+
 def class_source(cfg: C.Config, run_dir: AnyPath, *, check: bool = False) -> dict[str, str]:
     """Where Eq 4 takes each image's classes C_I from (``inputs.image_class_source``)."""
     return inputs.image_class_source(cfg, run_dir, inputs.open_dataset(cfg), check=check)
@@ -191,6 +207,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     if sd.is_complete():
         logger.info("debias: up to date in %s, skipping", sd.path)
         return sd.path
+    check_adaptive_stats(cfg, run_dir)
     source = class_source(cfg, run_dir, check=True)  # bad image-level labels: named before any output changes
     logger.info("debias: each image's classes C_I (Eq 4) from %s", inputs.describe_class_source(source))
     with sd.guard() as resuming:
