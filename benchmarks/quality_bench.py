@@ -22,8 +22,8 @@ written by this script).
     python benchmarks/quality_bench.py [--quick] [--variants a,b] [--extractors adaptive,texture]
         [--work DIR] [--out benchmarks/results/quality_bench]
 
-``--quick``: 32 train images at 64 px (12-class: 48 at 72 px), 4 training epochs, learned USS 3+3
-epochs. Without it: make-dataset's default sizes (60 train images) and 10 epochs. Writes
+``--quick``: 32 train images at 64 px (12-class: 48 at 72 px), 8 training epochs, learned USS 3+3
+epochs. Without it: make-dataset's default sizes (60 train images) and 16 epochs. Writes
 ``OUT.json`` (rows), ``OUT.md`` (table) and ``OUT.png`` (chart) after every row, so a long run can
 be read while it goes. Targets checked per row (issue 9): debiased mIoU >= pseudo + 8 points,
 removal >= 0.80, retention >= 0.90, complemented >= debiased.
@@ -125,7 +125,7 @@ def nine_channel_features(root: Path, out: Path, split: str = "train") -> Path:
 
 def overrides_for(extractor: str, root: Path, work: Path, quick: bool) -> dict[str, Any]:
     o: dict[str, Any] = {"data.root": str(root), "data.pseudo_labels": str(root / "pseudo_labels"),
-                         "train.epochs": 4 if quick else 10, "train.val_every": 0, "train.checkpoint_every": 100,
+                         "train.epochs": 8 if quick else 16, "train.val_every": 0, "train.checkpoint_every": 100,
                          "ray.num_cpus": 2}
     if extractor == "texture":
         o["features.extractor"] = "texture"

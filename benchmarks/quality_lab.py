@@ -127,16 +127,6 @@ def extractor(name: str, root: Path, seed: int, smoke: bool) -> tuple[Callable, 
     raise ValueError(f"unknown extractor {name!r}")
 
 
-def scaled_crf(root: Path, crf: dict[str, float] | None) -> dict[str, float] | None:
-    """``crf`` with ``bilateral_sxy`` scaled by the dataset's image size relative to VOC (geometric mean side
-    sqrt(500·375) ≈ 433 px, for which DeepLab chose 50 px)."""
-    if crf is None:
-        return None
-    ds = VOCDataset(root)
-    h, w = read_image(ds.image_path(ds.ids("train")[0])).shape[:2]
-    return {**crf, "bilateral_sxy": crf["bilateral_sxy"] * math.sqrt(h * w) / math.sqrt(500 * 375)}
-
-
 def fmt_table(rows: list[dict[str, Any]]) -> str:
     cols = [("dataset", "{}"), ("extractor", "{}"), ("pseudo_miou", "{:.1f}"), ("debiased_miou", "{:.1f}"),
             ("gain", "{:+.1f}"), ("debiased_fp", "{:.1f}"), ("debiased_fn", "{:.1f}"),
@@ -170,9 +160,9 @@ def main() -> None:
     ap.add_argument("--extractors", default="adaptive,texture,learned")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     ap.add_argument("--no-crf", action="store_true", help="plain threshold instead of the default dense CRF")
-    ap.add_argument("--crf-scaled", action="store_true",
-                    help="debias CRF with bilateral_sxy scaled to the image size (50 px at VOC's ~433 px geometric "
-                         "mean side, as DeepLab tuned it): a measurement of the default's scale dependence")
+    ap.add_argument("--crf-unscaled", action="store_true",
+                    help="debias CRF bilateral_sxy in pixels as given (50 px whatever the image size), instead of the "
+                         "default scaling to each image's size (debias.crf_reference_side): the measurement behind it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--smoke-test", action="store_true", help="one 16-image dataset, short training")
@@ -186,7 +176,8 @@ def main() -> None:
         for ex in [e for e in a.extractors.split(",") if e]:
             t0 = time.perf_counter()
             source, info = extractor(ex, root, a.seed, a.smoke_test)
-            res = debias_in_process(root, source, crf=scaled_crf(root, crf) if a.crf_scaled else crf, seed=a.seed)
+            res = debias_in_process(root, source, crf=crf, seed=a.seed,
+                                    crf_reference_side=0.0 if a.crf_unscaled else DebiasConfig().crf_reference_side)
             row = {"dataset": name, "extractor": ex, **res.row(), **info,
                    "separation": {str(c): round(s["score"], 3) for c, s in res.separation.items()},
                    "seconds": round(time.perf_counter() - t0, 1)}

@@ -92,12 +92,18 @@ class DebiasConfig:
     crf_bilateral_sxy: float = 50.0
     crf_bilateral_srgb: float = 13.0
     crf_bilateral_compat: float = 4.0  # DeepLab-v2 CRF weight; 10 over-smooths textured objects
+    # our choice: crf_bilateral_sxy is in pixels of an image of this geometric-mean side (VOC's
+    # sqrt(500·375) ≈ 433, where DeepLab chose 50 px) and scales with each image's sqrt(H·W)
+    # (algo.crf.scale_kernels); 0 = pixels as given. Measured on every make-dataset variant
+    # (benchmarks/quality_lab.py --crf-scaled, README "Debiasing quality").
+    crf_reference_side: float = 433.0
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     batch_size: int = 8
 
     def crf_kwargs(self) -> dict[str, float] | None:
-        """Keyword arguments for ``algo.crf.dense_crf``; ``None`` when the CRF is off."""
+        """Keyword arguments for ``algo.crf.dense_crf``; ``None`` when the CRF is off (not scaled to an
+        image: ``algo.crf.scale_kernels(kwargs, (H, W), crf_reference_side)`` does that per image)."""
         return _crf_kwargs(self) if self.crf else None
 
     def crf_kernels(self) -> dict[str, float]:

@@ -32,6 +32,7 @@ import numpy as np
 
 from mars_ray.algo.centroids import select_debiased_centroids
 from mars_ray.algo.clustering import cluster_regions
+from mars_ray.algo.crf import scale_kernels
 from mars_ray.algo.debias import activation_map, binarize_activation, debias_label
 from mars_ray.algo.metrics import ConfusionMatrix, map_biased
 from mars_ray.algo.separation import separation_scores
@@ -124,6 +125,7 @@ def debias_in_process(
     iters: int = 20,
     seed: int = 0,
     write_dir: Optional[PathLike] = None,
+    crf_reference_side: float = 433.0,
 ) -> InProcessResult:
     """features → select → debias over ``split`` of ``root`` in this process; measured against its GT.
 
@@ -134,6 +136,8 @@ def debias_in_process(
         crf: ``algo.crf.dense_crf`` kwargs for Eq 4's refinement (``DebiasConfig().crf_kwargs()`` is
             the pipeline's default); None = plain threshold.
         write_dir: if given, the debiased labels are written there as ``{id}.png``.
+        crf_reference_side: the CRF's bilateral width is scaled per image by sqrt(H·W) / this
+            (``algo.crf.scale_kernels``; 433 = ``DebiasConfig``'s default; 0 = not scaled).
 
     Raises:
         FileNotFoundError / ValueError: missing files, or no background / foreground centroids.
@@ -168,8 +172,9 @@ def debias_in_process(
         gt = read_label(ds.gt_path(i))  # type: ignore[arg-type]
         classes = [int(c) for c in np.unique(pseudo) if 1 <= c <= MAX_CLASSES]
         known = [c for c in classes if sel.present[c]]
+        img_crf = None if crf is None else scale_kernels(crf, image.shape[:2], crf_reference_side)
         keep = binarize_activation(activation_map(source(i, image), sel.centroids[known]), threshold=threshold,
-                                   image=image if crf is not None else None, crf=crf)
+                                   image=image if crf is not None else None, crf=img_crf)
         keep |= np.isin(pseudo, [c for c in classes if c not in known])
         debiased = debias_label(pseudo, keep)
         quality.update(pseudo, debiased, gt)

@@ -3,8 +3,8 @@
 Ray Data shards the ids over an actor pool; each actor loads V^c and its feature source once. Per
 image: M = ReLU(max over the image's classes C_I of cos(F, V^c)) (Eq 4; C_I from the image-level
 labels when the dataset has them, else the classes present in Y^b — the log says which), dense-CRF
-refinement and binarisation (our choice, ``debias.threshold``: the paper says only "refinement (e.g.
-CRF)"), then foreground pixels of Y^b with M^db = 0 become BIASED (254) (Eq 5). Images whose Y^b has a
+refinement (its bilateral width scaled to the image's size: ``debias.crf_reference_side``) and
+binarisation (our choice, ``debias.threshold``: the paper says only "refinement (e.g. CRF)"), then foreground pixels of Y^b with M^db = 0 become BIASED (254) (Eq 5). Images whose Y^b has a
 class their image-level labels lack are counted (one warning, ``stats.json``), not refused. PNGs are written
 by the actors themselves with deterministic names (temp + rename locally, one upload on an object
 store), so a retried task overwrites cleanly and a resumed run skips the ids already written (each
@@ -25,6 +25,7 @@ import torch
 
 from mars_ray import config as C
 from mars_ray import storage
+from mars_ray.algo.crf import scale_kernels
 from mars_ray.algo.debias import activation_map, binarize_activation, debias_label
 from mars_ray.artifacts import StageDir, atomic_write_json, fingerprint_path, load_npy, require_complete
 from mars_ray.data.label_io import read_image, read_label, write_label
@@ -58,6 +59,7 @@ def debias_one(
     threshold: float,
     crf: dict[str, float] | None,
     image_classes: Sequence[int] | None = None,
+    crf_reference_side: float = 0.0,
 ) -> np.ndarray:
     """Y^b ``[H, W]`` uint8 + F ``[d, H, W]`` + V ``[C+1, d]`` → Y^db ``[H, W]`` uint8 (Eq 4–5).
 
@@ -65,12 +67,15 @@ def debias_one(
     given, else the classes present in Y^b. A class of Y^b that the image-level labels lack takes no
     part in Eq 4: its pixels are removed unless another class's centroid activates them. A class of
     C_I without a debiased centroid (never seen in the split the centroids came from) cannot be
-    judged and its pixels are kept as they are.
+    judged and its pixels are kept as they are. ``crf_reference_side`` > 0: the CRF's bilateral width
+    is scaled to this image's size (``algo.crf.scale_kernels``).
     """
     in_pseudo = pseudo_classes(pseudo)
     classes = in_pseudo if image_classes is None else sorted({int(c) for c in image_classes})
     known = [c for c in classes if c < len(present) and present[c]]
     activation = activation_map(feats, centroids[known])
+    if crf is not None:
+        crf = scale_kernels(crf, image.shape[:2], crf_reference_side)
     keep = binarize_activation(activation, threshold=threshold, image=image, crf=crf)
     unknown = [c for c in classes if c not in known and c in in_pseudo]
     if unknown:
@@ -94,6 +99,7 @@ class DebiasImages:
         skip_existing: bool,
         image_labels: bool = False,
         threads: int = 1,
+        crf_reference_side: float = 0.0,
     ) -> None:
         torch.set_num_threads(max(1, threads))
         self.dataset = VOCDataset(**dataset)
@@ -107,6 +113,7 @@ class DebiasImages:
         self.source = FeatureSource(**source_kwargs)
         self.threshold = threshold
         self.crf = crf
+        self.crf_reference_side = crf_reference_side
         self.skip_existing = skip_existing
         # resuming: the labels written before this run, from one listing (not a request per id)
         self.written: frozenset[str] = frozenset(storage.list_files(self.out_dir)) if skip_existing else frozenset()
@@ -143,7 +150,8 @@ class DebiasImages:
                     f"features of {image_id} have d={feats.shape[0]} but the selected centroids d={self.centroids.shape[1]}"
                 )
             debiased = debias_one(image, pseudo, feats, self.centroids, self.present, threshold=self.threshold,
-                                  crf=self.crf, image_classes=image_classes)
+                                  crf=self.crf, image_classes=image_classes,
+                                  crf_reference_side=self.crf_reference_side)
             write_label(out, debiased)
         is_fg = (pseudo >= 1) & (pseudo <= MAX_CLASSES)
         n = self.dataset.num_classes + 1  # check_label (or the earlier run) bounds the pseudo classes by C
@@ -225,6 +233,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
                 source_kwargs=inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
                 threshold=d.threshold,
                 crf=d.crf_kwargs(),
+                crf_reference_side=d.crf_reference_side,
                 skip_existing=resuming,
                 image_labels=source["kind"] == "image_labels",
                 threads=max(1, int(d.cpus_per_actor)),
