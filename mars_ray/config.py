@@ -140,8 +140,8 @@ class WsssConfig:
 class UssConfig:
     """Stage ``uss`` (learned USS, situation b): STEGO-style head on a frozen backbone, Ray Train."""
 
-    backbone: str = "small_cnn"  # a name in BACKBONES (vit_small_8, vit_base_8, …, small_cnn)
-    backbone_weights: str = ""  # local DINO checkpoint for ViT backbones; "" → self-supervised small_cnn
+    backbone: str = "adaptive"  # a name in BACKBONES (adaptive: fitted on the split, no weights; vit_base_8, …, small_cnn)
+    backbone_weights: str = ""  # local DINO checkpoint for ViT backbones; small_cnn without one trains self-supervised
     ssl_epochs: int = 20  # self-supervised pretraining of small_cnn on the dataset (0 = skip)
     epochs: int = 20
     dim: int = 70
@@ -460,7 +460,7 @@ def _validate_ranges(cfg: Config) -> None:
                 f"uss.backbone={u.backbone} needs uss.backbone_weights: a DINO checkpoint file or URI "
                 "(e.g. dino_vitbase8_pretrain.pth); weights are never downloaded"
             )
-        if u.ssl_epochs < 1:
+        if u.ssl_epochs < 1 and u.backbone != "adaptive":  # (adaptive has nothing to train: fitted statistics)
             raise ValueError("uss.ssl_epochs must be >= 1 without uss.backbone_weights (a random frozen backbone teaches nothing)")
     t = cfg.train
     _at_least("train", t, ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters"), 1)
