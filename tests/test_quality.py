@@ -26,7 +26,6 @@ from mars_ray.models.handcrafted import build_texture_extractor
 from mars_ray.quality import InProcessResult, LabelQuality, debias_in_process
 
 pytest.importorskip("pydensecrf.densecrf")
-pytestmark = pytest.mark.slow  # ~1 min: three 40-image variants, two extractors, with the CRF
 
 VARIANTS = {
     "colour": dict(cue="colour", size=80, seed=31),
@@ -61,14 +60,36 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, InP
     return out
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_adaptive_default_improves_the_pseudo_labels(results: dict, name: str) -> None:
-    q = results[name]["adaptive"].quality
-    assert q["debiased"]["miou"] > q["pseudo"]["miou"] + 0.08, q
-    assert q["removal_recall"] > 0.7 and q["retention"] > 0.6, q
-    assert q["debiased"]["fp"] < q["pseudo"]["fp"] - 0.2, q
+# (variant, extractor, improves): the adaptive default must improve every variant; the old texture default
+# is checked on the same variants, and on the colour cue it must NOT improve (the gap the default closes)
+CASES = [(v, "adaptive", True) for v in VARIANTS] + [("colour", "texture", False)]
 
 
+@pytest.mark.slow  # ~1 min: three 40-image variants, two extractors, with the CRF
+@pytest.mark.parametrize("name, extractor, improves", CASES)
+def test_default_extractor_improves_the_pseudo_labels(results: dict, name: str, extractor: str, improves: bool) -> None:
+    q = results[name][extractor].quality
+    gain = q["debiased"]["miou"] - q["pseudo"]["miou"]
+    if improves:
+        assert gain > 0.08, q
+        assert q["removal_recall"] > 0.7 and q["retention"] > 0.6, q
+        assert q["debiased"]["fp"] < q["pseudo"]["fp"] - 0.2, q
+    else:
+        assert gain < 0.03, q
+
+
+@pytest.mark.parametrize("extractor, improves", [("adaptive", True), ("texture", False)])
+def test_small_colour_variant(tmp_path: Path, extractor: str, improves: bool) -> None:
+    """The fast subset (~5 s): 40 images at 80 px where colour is the cue, with the default CRF. Seeds 35-39
+    gave the adaptive default +23 to +44 points and texture -3 to +3 (measured when this test was written)."""
+    root = make_biased_dataset(tmp_path / "d", n_train=40, n_val=1, size=80, cue="colour", seed=35)
+    model = _adaptive(root) if extractor == "adaptive" else build_texture_extractor()
+    q = debias_in_process(root, _source(model), crf=CRF).quality
+    gain = q["debiased"]["miou"] - q["pseudo"]["miou"]
+    assert (gain > 0.08) if improves else (gain < 0.05), q
+
+
+@pytest.mark.slow
 def test_texture_default_fails_on_the_colour_cue(results: dict) -> None:
     """Documents the gap the adaptive default closes: ``texture`` does not improve the colour variant."""
     tex, ada = results["colour"]["texture"].quality, results["colour"]["adaptive"].quality
@@ -76,6 +97,7 @@ def test_texture_default_fails_on_the_colour_cue(results: dict) -> None:
     assert ada["debiased"]["miou"] > tex["debiased"]["miou"] + 0.15, (ada, tex)
 
 
+@pytest.mark.slow
 def test_separation_high_with_adaptive_low_without_signal(results: dict, tmp_path: Path) -> None:
     scores = results["both-nonsquare-jpg"]["adaptive"].separation
     assert min(s["score"] for s in scores.values()) > SEPARATION_THRESHOLD, scores
