@@ -31,7 +31,7 @@ from mars_ray.artifacts import StageDir, atomic_write_json, fingerprint_path, lo
 from mars_ray.data.label_io import read_image, read_label, write_label
 from mars_ray.data.validate import check_label
 from mars_ray.data.voc import VOCDataset
-from mars_ray.features import FeatureSource
+from mars_ray.features import FeatureSource, find_feature_file
 from mars_ray.labels import BIASED, MAX_CLASSES
 from mars_ray.stages import inputs
 from mars_ray.stages.runtime import ensure_ray, map_images
@@ -146,8 +146,10 @@ class DebiasImages:
             check_label(pseudo, num_classes=self.dataset.num_classes, image_hw=image.shape[:2], path=label_path)
             feats = self.source(image_id, image)
             if feats.shape[0] != self.centroids.shape[1]:
+                where = (str(find_feature_file(self.source.features_dir, image_id)) if self.source.features_dir
+                         else f"features of {image_id}")
                 raise ValueError(
-                    f"features of {image_id} have d={feats.shape[0]} but the selected centroids d={self.centroids.shape[1]}"
+                    f"{where}: feature dimension {feats.shape[0]}, but the selected centroids have d={self.centroids.shape[1]}"
                 )
             debiased = debias_one(image, pseudo, feats, self.centroids, self.present, threshold=self.threshold,
                                   crf=self.crf, image_classes=image_classes,
@@ -158,6 +160,21 @@ class DebiasImages:
         return (np.bincount(pseudo[is_fg], minlength=n)[:n].astype(np.int64),
                 np.bincount(pseudo[is_fg & (debiased == BIASED)], minlength=n)[:n].astype(np.int64), int(pseudo.size),
                 disagree)
+
+
+def check_feature_source(cfg: C.Config, run_dir: AnyPath) -> None:
+    """F must be what the ``features`` stage clustered: with external features (``data.features_dir``)
+    the folder's fingerprint must equal the one in the features manifest; with fitted adaptive statistics
+    the file's digest (``check_adaptive_stats``). ``ValueError`` naming the folder or file otherwise."""
+    if cfg.data.features_dir:
+        folder = inputs.config_path(cfg.data.features_dir)
+        recorded = (require_complete(run_dir / "features", "features").get("inputs") or {}).get("features_dir")
+        now = inputs.feature_source_fingerprint({"features_dir": cfg.data.features_dir})["features_dir"]
+        if recorded is not None and now != recorded:
+            raise ValueError(f"{folder}: external features changed since the features stage clustered them "
+                             "(files added, removed or rewritten); rerun `mars features`")
+        return
+    check_adaptive_stats(cfg, run_dir)
 
 
 def check_adaptive_stats(cfg: C.Config, run_dir: AnyPath) -> None:
@@ -215,7 +232,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     if sd.is_complete():
         logger.info("debias: up to date in %s, skipping", sd.path)
         return sd.path
-    check_adaptive_stats(cfg, run_dir)
+    check_feature_source(cfg, run_dir)
     source = class_source(cfg, run_dir, check=True)  # bad image-level labels: named before any output changes
     logger.info("debias: each image's classes C_I (Eq 4) from %s", inputs.describe_class_source(source))
     with sd.guard() as resuming:

@@ -116,3 +116,8 @@ def test_features_without_signal_are_flagged(tiny_data: Path, ray_local, tmp_pat
     assert len(lines) == len(present)
     for name in present:
         assert sum(f"for class {name}; debiasing may remove targets" in ln for ln in lines) == 1
+    # external features rewritten after clustering (another dimension here): debias names the folder first
+    victim = ds.ids("train")[2]
+    np.save(feats / f"{victim}.npy", np.zeros((9, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="noise: external features changed since the features stage"):
+        debias.run(cfg, run)
