@@ -14,7 +14,8 @@ against the train split's ground truth, in this process:
   per-class separation score (no ground truth) with the classes it warns about.
 
 Extractors: ``adaptive`` (the default: nothing set), ``texture`` (``features.extractor=texture``),
-``learned`` (``--uss``: the uss stage trains small_cnn + STEGO head first), ``external``
+``learned`` (``--uss``: the uss stage first distils a STEGO head from the adaptive features on Ray
+Train, ~300 steps), ``external``
 (``--features-dir``: the 9-channel features of issue 9 — local RGB mean, local std of luminance
 and of chroma at 2 scales, gradient magnitude at 2 scales — each standardised over the split,
 written by this script).
@@ -22,8 +23,7 @@ written by this script).
     python benchmarks/quality_bench.py [--quick] [--variants a,b] [--extractors adaptive,texture]
         [--work DIR] [--out benchmarks/results/quality_bench]
 
-``--quick``: 32 train images at 64 px (12-class: 48 at 72 px), 8 training epochs, learned USS 3+3
-epochs. Without it: make-dataset's default sizes (60 train images) and 16 epochs. Writes
+``--quick``: 32 train images at 64 px (12-class: 48 at 72 px), 8 training epochs. Without it: make-dataset's default sizes (60 train images) and 16 epochs. Writes
 ``OUT.json`` (rows), ``OUT.md`` (table) and ``OUT.png`` (chart) after every row, so a long run can
 be read while it goes. Targets checked per row (issue 9): debiased mIoU >= pseudo + 8 points,
 removal >= 0.80, retention >= 0.90, complemented >= debiased.
@@ -71,7 +71,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 QUICK = dict(n_train=32, n_val=4, size=64)
 QUICK_12 = dict(n_train=48, n_val=4, size=72)
-EXTRACTORS = ("adaptive", "texture", "learned", "external")
+EXTRACTORS = ("adaptive", "texture", "external", "learned")
 
 
 def make_variant(name: str, work: Path, quick: bool) -> Path:
@@ -131,9 +131,11 @@ def overrides_for(extractor: str, root: Path, work: Path, quick: bool, epochs: i
     if extractor == "texture":
         o["features.extractor"] = "texture"
     elif extractor == "learned":
-        o["features.extractor"] = pipeline.LEARNED_EXTRACTOR  # what --uss sets
-        if quick:
-            o.update({"uss.ssl_epochs": 3, "uss.epochs": 3, "uss.crop_size": 64})
+        o["features.extractor"] = pipeline.LEARNED_EXTRACTOR  # what --uss sets (uss.backbone: adaptive)
+        # the head sees one crop per image an epoch: ~300 steps (the in-process distillation's minimum,
+        # models/stego_distill.py) need 300 · batch / images epochs
+        n = len(VOCDataset(root).ids("train"))
+        o.update({"uss.epochs": max(20, math.ceil(300 * 16 / n)), "uss.batch_size": 16, "uss.crop_size": 64})
     elif extractor == "external":
         o["data.features_dir"] = str(nine_channel_features(root, work / "feats" / root.name))
     return o
