@@ -101,7 +101,9 @@ class SeparationCounter:
         for c in np.flatnonzero(self._rows.sum(axis=1)):
             share = np.divide(self._kept[c], self._mass[c], out=np.full(2, np.nan), where=self._mass[c] > 0)
             kept_not, kept_ch = float(share[0]), float(share[1])
-            score = kept_ch - kept_not if np.isfinite(share).all() else float("nan")
+            # one chosen centroid leaves nothing to compare it with (leave-one-out): not judged, as no not-chosen one
+            judged = np.isfinite(share).all() and self.n_chosen[c] > 1
+            score = kept_ch - kept_not if judged else float("nan")
             out[int(c)] = {"kept_chosen": kept_ch, "kept_not_chosen": kept_not, "score": score,
                            "n_chosen": int(self._rows[c, 1]), "n_not_chosen": int(self._rows[c, 0])}
         return out
@@ -125,7 +127,8 @@ def separation_scores(
 
     Returns:
         ``{class_id: {"kept_chosen", "kept_not_chosen", "score", "n_chosen", "n_not_chosen"}}`` for every
-        class with centroids; ``score`` is NaN when a class has no not-chosen centroid (N_c = 1).
+        class with centroids; ``score`` is NaN (not judged) when a class has no not-chosen centroid or a
+        single chosen one (nothing for leave-one-out to compare it with).
 
     Raises:
         ValueError: inconsistent shapes or class ids outside 1..C.

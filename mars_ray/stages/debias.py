@@ -207,11 +207,14 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     feats = require_complete(run_dir / "features", "features")
     d = cfg.debias
     source = class_source(cfg, run_dir)
+    source_kwargs = inputs.feature_source_kwargs(cfg, run_dir, absolute=True)
+    if inputs.fits_adaptive_stats(cfg):  # the features artifact's own stats file: its digest is in the features key
+        source_kwargs = {"extractor": source_kwargs["extractor"], "extractor_kwargs": {}}
     slice_ = {  # F is recomputed here: its source is part of the key, as are Y^b's folder and the dataset
         "debias": {k: v for k, v in C.to_dict(d).items() if k not in _EXECUTION_KEYS},
         "data": inputs.dataset_key(cfg, [cfg.data.split]),
         "pseudo_labels": storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
-        "source": inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
+        "source": source_kwargs,
         "image_classes": source["kind"],
     }
     fingerprints = {"select": upstream["key"], "features": feats["key"]}

@@ -103,6 +103,11 @@ def test_errors_and_nan() -> None:
     acc.add(np.ones((1, 4)), np.array([1]), np.array([True]))  # one centroid: nothing not chosen
     assert np.isnan(acc.scores()[1]["score"])
     assert does_not_separate(acc.scores()) == []
+    # one chosen and two not chosen: the chosen one has nothing to be compared with, so the class is not judged
+    v = np.array([[0, 0, 0, 0], [1, 0, 0, 0]], float)
+    one = separation_scores(np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], float), np.array([1, 1, 1]),
+                            np.array([True, False, False]), v)
+    assert np.isnan(one[1]["score"]) and does_not_separate(one) == []
 
 
 def test_warning_lines() -> None:

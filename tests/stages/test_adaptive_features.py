@@ -43,10 +43,14 @@ def test_features_fit_the_stats_and_key_them(debiased_run: Path, tiny_data: Path
 def test_debias_computes_the_same_features(debiased_run: Path, tiny_data: Path):
     cfg = _cfg(tiny_data)
     dm = json.loads((debiased_run / "debias" / "manifest.json").read_text())
-    src = dm["config"]["source"]
+    fm = json.loads((debiased_run / "features" / "manifest.json").read_text())
+    # the debias key holds the features key (and so the stats digest), not the run folder's path:
+    # a copied run folder resumes its debias stage
+    assert dm["config"]["source"] == {"extractor": "adaptive", "extractor_kwargs": {}}
+    assert dm["inputs"]["features"] == fm["key"]
+    src = inputs.feature_source_kwargs(cfg, debiased_run, absolute=True)  # what the debias actors are given
     assert src["extractor"] == "adaptive"
     assert src["extractor_kwargs"]["checkpoint"] == str((debiased_run / "features" / "uss_stats.npz").resolve())
-    assert inputs.feature_source_kwargs(cfg, debiased_run, absolute=True) == src
     ds = VOCDataset(tiny_data)
     image_id = ds.ids("train")[3]
     image = read_image(ds.image_path(image_id))

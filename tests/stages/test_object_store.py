@@ -207,9 +207,9 @@ def test_features_cache_on_s3_computes_once_for_two_runs(s3_run: str, s3_data: s
     calls = []
     compute = features._compute
 
-    def counting(cfg, run_dir, dataset, sd):
+    def counting(cfg, run_dir, dataset, sd, stats=None):
         calls.append(sd.path)
-        compute(cfg, run_dir, dataset, sd)
+        compute(cfg, run_dir, dataset, sd, stats)
 
     monkeypatch.setattr(features, "_compute", counting)
     cfg = _cfg(s3_data, f"{s3_data}/pseudo_labels", **{"features.cache_dir": f"{bucket}/cache"})
