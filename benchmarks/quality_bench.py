@@ -141,7 +141,7 @@ def overrides_for(extractor: str, root: Path, work: Path, quick: bool, epochs: i
     return o
 
 
-def measure(root: Path, run: Path) -> dict[str, Any]:
+def measure(root: Path, run: Path, complemented: bool = True) -> dict[str, Any]:
     ds = VOCDataset(root)
     q = LabelQuality(ds.num_classes)
     cm_co = ConfusionMatrix(ds.num_classes + 1)
@@ -149,9 +149,11 @@ def measure(root: Path, run: Path) -> dict[str, Any]:
         gt = read_label(ds.gt_path(i))  # type: ignore[arg-type]
         pseudo = read_label(root / "pseudo_labels" / f"{i}.png")
         q.update(pseudo, read_label(run / "debias" / f"{i}.png"), gt)
-        cm_co.update(map_biased(read_label(run / "complement" / f"{i}.png"), "background"), gt)
+        if complemented:
+            cm_co.update(map_biased(read_label(run / "complement" / f"{i}.png"), "background"), gt)
     res = q.compute()
-    co = cm_co.compute()
+    nan = {"miou": float("nan"), "fp": float("nan"), "fn": float("nan")}
+    co = cm_co.compute() if complemented else nan
     report = json.loads((run / "select" / "report.json").read_text())
     seps = {n: e["separation"]["score"] for n, e in report["per_class"].items() if "separation" in e}
     finite = [v for v in seps.values() if v is not None and math.isfinite(v)]
@@ -168,11 +170,14 @@ def measure(root: Path, run: Path) -> dict[str, Any]:
 
 
 def targets(r: dict[str, Any]) -> dict[str, bool]:
-    return {"gain>=8": r["debiased_miou"] - r["pseudo_miou"] >= 0.08, "removal>=0.80": r["removal_recall"] >= 0.80,
-            "retention>=0.90": r["retention"] >= 0.90, "complemented>=debiased": r["complemented_miou"] >= r["debiased_miou"]}
+    out = {"gain>=8": r["debiased_miou"] - r["pseudo_miou"] >= 0.08, "removal>=0.80": r["removal_recall"] >= 0.80,
+           "retention>=0.90": r["retention"] >= 0.90}
+    if not math.isnan(r["complemented_miou"]):  # not trained (--no-train): not judged
+        out["complemented>=debiased"] = r["complemented_miou"] >= r["debiased_miou"]
+    return out
 
 
-COLS = [("variant", "{}"), ("extractor", "{}"), ("pseudo_miou", "{:.1f}"), ("debiased_miou", "{:.1f}"),
+COLS = [("setting", "{}"), ("variant", "{}"), ("extractor", "{}"), ("train_epochs", "{}"), ("pseudo_miou", "{:.1f}"), ("debiased_miou", "{:.1f}"),
         ("complemented_miou", "{:.1f}"), ("removal_recall", "{:.2f}"), ("retention", "{:.2f}"),
         ("debiased_fp", "{:.1f}"), ("debiased_fn", "{:.1f}"), ("complemented_fp", "{:.1f}"),
         ("complemented_fn", "{:.1f}"), ("paper_target_ratio", "{:.2f}"), ("separation_min", "{:.2f}"),
@@ -209,9 +214,10 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     x = np.arange(len(ok))
     for k, (key, label) in enumerate((("pseudo_miou", "pseudo Y^b"), ("debiased_miou", "debiased Y^db"),
                                       ("complemented_miou", "complemented Y^co"))):
-        ax.bar(x + (k - 1) * 0.27, [100 * r[key] for r in ok], 0.27, label=label)
-    ax.set_xticks(x, [f"{r['variant']}\n{r['extractor']}" for r in ok], rotation=90, fontsize=7)
-    ax.set_ylabel("train mIoU (%)")
+        ax.bar(x + (k - 1) * 0.27, [100 * r[key] if not math.isnan(r[key]) else 0 for r in ok], 0.27, label=label)
+    ax.set_xticks(x, [f"{r['variant']} · {r['extractor']}" + (" · full" if "full" in r.get("setting", "") else "")
+                      for r in ok], rotation=90, fontsize=7)
+    ax.set_ylabel("train-split label mIoU (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     ax.set_title("mars_ray label quality per make-dataset variant × USS extractor")
@@ -223,8 +229,9 @@ def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(
-        f"# quality_bench ({'quick' if meta['quick'] else 'full'}, {meta['train_epochs']} training epochs)\n\n"
-        "targets column: gain>=8, removal>=0.80, retention>=0.90, complemented>=debiased (✓ met, ✗ missed)\n\n"
+        f"# quality_bench ({'quick' if meta['quick'] else 'full'}; training epochs: {meta['train_epochs']})\n\n"
+        "targets column: gain>=8, removal>=0.80, retention>=0.90, complemented>=debiased (✓ met, ✗ missed; the "
+        "last is not judged for rows run with --no-train, whose complemented columns are nan)\n\n"
         + table(rows) + "\n")
     chart(rows, out.with_suffix(".png"))
 
@@ -236,9 +243,29 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mars_quality_bench"))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "quality_bench")
     ap.add_argument("--quick", action="store_true", help="smaller data, shorter training (see the module docstring)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="stop after debias (no complemented labels): the label measures of Y^db only")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of OUT.json that have no error and run only the missing ones")
     ap.add_argument("--train-epochs", type=int, default=0,
                     help="training epochs of the train stage (0: 8 with --quick, else 16); the demo's default is 30")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULT",
+                    help="no run: merge these results (.json, each with a 'setting' tag from its file name) into OUT")
     a = ap.parse_args()
+    if a.merge:
+        merged: list[dict[str, Any]] = []
+        metas = {}
+        for f in a.merge:
+            data = json.loads(f.with_suffix(".json").read_text())
+            metas[f.stem] = data["meta"]
+            for r in data["rows"]:  # rows written before the column existed were trained with the file's setting
+                trained = not math.isnan(r.get("complemented_miou", float("nan")))
+                epochs = r.get("train_epochs", data["meta"].get("train_epochs") if trained else 0)
+                merged.append({**r, "train_epochs": epochs, "setting": f.stem})
+        write(merged, a.out, {"quick": any(m.get("quick") for m in metas.values()), "train_epochs": "per row",
+                              "merged": metas})
+        print(table(merged))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import ray
 
@@ -247,18 +274,24 @@ def main() -> None:
     meta = {"quick": a.quick, "train_epochs": a.train_epochs or (8 if a.quick else 16), "variants": {v: VARIANTS[v] for v in a.variants.split(",")},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     rows: list[dict[str, Any]] = []
+    if a.resume and a.out.with_suffix(".json").is_file():
+        rows = [r for r in json.loads(a.out.with_suffix(".json").read_text())["rows"] if "error" not in r]
+    done = {(r["variant"], r["extractor"]) for r in rows}
     # extractor-major: the default's row for every variant comes first (a partial run still answers the targets)
     for ex in a.extractors.split(","):
         for v in a.variants.split(","):
+            if (v, ex) in done:
+                continue
             root = make_variant(v, work, a.quick)
             t0 = time.perf_counter()
-            row: dict[str, Any] = {"variant": v, "extractor": ex}
+            row: dict[str, Any] = {"variant": v, "extractor": ex,
+                                   "train_epochs": 0 if a.no_train else (a.train_epochs or (8 if a.quick else 16))}
             try:
                 cfg = pipeline.build_config(None, overrides_for(ex, root, work, a.quick, a.train_epochs),
                                             plan_inputs=True)
                 run = work / "runs" / f"{v}-{ex}" if not a.train_epochs else work / f"runs-e{a.train_epochs}" / f"{v}-{ex}"
-                pipeline.run_stages(cfg, run, pipeline.plan_stages(cfg, until="train"))
-                row.update(measure(root, run))
+                pipeline.run_stages(cfg, run, pipeline.plan_stages(cfg, until="debias" if a.no_train else "train"))
+                row.update(measure(root, run, complemented=not a.no_train))
                 row["targets"] = targets(row)
             except Exception as e:  # noqa: BLE001 - one failed cell is reported in the table, the rest go on
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
