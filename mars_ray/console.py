@@ -23,6 +23,11 @@ on the ``mars_ray.progress`` logger:
 Everything :func:`setup` changes in the process (root handlers and level, the ``mars_ray`` level,
 Ray's logger handlers, Ray's worker-output printer, Ray Data's progress-bar switch, warnings
 capture, file descriptor 2) is put back by :func:`close`.
+
+At ~680 lines this is over the house's ~450: the events, their formatting and the session that
+routes them share one state (the current session decides whether progress is counted and where a
+record goes); a split would make the halves import each other. The four parts are marked by
+``# --`` headers.
 """
 
 from __future__ import annotations
@@ -461,8 +466,8 @@ class _Session:
         if "ray" in sys.modules:
             import ray
 
-            if ray.is_initialized():
-                self.route_ray()
+            if ray.is_initialized():  # started before this command (a notebook, a test): no terminal line
+                self.route_ray(announce=False)
 
     def open_log(self) -> None:
         """Open ``RUN/logs/mars.log`` (and ``stderr.log``); a deferred session's buffered records go
@@ -534,7 +539,7 @@ class _Session:
         self._undo.append(undo)
 
     # Ray --------------------------------------------------------------------------------------
-    def route_ray(self) -> None:
+    def route_ray(self, announce: bool = True) -> None:
         """Ray's loggers into ours (the file; the terminal with ``-v``), its workers' forwarded
         output into ``mars_ray.ray_output``, and Ray Data's progress bars off (ours replace them)."""
         import ray
@@ -561,7 +566,7 @@ class _Session:
                 bars = ctx.enable_progress_bars
                 ctx.enable_progress_bars = False
                 self._undo.append(lambda: setattr(ctx, "enable_progress_bars", bars))
-            self._say_where(ray)
+            self._say_where(ray, announce)
 
     def _route_worker_output(self) -> None:
         try:  # Ray's own (private) hook for the lines it forwards: the one way to take them over
@@ -597,7 +602,7 @@ class _Session:
 
         self._undo.append(undo)
 
-    def _say_where(self, ray: Any) -> None:
+    def _say_where(self, ray: Any, announce: bool = True) -> None:
         try:  # no public API names the session folder
             session_logs = ray._private.worker._global_node.get_logs_dir_path()
         except AttributeError:
@@ -605,7 +610,7 @@ class _Session:
         logger.info("Ray %s: session logs (raylet, GCS, every worker's stdout/stderr, ray-data*.log) in %s",
                     ray.__version__, session_logs)
         where = f"its logs go to {_short_path(str(self.log_path))}" if self.log_path else f"its logs: {session_logs}"
-        if not self.verbose:
+        if not self.verbose and announce:
             logger.info("Ray %s: %s (-v prints them here)", ray.__version__, where, extra=SHOW)
 
     # teardown ---------------------------------------------------------------------------------
