@@ -133,9 +133,10 @@ def overrides_for(extractor: str, root: Path, work: Path, quick: bool, epochs: i
     elif extractor == "learned":
         o["features.extractor"] = pipeline.LEARNED_EXTRACTOR  # what --uss sets (uss.backbone: adaptive)
         # the head sees one crop per image an epoch: ~300 steps (the in-process distillation's minimum,
-        # models/stego_distill.py) need 300 · batch / images epochs
+        # models/stego_distill.py) need 300 · batch / images epochs; batch 4 keeps the per-epoch
+        # checkpoint overhead of Ray Train (~4 s an epoch here) from dominating
         n = len(VOCDataset(root).ids("train"))
-        o.update({"uss.epochs": max(20, math.ceil(300 * 16 / n)), "uss.batch_size": 16, "uss.crop_size": 64})
+        o.update({"uss.epochs": max(20, math.ceil(300 * 4 / n)), "uss.batch_size": 4, "uss.crop_size": 64})
     elif extractor == "external":
         o["data.features_dir"] = str(nine_channel_features(root, work / "feats" / root.name))
     return o
