@@ -100,11 +100,13 @@ def test_texture_default_fails_on_the_colour_cue(results: dict) -> None:
 @pytest.mark.slow
 def test_separation_high_with_adaptive_low_without_signal(results: dict, tmp_path: Path) -> None:
     scores = results["both-nonsquare-jpg"]["adaptive"].separation
-    assert min(s["score"] for s in scores.values()) > SEPARATION_THRESHOLD, scores
+    judged = [s["score"] for s in scores.values() if np.isfinite(s["score"])]
+    assert len(judged) >= 3 and min(judged) > SEPARATION_THRESHOLD, scores
     root = make_biased_dataset(tmp_path / "d", n_train=16, n_val=1, size=48, seed=34)
     rng = np.random.default_rng(0)
     noise = debias_in_process(root, lambda _, im: rng.normal(size=(16, *im.shape[:2])).astype(np.float32))
-    assert max(s["score"] for s in noise.separation.values()) < SEPARATION_THRESHOLD, noise.separation
+    judged = [s["score"] for s in noise.separation.values() if np.isfinite(s["score"])]
+    assert len(judged) >= 3 and max(judged) < SEPARATION_THRESHOLD, noise.separation
 
 
 def test_label_quality_counts() -> None:
