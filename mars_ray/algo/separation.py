@@ -104,7 +104,7 @@ class SeparationCounter:
             # one chosen centroid leaves nothing to compare it with (leave-one-out): not judged, as no not-chosen one
             judged = np.isfinite(share).all() and self.n_chosen[c] > 1
             score = kept_ch - kept_not if judged else float("nan")
-            out[int(c)] = {"kept_chosen": kept_ch, "kept_not_chosen": kept_not, "score": score,
+            out[int(c)] = {"score": score, "kept_chosen": kept_ch, "kept_not_chosen": kept_not,
                            "n_chosen": int(self._rows[c, 1]), "n_not_chosen": int(self._rows[c, 0])}
         return out
 

@@ -266,6 +266,13 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
         scores = {e["class_id"]: e["separation"] for e in report["per_class"].values() if "separation" in e}
         warnings = separation_warnings(scores, list(dataset.classes))
+        for e in report["per_class"].values():  # the run report shows the flag and the line
+            if "separation" in e:
+                score = e["separation"]["score"]
+                e["separation"]["separates"] = None if not np.isfinite(score) else bool(score >= SEPARATION_THRESHOLD)
+                line = separation_warnings({e["class_id"]: e["separation"]}, list(dataset.classes))
+                if line:
+                    e["separation"]["message"] = line[0]
         report["separation_threshold"] = SEPARATION_THRESHOLD
         report["classes_not_separating"] = [dataset.classes[c] for c in sorted(scores)
                                             if np.isfinite(scores[c]["score"]) and scores[c]["score"] < SEPARATION_THRESHOLD]

@@ -91,7 +91,10 @@ def test_select_reports_the_separation_per_class(debiased_run: Path):
     report = json.loads((debiased_run / "select" / "report.json").read_text())
     for name, e in report["per_class"].items():
         s = e["separation"]
-        assert set(s) >= {"score", "kept_chosen", "kept_not_chosen", "n_chosen", "n_not_chosen"}, name
+        assert set(s) >= {"score", "kept_chosen", "kept_not_chosen", "n_chosen", "n_not_chosen", "separates"}, name
+        assert next(iter(s)) == "score"  # the run report shows the first number of the entry
+        assert (name in report["classes_not_separating"]) == (s["separates"] is False)
+        assert ("message" in s) == (s["separates"] is False)
     assert isinstance(report["classes_not_separating"], list)
     assert report["separation_threshold"] == 0.5
 
