@@ -220,7 +220,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
                       for r in ok], rotation=90, fontsize=7)
     ax.set_ylabel("train-split label mIoU (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left", ncol=3, framealpha=0.9)
     ax.set_title("mars_ray label quality per make-dataset variant × USS extractor")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
