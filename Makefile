@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-all clean
 
 $(BIN)/mars: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,12 @@ install: $(BIN)/mars
 demo: install
 	$(BIN)/mars demo --out runs/demo
 
+# the default suite (< 10 min on 2 cores); `slow` tests (fault matrix, long end-to-end and quality
+# runs, the browser check of the report) run with `make test-all` or `pytest -m slow`
 test: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: install
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -178,6 +178,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mars_ray.stages import plan
+
+    cfg = C.build(args.config, C.parse_set(args.set))
+    requests = plan.stage_requests(cfg, args.stages.split(",") if args.stages else None)
+    placements = plan.place(requests, plan.parse_cluster(args.cluster))
+    print(f"cluster {args.cluster}:\n{plan.describe(placements)}")
+    if args.address:
+        import json
+
+        from mars_ray.stages.runtime import ensure_ray
+
+        ensure_ray(C.RayConfig(address=args.address))
+        print(json.dumps(plan.live_placement(requests), indent=2))
+    return 0 if all(p.ok for p in placements) else 1
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from mars_ray.tune import run_sweep
 
@@ -292,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder (or URI) holding config.yaml and the stage folders")
     p.add_argument("--max-images", type=int, default=12, help="rows of the image grid (default 12)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plan", help="the Ray resources each stage asks for, placed on a cluster (docs/scaling.md)")
+    p.add_argument("--config", help="YAML config file (e.g. jobs/coco.yaml)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--cluster", default="2x32cpu4gpu", help="nodes, e.g. 2x32cpu4gpu or 32cpu4gpu,16cpu")
+    p.add_argument("--stages", help="comma list (default: the stages `mars run` plans for the config)")
+    p.add_argument("--address", help="also place them on this running cluster with placement groups (e.g. auto)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over a tune_spaces/*.yaml space, tracked in MLflow")
     p.add_argument("--space", required=True, help="search space YAML (tune_spaces/alpha_kbg.yaml, …)")

@@ -58,6 +58,7 @@ class FeaturesConfig:
     seed: int = 0
     num_actors: int = 1
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # a learned extractor on GPUs (fractions share one); ignored with data.features_dir
     batch_size: int = 8
     # content-addressed cache: "" = off; else the artifact lives in CACHE/features-<key>/ (computed
     # once under a file lock) and RUN/features links to it. `mars tune` sets RUN/cache.
@@ -103,6 +104,7 @@ class DebiasConfig:
     crf_reference_side: float = 433.0
     num_actors: int = 1
     cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # F from a learned extractor on GPUs; the CRF stays on the actor's CPU
     batch_size: int = 8
 
     def crf_kwargs(self) -> dict[str, float] | None:
@@ -190,6 +192,9 @@ class TrainConfig:
     ema_momentum: float = 0.9  # our choice (paper: none stated); CPU demo, ~240 steps: 0.99 stayed all-background
     wce: bool = True  # Eq 7 weighted CE (paper); false = plain CE on Y^co (the paper's Table 6 ablation)
     teacher_crf: bool = True
+    # processes per Train worker for the teacher's CRF fill: pydensecrf holds the GIL, so only
+    # processes run CRFs side by side (1: one after another in the worker, as before)
+    crf_workers: int = 1
     crf_iters: int = 10  # dense CRF of the teacher's fill (Y^co); same kernels as debias.crf_*
     crf_gauss_sxy: float = 3.0
     crf_gauss_compat: float = 3.0
@@ -441,9 +446,11 @@ def _validate_ranges(cfg: Config) -> None:
     f = cfg.features
     _at_least("features", f, ("k_fg", "k_bg", "max_pixels", "kmeans_iters", "num_actors", "batch_size"), 1)
     _positive("features", f, ("cpus_per_actor",))
+    _at_least("features", f, ("gpus_per_actor",), 0)
     d = cfg.debias
     _at_least("debias", d, ("num_actors", "batch_size", "crf_iters"), 1)
     _positive("debias", d, ("cpus_per_actor", *_CRF_KERNELS))
+    _at_least("debias", d, ("gpus_per_actor",), 0)
     if not 0.0 < d.threshold < 1.0:  # M is in [0, 1]: 0 or 1 would keep everything or nothing
         raise ValueError(f"debias.threshold must be in (0, 1), got {d.threshold}")
     w = cfg.wsss
@@ -467,7 +474,8 @@ def _validate_ranges(cfg: Config) -> None:
         if u.ssl_epochs < 1 and u.backbone != "adaptive":  # (adaptive has nothing to train: fitted statistics)
             raise ValueError("uss.ssl_epochs must be >= 1 without uss.backbone_weights (a random frozen backbone teaches nothing)")
     t = cfg.train
-    _at_least("train", t, ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters"), 1)
+    _at_least("train", t, ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters",
+                           "crf_workers"), 1)
     _at_least("train", t, ("val_every", "weight_decay", "poly_power"), 0)
     _at_least("train", t, ("max_failures",), -1)
     _positive("train", t, ("lr", "cpus_per_worker", *_CRF_KERNELS))

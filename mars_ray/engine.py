@@ -69,6 +69,7 @@ def train_one_epoch(
     *,
     scheduler: Optional[Any] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
+    amp_dtype: Optional[torch.dtype] = None,
     after_step: Optional[Callable[[int], None]] = None,
     max_steps: Optional[int] = None,
     log_every: int = 50,
@@ -78,7 +79,9 @@ def train_one_epoch(
     ``step_fn(batch)`` returns named terms: scalar loss tensors (summed into the total) and metrics
     whose key starts with ``m_`` (averaged only, reported without the prefix). With a ``scaler``
     (enabled ``torch.amp.GradScaler``) ``step_fn`` runs under ``torch.autocast`` on the scaler's
-    device and the backward/step go through the scaler. ``scheduler.step()`` runs after every
+    device and the backward/step go through the scaler. ``amp_dtype`` (e.g. ``torch.bfloat16``,
+    which needs no scaler) runs ``step_fn`` under ``torch.autocast`` with that dtype on the device of
+    the optimiser's parameters, with or without a scaler. ``scheduler.step()`` runs after every
     iteration (poly LR is per iteration), then ``after_step(i)`` with the 0-based step index in this
     epoch (the EMA teacher update goes there). At most ``max_steps`` batches are consumed.
 
@@ -90,12 +93,19 @@ def train_one_epoch(
     sums: Dict[str, float] = defaultdict(float)
     steps, images = 0, 0
     amp = scaler is not None and scaler.is_enabled()
+    if amp_dtype is not None:
+        device_type = _optimizer_device(optimizer).type
+        autocast_args: Optional[Dict[str, Any]] = {"device_type": device_type, "dtype": amp_dtype}
+    elif amp:
+        autocast_args = {"device_type": getattr(scaler, "_device", "cuda")}
+    else:
+        autocast_args = None
     t0 = time.perf_counter()
     for batch in batches:
         if max_steps is not None and steps >= max_steps:
             break
         optimizer.zero_grad(set_to_none=True)
-        autocast = torch.autocast(getattr(scaler, "_device", "cuda")) if amp else contextlib.nullcontext()
+        autocast = torch.autocast(**autocast_args) if autocast_args else contextlib.nullcontext()
         with autocast:
             terms = step_fn(batch)
         losses, metrics = _split_terms(terms)
@@ -150,6 +160,13 @@ def _split_terms(terms: Mapping[str, Any]) -> Tuple[Dict[str, Tensor], Dict[str,
     return losses, metrics
 
 
+def _optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            return p.device
+    return torch.device("cpu")
+
+
 def _batch_size(batch: Any) -> int:
     values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
     for v in values:
@@ -170,10 +187,15 @@ def poly_lr_lambda(max_iters: int, power: float = 0.9) -> Callable[[int], float]
 
 
 def build_sgd(
-    param_groups: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 4e-5
+    param_groups: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 4e-5,
+    *, fused: Optional[bool] = None,
 ) -> torch.optim.SGD:
-    """SGD over ``param_groups`` (e.g. ``model.param_groups(lr)``; groups' own ``lr`` wins over ``lr``)."""
-    return torch.optim.SGD(list(param_groups), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    """SGD over ``param_groups`` (e.g. ``model.param_groups(lr)``; groups' own ``lr`` wins over ``lr``).
+
+    ``fused=True`` takes torch's fused kernel (one launch for every parameter; CUDA, and CPU in
+    recent torch); ``None`` leaves torch's choice (the ``foreach`` implementation on CUDA).
+    """
+    return torch.optim.SGD(list(param_groups), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
 
 
 # ------------------------------------------------------------------------------------------- prediction
@@ -208,7 +230,7 @@ def predict_probs(
             if logits.shape[-2:] != (h, w):
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
             parts.append(logits.softmax(dim=1))
-    return torch.stack(parts).mean(dim=0)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).mean(dim=0)
 
 
 def _image_uint8(batch: Mapping[str, Any]) -> Tensor:
@@ -218,17 +240,32 @@ def _image_uint8(batch: Mapping[str, Any]) -> Tensor:
     return (torch.as_tensor(batch["image"]).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def _crf_refine(probs: Tensor, images: Tensor, crf: Dict[str, Any], only: Optional[Tensor] = None) -> Tensor:
-    """Dense-CRF each image's ``probs [B,K,H,W]`` with ``images [B,H,W,3]`` uint8; ``only[b]`` False skips one."""
+CrfMap = Callable[[Callable[[Any], np.ndarray], List[Any]], Iterable[np.ndarray]]
+
+
+def _dense_crf_job(job: Tuple[np.ndarray, np.ndarray, Dict[str, Any]]) -> np.ndarray:
+    """``dense_crf(image, probs, **kwargs)`` of one ``(image, probs, kwargs)``: module-level, so a
+    process pool can run it."""
     from mars_ray.algo.crf import dense_crf
 
+    image, probs, kwargs = job
+    return dense_crf(image, probs, **kwargs)
+
+
+def _crf_refine(probs: Tensor, images: Tensor, crf: Dict[str, Any], only: Optional[Tensor] = None,
+                crf_map: Optional[CrfMap] = None) -> Tensor:
+    """Dense-CRF each image's ``probs [B,K,H,W]`` with ``images [B,H,W,3]`` uint8; ``only[b]`` False skips one.
+
+    ``crf_map`` (e.g. a ``ProcessPoolExecutor``'s ``map``) runs the per-image CRFs; pydensecrf holds
+    the GIL, so only processes run them side by side. Without it they run here, one after another.
+    """
     out = probs.clone()
     imgs = images.cpu().numpy()
-    for b in range(probs.shape[0]):
-        if only is not None and not bool(only[b]):
-            continue
-        refined = dense_crf(imgs[b], probs[b].float().cpu().numpy(), **crf)
-        out[b] = torch.from_numpy(refined).to(out.device, out.dtype)
+    todo = [b for b in range(probs.shape[0]) if only is None or bool(only[b])]
+    jobs = [(imgs[b], probs[b].float().cpu().numpy(), crf) for b in todo]
+    refined = (crf_map or map)(_dense_crf_job, jobs)
+    for b, r in zip(todo, refined):
+        out[b] = torch.from_numpy(r).to(out.device, out.dtype)
     return out
 
 
@@ -337,6 +374,7 @@ def complement_step(
     num_classes: int,
     crf: Optional[Dict[str, Any]],
     use_wce: bool = True,
+    crf_map: Optional[CrfMap] = None,
 ) -> Dict[str, Any]:
     """MARS complementing (Sec. 3.4): teacher fills BIASED pixels, loss is Eq. 7's weighted CE.
 
@@ -352,7 +390,8 @@ def complement_step(
       marginals are near-binary). Background is allowed in the fill but is not in C_{I_i} (the
       image-level label set; reasons in ``certain_mask``).
 
-    ``use_wce=False`` trains plain CE on Y^co (the paper's Table 6 ablation).
+    ``use_wce=False`` trains plain CE on Y^co (the paper's Table 6 ablation). ``crf_map``: how the
+    per-image CRFs run (a process pool's ``map``; see ``_crf_refine``).
 
     Returns ``{"wce" | "ce": loss, "m_biased_frac": share of labelled (non-255) pixels that are
     BIASED, "m_mean_w": mean W over labelled pixels}``.
@@ -368,7 +407,8 @@ def complement_step(
     class_mask = _class_mask(batch)
     fill_probs = teacher_probs if class_mask is None else restrict_probs(teacher_probs, class_mask)
     if crf is not None and bool(biased.any()):
-        fill_probs = _crf_refine(fill_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1))
+        fill_probs = _crf_refine(fill_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1),
+                                 crf_map=crf_map)
         if class_mask is not None:  # the CRF's pairwise terms must not bring an absent class back
             fill_probs = restrict_probs(fill_probs, class_mask)
     y_co = complement_labels(y_db, fill_probs.argmax(dim=1))

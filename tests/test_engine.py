@@ -133,6 +133,24 @@ def test_train_one_epoch_with_grad_scaler_runs_under_autocast() -> None:
     assert seen[0] == torch.bfloat16  # CPU autocast
 
 
+def test_train_one_epoch_amp_dtype_without_scaler() -> None:
+    """bf16 autocast needs no grad scaler: ``amp_dtype`` alone turns autocast on."""
+    model, batches, step = _toy_problem()
+    opt = build_sgd(model.parameters(), lr=0.5, fused=True)
+    seen: list[torch.dtype] = []
+
+    def amp_step(batch):
+        seen.append(model(batch["x"]).dtype)
+        return step(batch)
+
+    out = train_one_epoch(amp_step, batches, opt, amp_dtype=torch.bfloat16)
+    assert out["steps"] == len(batches) and math.isfinite(out["loss"])
+    assert seen[0] == torch.bfloat16
+    seen.clear()
+    train_one_epoch(amp_step, batches[:1], opt)
+    assert seen[0] == torch.float32  # no autocast without amp_dtype or a scaler
+
+
 # ---------------------------------------------------------------------------------- prediction / evaluation
 
 
@@ -241,6 +259,21 @@ def test_complement_step_plain_ce_and_crf_identity() -> None:
     )
     with pytest.raises(ValueError, match="num_classes"):
         complement_step(student, teacher, batch, num_classes=k + 1, crf=None)
+
+
+def test_complement_step_crf_in_a_process_pool_equals_in_process() -> None:
+    """The teacher's CRF fill run by a pool of processes (``crf_map``) gives the same loss, with and
+    without the image's class set (the restricted probabilities go to the pool)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    crf = {"iters": 3}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for teacher, student, batch, k in (_complement_case(), _absent_class_case()):
+            here = complement_step(student, teacher, batch, num_classes=k, crf=crf)
+            there = complement_step(student, teacher, batch, num_classes=k, crf=crf, crf_map=pool.map)
+            assert there["wce"].item() == here["wce"].item()
+            assert there["m_mean_w"] == here["m_mean_w"]
 
 
 def _absent_class_case(two_images: bool = False):

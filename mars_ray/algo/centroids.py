@@ -16,7 +16,9 @@ Streaming use (a reduction actor over the centroid table, in chunks) gives the i
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -37,6 +39,16 @@ def _normalise64(x: np.ndarray) -> np.ndarray:
     """Rows of x as float64 unit vectors (a zero row stays zero)."""
     x = x.astype(np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+
+
+def _blocks64(x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, float64 copy of rows start:start+_CHUNK_ROWS)`` over ``x [n, d]``, in ONE reused
+    buffer: a fresh float64 array per block cost page faults that took as long as the arithmetic."""
+    buf = np.empty((min(_CHUNK_ROWS, x.shape[0]), x.shape[1]), dtype=np.float64)
+    for s in range(0, x.shape[0], _CHUNK_ROWS):
+        block = buf[: min(_CHUNK_ROWS, x.shape[0] - s)]
+        np.copyto(block, x[s : s + _CHUNK_ROWS])
+        yield s, block
 
 
 def _inv_norms(x64: np.ndarray) -> np.ndarray:
@@ -66,8 +78,7 @@ class BackgroundMean:
         """Accumulate background centroids ``[M, d]`` (M may be 0)."""
         bg = _check_2d("bg", bg)
         self._check_dim(bg.shape[1])
-        for s in range(0, bg.shape[0], _CHUNK_ROWS):
-            x = bg[s : s + _CHUNK_ROWS].astype(np.float64)
+        for _, x in _blocks64(bg):
             self._sum += _inv_norms(x) @ x
         self.count += int(bg.shape[0])
 
@@ -107,9 +118,8 @@ def bias_distance(fg: np.ndarray, bg_mean: np.ndarray) -> np.ndarray:
     if bg_mean.shape != (fg.shape[1],):
         raise ValueError(f"bg_mean must have shape [{fg.shape[1]}], got {bg_mean.shape}")
     out = np.empty(fg.shape[0], dtype=np.float64)
-    for s in range(0, fg.shape[0], _CHUNK_ROWS):  # float64 in small blocks: bounded memory, cache-friendly
-        x = fg[s : s + _CHUNK_ROWS].astype(np.float64)
-        out[s : s + _CHUNK_ROWS] = (1.0 - (x @ bg_mean) * _inv_norms(x)) / 2.0
+    for s, x in _blocks64(fg):  # float64 in small blocks: bounded memory, cache-friendly
+        out[s : s + x.shape[0]] = (1.0 - (x @ bg_mean) * _inv_norms(x)) / 2.0
     return out
 
 
@@ -160,19 +170,36 @@ def top_alpha_mask(distances: np.ndarray, class_ids: np.ndarray, alpha: float) -
     mask = np.zeros(n, dtype=bool)
     if n == 0:
         return mask
-    # by class, then distance descending, then index: two stable sorts (faster than np.lexsort)
-    order = np.argsort(-distances, kind="stable")
-    key = class_ids[order]
-    if key.min() >= np.iinfo(np.int16).min and key.max() <= np.iinfo(np.int16).max:
-        key = key.astype(np.int16)  # a stable sort of 16-bit ints is a radix sort
-    order = order[np.argsort(key, kind="stable")]
+    # O(N): group by class (a stable radix sort of small integer keys keeps each class's indices in
+    # ascending order), then per class the quota-th largest distance by ``np.partition``: everything
+    # above it is chosen, and of the rows equal to it the lowest indices fill the quota, which is
+    # exactly the order of a stable sort by descending distance (a full sort took ~4x longer).
+    order = np.argsort(_sort_keys(class_ids), kind="stable")
     sorted_cls = class_ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_cls[1:] != sorted_cls[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    quota = np.maximum(1, np.ceil(alpha * sizes - 1e-9)).astype(np.int64)
-    rank = np.arange(n) - np.repeat(starts, sizes)
-    mask[order[rank < np.repeat(quota, sizes)]] = True
+    ends = np.r_[starts[1:], n]
+    by_class = distances[order]
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        quota = max(1, math.ceil(alpha * (e - s) - 1e-9))
+        rows = order[s:e]
+        if quota >= e - s:
+            mask[rows] = True
+            continue
+        seg = by_class[s:e]
+        cut = -np.partition(-seg, quota - 1)[quota - 1]  # the quota-th largest distance
+        pick = seg > cut
+        short = quota - int(np.count_nonzero(pick))
+        if short > 0:
+            pick[np.flatnonzero(seg == cut)[:short]] = True
+        mask[rows[pick]] = True
     return mask
+
+
+def _sort_keys(class_ids: np.ndarray) -> np.ndarray:
+    """Class ids as 16-bit integers where they fit: numpy's stable sort of them is a radix sort."""
+    if class_ids.size and class_ids.min() >= np.iinfo(np.int16).min and class_ids.max() <= np.iinfo(np.int16).max:
+        return class_ids.astype(np.int16, copy=False)
+    return class_ids
 
 
 def class_sums(
@@ -191,14 +218,26 @@ def class_sums(
         raise ValueError(f"vectors {vectors.shape}, class_ids {class_ids.shape}, mask {mask.shape} disagree")
     if class_ids.size and (class_ids.min() < 1 or class_ids.max() > num_classes):
         raise ValueError(f"class ids must be in 1..{num_classes}, got {class_ids.min()}..{class_ids.max()}")
-    idx = np.flatnonzero(mask)
-    idx = idx[np.argsort(class_ids[idx], kind="stable")]  # chosen rows grouped by class
-    sel = class_ids[idx].astype(np.int64)
-    counts = np.bincount(sel, minlength=num_classes + 1).astype(np.int64)
-    sums = np.zeros((num_classes + 1, vectors.shape[1]), dtype=np.float64)
-    ends = np.cumsum(counts)
-    for c in np.flatnonzero(counts):  # one gather per class keeps memory at one class's rows
-        sums[c] = vectors[idx[ends[c] - counts[c] : ends[c]]].sum(axis=0, dtype=np.float64)
+    rows = np.flatnonzero(mask)
+    keys = _sort_keys(class_ids[rows])
+    counts = np.bincount(keys.astype(np.int64), minlength=num_classes + 1).astype(np.int64)
+    d = vectors.shape[1]
+    sums = np.zeros((num_classes + 1, d), dtype=np.float64)
+    # one sequential pass over the chosen rows in table order, a block at a time: the block's rows
+    # grouped by class (stable radix sort), gathered into reused buffers (float32, then float64)
+    # and summed per class with one ``reduceat``. A gather per class instead swept the whole table
+    # once per class (C passes of cache misses).
+    n = min(_CHUNK_ROWS, rows.shape[0])
+    buf32, buf64 = np.empty((n, d), dtype=vectors.dtype), np.empty((n, d), dtype=np.float64)
+    for s in range(0, rows.shape[0], _CHUNK_ROWS):
+        k = keys[s : s + _CHUNK_ROWS]
+        order = np.argsort(k, kind="stable")
+        k = k[order]
+        m = k.shape[0]
+        np.take(vectors, rows[s : s + _CHUNK_ROWS][order], axis=0, out=buf32[:m])
+        np.copyto(buf64[:m], buf32[:m])
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        sums[k[starts].astype(np.int64)] += np.add.reduceat(buf64[:m], starts, axis=0)
     return sums, counts
 
 

@@ -25,20 +25,28 @@ from __future__ import annotations
 
 import logging
 import warnings
+from importlib import metadata
 from dataclasses import dataclass
 
 import numpy as np
-import sklearn
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from mars_ray.labels import BACKGROUND, MAX_CLASSES
 
 logger = logging.getLogger(__name__)
 
+
+def _sklearn_minor() -> str:
+    """scikit-learn's ``major.minor`` from the installed distribution's metadata, without importing
+    it (``mars_ray.algo`` must import on a GPU box with torch alone); ``"absent"`` when not installed."""
+    try:
+        return ".".join(metadata.version("scikit-learn").split(".")[:2])
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
 #: which K-means produces the centroids; part of the ``features`` stage key, so an artifact made by
 #: another implementation (the hand-written one before, or another scikit-learn) is recomputed
-IMPLEMENTATION = f"sklearn.KMeans/{'.'.join(sklearn.__version__.split('.')[:2])}/k-means++,n_init=1"
+IMPLEMENTATION = f"sklearn.KMeans/{_sklearn_minor()}/k-means++,n_init=1"
 
 
 _EPS = 1e-12
@@ -75,6 +83,10 @@ def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> tuple[np
         raise ValueError(f"kmeans needs 1 <= k <= n, got k={k}, n={n}")
     if iters < 1:
         raise ValueError(f"kmeans needs iters >= 1, got {iters}")
+    # imported here: ``mars_ray.algo`` (hence ``engine``) must import on a GPU box with torch alone
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
     km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd",
                 random_state=seed)
     with warnings.catch_warnings(record=True) as caught:

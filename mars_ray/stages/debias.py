@@ -34,12 +34,13 @@ from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource, find_feature_file
 from mars_ray.labels import BIASED, MAX_CLASSES
 from mars_ray.stages import inputs
+from mars_ray.stages.plan import feature_gpus
 from mars_ray.stages.runtime import ensure_ray, map_images
 from mars_ray.storage import AnyPath, upath
 
 logger = logging.getLogger(__name__)
 
-_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "batch_size"}  # how the labels are computed, not what
+_EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "gpus_per_actor", "batch_size"}  # how the labels are computed, not what
 MOST_BIASED = 16  # images with the largest share of biased pixels kept in stats.json, for the report
 DISAGREE_EXAMPLES = 10  # images whose Y^b and image-level labels disagree, named in stats.json
 
@@ -198,6 +199,26 @@ def class_source(cfg: C.Config, run_dir: AnyPath, *, check: bool = False) -> dic
     return inputs.image_class_source(cfg, run_dir, inputs.open_dataset(cfg), check=check)
 
 
+def debias_kwargs(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, out_dir: AnyPath, select_dir: AnyPath,
+                  skip_existing: bool, image_labels: bool) -> dict[str, Any]:
+    """The keyword arguments of :class:`DebiasImages` for this run (absolute paths, plain values);
+    ``image_labels``: C_I from the dataset's image-level labels (``class_source``'s kind)."""
+    d = cfg.debias
+    return dict(
+        dataset=dataset.spec(),
+        pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
+        out_dir=storage.absolute(out_dir),
+        select_dir=storage.absolute(select_dir),
+        source_kwargs=inputs.actor_source_kwargs(cfg, run_dir, d.gpus_per_actor),
+        threshold=d.threshold,
+        crf=d.crf_kwargs(),
+        crf_reference_side=d.crf_reference_side,
+        skip_existing=skip_existing,
+        image_labels=image_labels,
+        threads=max(1, int(d.cpus_per_actor)),
+    )
+
+
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     """``RUN/debias`` and its key: the debias slice, where C_I comes from, and the keys of the finished
     select and features artifacts (the features key already fingerprints Y^b, F and the dataset,
@@ -245,21 +266,11 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         ds = map_images(
             ids,
             DebiasImages,
-            dict(
-                dataset=dataset.spec(),
-                pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
-                out_dir=storage.absolute(sd.path),
-                select_dir=storage.absolute(run_dir / "select"),
-                source_kwargs=inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
-                threshold=d.threshold,
-                crf=d.crf_kwargs(),
-                crf_reference_side=d.crf_reference_side,
-                skip_existing=resuming,
-                image_labels=source["kind"] == "image_labels",
-                threads=max(1, int(d.cpus_per_actor)),
-            ),
+            debias_kwargs(cfg, run_dir, dataset, out_dir=sd.path, select_dir=run_dir / "select", skip_existing=resuming,
+                          image_labels=source["kind"] == "image_labels"),
             num_actors=d.num_actors,
             cpus_per_actor=d.cpus_per_actor,
+            gpus_per_actor=feature_gpus(cfg, d.gpus_per_actor),
             batch_size=d.batch_size,
         )
         n_images = n_fg = n_biased = 0

@@ -111,6 +111,17 @@ def feature_source_kwargs(cfg: C.Config, run_dir: AnyPath, *, absolute: bool = F
     return {"extractor": cfg.features.extractor, "extractor_kwargs": kwargs}
 
 
+def actor_source_kwargs(cfg: C.Config, run_dir: AnyPath, gpus_per_actor: float) -> dict[str, Any]:
+    """``feature_source_kwargs`` for a Ray actor (absolute paths), on CUDA when the actor holds a
+    GPU share and F comes from an extractor (``plan.feature_gpus``); not part of any stage key."""
+    from mars_ray.stages.plan import feature_gpus
+
+    kwargs = feature_source_kwargs(cfg, run_dir, absolute=True)
+    if feature_gpus(cfg, gpus_per_actor) > 0:
+        kwargs["device"] = "cuda"
+    return kwargs
+
+
 def feature_source_fingerprint(source_kwargs: dict[str, Any]) -> dict[str, str]:
     """Input fingerprints of the feature source (external folder or extractor checkpoint)."""
     if "features_dir" in source_kwargs:
@@ -195,6 +206,7 @@ class ImageClasses:
         return image_class_mask([self(image_id)], self.num_classes + 1)[0].numpy()
 
 
-__all__ = ["ADAPTIVE", "USS_CHECKPOINT", "USS_STATS", "ImageClasses", "adaptive_stats_path", "fits_adaptive_stats", "config_path", "dataset_key", "describe_class_source", "feature_source_fingerprint",
-           "feature_source_kwargs", "image_class_source", "open_dataset", "pseudo_label_dir", "uss_checkpoint",
-           "validate_inputs"]
+__all__ = ["ADAPTIVE", "USS_CHECKPOINT", "USS_STATS", "ImageClasses", "actor_source_kwargs", "adaptive_stats_path",
+           "config_path", "dataset_key", "describe_class_source", "feature_source_fingerprint",
+           "feature_source_kwargs", "fits_adaptive_stats", "image_class_source", "open_dataset",
+           "pseudo_label_dir", "uss_checkpoint", "validate_inputs"]

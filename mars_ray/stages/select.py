@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 TARGET_MATCH = 0.5  # a centroid "is the target object" when most of its pixels are GT of its class
 _EXECUTION_KEYS = {"chunk_rows"}  # rows per streamed batch: how the table is read, not what is chosen
 HIST_BINS = 20  # bins of the per-class bias-distance histograms in report.json (our choice: readable at C ≤ 80)
+READAHEAD_BATCHES = 2  # batches pyarrow decodes ahead of the one being reduced
 
 
 def _vectors(batch: pa.RecordBatch) -> np.ndarray:
@@ -73,8 +75,13 @@ class CentroidSelector:
         self.threshold = threshold  # Eq 4's debias threshold, which the separation score applies
 
     def _batches(self, columns: list[str], bg: bool) -> Iterator[pa.RecordBatch]:
+        """The background (or foreground) rows, ``chunk_rows`` at a time. Row groups whose ``is_bg``
+        statistics exclude them are skipped (``features`` writes background rows first); readahead
+        is kept to two batches of one file, so memory stays O(chunk_rows · d) (pyarrow's defaults,
+        16 batches × 4 files, held gigabytes at d = 384)."""
         flt = pc.field("is_bg") if bg else ~pc.field("is_bg")
-        yield from self.data.to_batches(columns=columns, filter=flt, batch_size=self.chunk_rows)
+        yield from self.data.to_batches(columns=columns, filter=flt, batch_size=self.chunk_rows,
+                                        batch_readahead=READAHEAD_BATCHES, fragment_readahead=1)
 
     def run(self, chosen_path: str) -> dict[str, Any]:
         """Eq 1–3 over the table; the chosen rows go to ``chosen_path`` (atomically, local or URI)."""
@@ -82,6 +89,7 @@ class CentroidSelector:
             return self._run(sink)
 
     def _run(self, sink: Any) -> dict[str, Any]:
+        seconds = [time.perf_counter()]
         # pass 1: Eq 1's background mean direction
         acc = BackgroundMean()
         for b in self._batches(["vector"], bg=True):
@@ -90,7 +98,8 @@ class CentroidSelector:
         if acc.count == 0:
             raise ValueError(f"{self.table}: no background centroids")
         bg_mean = acc.mean()
-        # pass 2: distances of every foreground centroid (O(N) scalars)
+        seconds.append(time.perf_counter())
+        # pass 2: distances of every foreground centroid (O(N) scalars: 8 + 2 + 4 + 4 bytes a row)
         has_iou = "gt_iou" in self.data.schema.names  # tables from before the column: NaN
         dists, classes, matches, ious = [], [], [], []
         for b in self._batches(["class_id", "gt_match", "vector"] + (["gt_iou"] if has_iou else []), bg=False):
@@ -99,17 +108,19 @@ class CentroidSelector:
                 classes.append(b.column("class_id").to_numpy(zero_copy_only=False))
                 matches.append(b.column("gt_match").to_numpy(zero_copy_only=False))
                 ious.append(b.column("gt_iou").to_numpy(zero_copy_only=False) if has_iou
-                            else np.full(b.num_rows, np.nan))
+                            else np.full(b.num_rows, np.nan, np.float32))
         if not dists:
             raise ValueError(f"{self.table}: centroid table has no foreground centroids")
         distances = np.concatenate(dists)
-        class_ids = np.concatenate(classes).astype(np.int64)
-        gt_match = np.concatenate(matches).astype(np.float64)
-        gt_iou = np.concatenate(ious).astype(np.float64)
+        class_ids = np.concatenate(classes)  # int16, as stored
+        gt_match = np.concatenate(matches)  # float32, as stored
+        gt_iou = np.concatenate(ious)  # float32, as stored
+        del dists, classes, matches, ious
         bad = class_ids[(class_ids < 1) | (class_ids > self.num_classes)]
         if bad.size:
             raise ValueError(f"{self.table}: class ids {sorted(set(bad.tolist()))[:10]} outside 1..{self.num_classes}")
         chosen = top_alpha_mask(distances, class_ids, self.alpha)
+        seconds.append(time.perf_counter())
         # pass 3: Eq 3 sums + the chosen rows
         sums = counts = None
         start = 0
@@ -129,8 +140,8 @@ class CentroidSelector:
                     "k": b.column("k").take(idx),
                     "count": b.column("count").take(idx),
                     "distance": pa.array(distances[sl][idx]),
-                    "gt_match": pa.array(gt_match[sl][idx].astype(np.float32)),
-                    "gt_iou": pa.array(gt_iou[sl][idx].astype(np.float32)),
+                    "gt_match": pa.array(gt_match[sl][idx].astype(np.float32, copy=False)),
+                    "gt_iou": pa.array(gt_iou[sl][idx].astype(np.float32, copy=False)),
                 }
             )
             writer = writer or pq.ParquetWriter(sink, part.schema)
@@ -138,6 +149,7 @@ class CentroidSelector:
             start += n
         if writer is not None:
             writer.close()
+        seconds.append(time.perf_counter())
         centroids, present = means_from_sums(sums, counts)
         # pass 4: does each class's V^c keep its chosen centroids and drop the others? (no ground truth)
         sep = SeparationCounter(centroids, counts, threshold=self.threshold)
@@ -148,10 +160,14 @@ class CentroidSelector:
                 sl = slice(start, start + n)
                 sep.add(_vectors(b), class_ids[sl], chosen[sl], b.column("count").to_numpy(zero_copy_only=False))
                 start += n
+        seconds.append(time.perf_counter())
         report = self._report(distances, class_ids, chosen, gt_match, gt_iou, acc.count)
         for c, score in sep.scores().items():
             report["per_class"][c]["separation"] = score
-        return {"centroids": centroids, "present": present, "report": report}
+        seconds.append(time.perf_counter())
+        names = ("pass1_background", "pass2_distances", "pass3_sums", "pass4_separation", "report")
+        return {"centroids": centroids, "present": present, "report": report,
+                "seconds": {k: round(b - a, 3) for k, a, b in zip(names, seconds, seconds[1:])}}
 
     def _report(
         self, distances: np.ndarray, class_ids: np.ndarray, chosen: np.ndarray, gt_match: np.ndarray,
@@ -164,12 +180,20 @@ class CentroidSelector:
         has_gt = bool(np.isfinite(gt_match).any())
         has_iou = bool(np.isfinite(gt_iou).any())
         per_class: dict[int, dict[str, Any]] = {}
-        for c in np.unique(class_ids):
-            m = class_ids == c
-            d_all, d_sel = distances[m], distances[m & chosen]
+        # the rows of each class from one stable sort (in table order within a class): O(N) for all
+        # classes, where a mask per class cost O(N·C)
+        order = np.argsort(class_ids, kind="stable")
+        sorted_cls = class_ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_cls[1:] != sorted_cls[:-1]]) if order.size else order
+        for s, e in zip(starts.tolist(), np.r_[starts[1:], order.size].tolist()):
+            c, rows = int(sorted_cls[s]), order[s:e]
+            sel = chosen[rows]
+            d_all = distances[rows]
+            d_sel, d_not = d_all[sel], d_all[~sel]
+            g_all = gt_match[rows]
             entry: dict[str, Any] = {
-                "n_centroids": int(m.sum()),
-                "n_chosen": int((m & chosen).sum()),
+                "n_centroids": int(rows.size),
+                "n_chosen": int(sel.sum()),
                 "distance_mean": float(d_all.mean()),
                 "distance_min": float(d_all.min()),
                 "distance_max": float(d_all.max()),
@@ -182,14 +206,14 @@ class CentroidSelector:
             entry["histogram"] = {
                 "edges": edges.tolist(),
                 "chosen": np.histogram(d_sel, edges)[0].tolist(),
-                "not_chosen": np.histogram(distances[m & ~chosen], edges)[0].tolist(),
+                "not_chosen": np.histogram(d_not, edges)[0].tolist(),
             }
             if has_gt:
-                entry["target_ratio"] = _ratio(gt_match[m & chosen])
-                entry["target_ratio_not_chosen"] = _ratio(gt_match[m & ~chosen])
+                entry["target_ratio"] = _ratio(g_all[sel])
+                entry["target_ratio_not_chosen"] = _ratio(g_all[~sel])
             if has_iou:
-                entry.update(_paper_ratios(gt_iou[m & chosen]))
-            per_class[int(c)] = entry
+                entry.update(_paper_ratios(gt_iou[rows][sel]))
+            per_class[c] = entry
         report: dict[str, Any] = {
             "alpha": self.alpha,
             "n_background_centroids": int(n_bg),
@@ -284,7 +308,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         atomic_write_json(sd.path / "report.json", report)
         sd.finish({"centroids": "centroids.npy", "present": "present.npy", "report": "report.json",
                    "n_chosen": report["n_chosen"], "target_ratio": report.get("target_ratio"),
-                   "paper_target_ratio": report.get("paper_target_ratio")})
+                   "paper_target_ratio": report.get("paper_target_ratio"), "seconds": result["seconds"]})
     for line in warnings:
         logger.warning("select: %s", line)
     ratio, paper = report.get("target_ratio"), report.get("paper_target_ratio")

@@ -74,7 +74,7 @@ HISTORY_FIELDS = ("epoch", "step", "loss", "ce", "wce", "biased_frac", "mean_w",
                   "images_per_s", "time")
 # do not change the trained weights' meaning: left out of the stage key
 _EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures", "checkpoint_every", "amp",
-                   "val_every", "epochs"}
+                   "val_every", "epochs", "crf_workers"}
 
 
 # ------------------------------------------------------------------------------------------ folders
@@ -335,6 +335,7 @@ def loop_settings(cfg: C.Config, dataset: VOCDataset) -> TrainLoop:
         poly_power=t.poly_power, epochs=t.epochs, ema_momentum=t.ema_momentum, crf=t.crf_kwargs(), wce=t.wce, amp=t.amp,
         checkpoint_every=t.checkpoint_every, val_every=t.val_every, dataset=dataset.spec(),
         val_ids=tuple(_val_ids(dataset, cfg.data.eval_split)), seed=t.seed, threads=max(1, int(t.cpus_per_worker)),
+        crf_workers=t.crf_workers,
     )
 
 

@@ -11,8 +11,10 @@ and after the last).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import multiprocessing
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -104,6 +106,7 @@ class TrainLoop:
     val_ids: tuple[str, ...]  # eval-split ids with ground truth (empty: no per-epoch val mIoU)
     seed: int
     threads: int
+    crf_workers: int = 1  # processes for the teacher's CRF fill (1: in the worker itself)
 
 
 @dataclass
@@ -157,18 +160,43 @@ def fit(s: TrainLoop) -> None:
         if rank == 0:
             logger.info("resuming from epoch %d, step %d", start, step)
     shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start, s.epochs):
-        t0 = time.perf_counter()
-        terms, steps = _train_epoch(s, nets, shard, epoch, rank, world)
-        step += steps
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": nets.optimizer.param_groups[0]["lr"], **terms}
-        last = epoch + 1 == s.epochs
-        if rank == 0 and s.val_ids and s.val_every and ((epoch + 1) % s.val_every == 0 or last):
-            row["val_miou"] = _val_miou(nets.core if s.baseline else nets.teacher, s.dataset, s.val_ids, s.num_classes)
-        row["time"] = time.perf_counter() - t0
-        history.append(row)
-        due = rank == 0 and ((epoch + 1) % s.checkpoint_every == 0 or last)
-        report_epoch(row, nets.state(epoch + 1, step, history) if due else None, epochs=s.epochs)
+    with _crf_pool(s) as crf_map:
+        for epoch in range(start, s.epochs):
+            step = _run_epoch(s, nets, shard, epoch, rank, world, step, history, crf_map)
+
+
+@contextlib.contextmanager
+def _crf_pool(s: TrainLoop) -> Iterator[Any]:
+    """The ``map`` of a pool of ``s.crf_workers`` processes for the teacher's CRF fill, or ``None``
+    (CRF off, or one worker: it runs in this process). pydensecrf holds the GIL: threads would
+    not run two CRFs at once. ``spawn``: CUDA is live in this process."""
+    if not s.crf or s.crf_workers <= 1:
+        yield None
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(s.crf_workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool.map
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _run_epoch(s: TrainLoop, nets: "_Nets", shard: Any, epoch: int, rank: int, world: int, step: int,
+               history: list[dict[str, Any]], crf_map: Any) -> int:
+    """One epoch: train, val mIoU on rank 0 when due, report (with a checkpoint when due) → global step."""
+    t0 = time.perf_counter()
+    terms, steps = _train_epoch(s, nets, shard, epoch, rank, world, crf_map)
+    step += steps
+    row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": nets.optimizer.param_groups[0]["lr"], **terms}
+    last = epoch + 1 == s.epochs
+    if rank == 0 and s.val_ids and s.val_every and ((epoch + 1) % s.val_every == 0 or last):
+        row["val_miou"] = _val_miou(nets.core if s.baseline else nets.teacher, s.dataset, s.val_ids, s.num_classes)
+    row["time"] = time.perf_counter() - t0
+    history.append(row)
+    due = rank == 0 and ((epoch + 1) % s.checkpoint_every == 0 or last)
+    report_epoch(row, nets.state(epoch + 1, step, history) if due else None, epochs=s.epochs)
+    return step
 
 
 def _build_nets(s: TrainLoop, world: int, device: torch.device) -> _Nets:
@@ -192,7 +220,8 @@ def _build_nets(s: TrainLoop, world: int, device: torch.device) -> _Nets:
     return _Nets(student, core, teacher, optimizer, scheduler, scaler)
 
 
-def _train_epoch(s: TrainLoop, nets: _Nets, shard: Any, epoch: int, rank: int, world: int) -> tuple[dict[str, float], int]:
+def _train_epoch(s: TrainLoop, nets: _Nets, shard: Any, epoch: int, rank: int, world: int,
+                 crf_map: Any = None) -> tuple[dict[str, float], int]:
     """One pass over this worker's shard → (loss terms and metrics averaged over the workers, the
     steps this worker took); the EMA teacher follows the student after every step."""
     nets.student.train()
@@ -202,7 +231,7 @@ def _train_epoch(s: TrainLoop, nets: _Nets, shard: Any, epoch: int, rank: int, w
     else:
         def step_fn(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
             return complement_step(nets.student, nets.teacher, batch, num_classes=s.num_classes, crf=s.crf,
-                                   use_wce=s.wce)
+                                   use_wce=s.wce, crf_map=crf_map)
 
     augment = SegAugment(s.crop_size, s.scale_range, flip=True, seed=worker_seed(s.seed, rank, epoch, stream="augment"))
     batches = _augmented_batches(shard, augment, s.batch_size // world,

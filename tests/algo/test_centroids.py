@@ -125,3 +125,27 @@ def test_selection_prefers_centroids_far_from_background():
     assert sel.chosen.tolist() == [False, True, True, False]  # the two farthest from the bg direction
     with pytest.raises(ValueError, match="no background"):
         select_debiased_centroids(fg, np.ones(4, int), bg[:0], num_classes=1)
+
+
+@pytest.mark.parametrize("n_classes", [1, 7, 300])
+def test_top_alpha_and_class_sums_match_sort_reference(n_classes):
+    """The O(N) per-class partition equals a stable sort by (class, -distance, index) on larger
+    inputs with many ties; the one-pass class sums equal a per-class float64 sum."""
+    rng = np.random.default_rng(n_classes)
+    n = 20_000
+    d = rng.integers(0, 50, size=n) / 49.0  # heavy ties
+    cls = rng.integers(1, n_classes + 1, size=n)
+    for alpha in (0.05, 0.4, 0.99):
+        order = np.lexsort((np.arange(n), -d, cls))
+        want = np.zeros(n, dtype=bool)
+        starts = np.flatnonzero(np.r_[True, cls[order][1:] != cls[order][:-1]])
+        for s, e in zip(starts, np.r_[starts[1:], n]):
+            want[order[s : s + math.ceil(alpha * (e - s) - 1e-9)]] = True
+        got = top_alpha_mask(d, cls, alpha)
+        np.testing.assert_array_equal(got, want)
+        vectors = rng.standard_normal((n, 5)).astype(np.float32)
+        sums, counts = class_sums(vectors, cls, got, n_classes)
+        for c in range(1, n_classes + 1):
+            rows = vectors[got & (cls == c)].astype(np.float64)
+            assert counts[c] == rows.shape[0]
+            np.testing.assert_allclose(sums[c], rows.sum(axis=0), rtol=1e-12, atol=1e-12)

@@ -77,6 +77,24 @@ def test_ema_closed_form():
             ema_update(teacher, student, bad)
 
 
+def test_ema_is_bit_identical_to_the_per_tensor_update():
+    """The batched (foreach) update computes exactly ``t.mul_(m).add_(s, alpha=1 - m)`` per tensor."""
+    torch.manual_seed(1)
+    teacher, student = _net(), _net()
+    reference = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        student[1].running_var.uniform_(0.5, 2.0)
+    for _ in range(3):
+        ema_update(teacher, student, 0.999)
+        for k, s in student.state_dict().items():
+            if reference[k].is_floating_point():
+                reference[k].mul_(0.999).add_(s, alpha=1.0 - 0.999)
+            else:
+                reference[k].copy_(s)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
 def test_absent_class_never_filled_nor_weighted():
     """A teacher confident in a class the image lacks: W is the max over the image's classes only."""
     from mars_ray.algo.complement import image_class_mask, restrict_probs

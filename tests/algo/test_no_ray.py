@@ -25,3 +25,17 @@ def test_algo_sources_have_no_ray_import():
             else:
                 continue
             assert not any(n == "ray" or n.startswith("ray.") for n in names), f"{path.name} imports {names}"
+
+
+def test_training_modules_import_with_torch_numpy_pillow_only():
+    """``benchmarks/gpu_efficiency.py`` runs on a GPU box with torch, numpy and Pillow only: importing
+    the engine, the segmenters and ``mars_ray.algo`` must not pull in Ray, pydensecrf, scikit-learn,
+    SciPy or pyarrow (each is imported where it is used)."""
+    code = (
+        "import sys, mars_ray.engine, mars_ray.models.deeplab, mars_ray.algo\n"
+        "bad = {'ray', 'pydensecrf', 'sklearn', 'scipy', 'pyarrow', 'pandas', 'mlflow'}\n"
+        "found = sorted({m.split('.')[0] for m in sys.modules} & bad)\n"
+        "assert not found, found\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,69 +11,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.e2e.ray_head import RAY, get_json, node_ports, ray_env, stop_nodes
+
 pytestmark = [pytest.mark.jobs, pytest.mark.slow, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = Path(sys.executable).parent
-RAY = VENV_BIN / "ray"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _pids_of(marker: str) -> list[int]:
-    """Processes whose command line contains ``marker`` (this head's unique temp dir)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            out.append(int(proc.name))
-    return out
-
-
-def _stop_head(marker: str) -> None:
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        pids = _pids_of(marker)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while _pids_of(marker) and time.time() < deadline:
-            time.sleep(0.3)
-
-
-def _get_json(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - localhost
-        return json.loads(r.read().decode())
 
 
 @pytest.fixture()
@@ -81,25 +32,22 @@ def head():
     if not RAY.is_file():
         pytest.skip(f"no `ray` executable next to {sys.executable}")
     temp = Path(tempfile.mkdtemp(prefix="mrj", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    dash = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
+    ports = node_ports(head=True)
+    dash = ports["--dashboard-port"]
     cmd = [str(RAY), "start", "--head", "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", str(temp),
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--object-store-memory",
            str(256 * 1024 * 1024)]
     for k, v in ports.items():
         cmd += [k, str(v)]
     try:
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             pytest.skip(f"`ray start --head` failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-800:]}")
         address = f"http://127.0.0.1:{dash}"
         deadline = time.time() + 90
         while True:
             try:
-                _get_json(f"{address}/api/version")
+                get_json(f"{address}/api/version")
                 break
             except Exception as e:  # noqa: BLE001
                 if time.time() > deadline:
@@ -107,7 +55,7 @@ def head():
                 time.sleep(1)
         yield address, temp
     finally:
-        _stop_head(str(temp))
+        stop_nodes(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -127,16 +75,16 @@ def test_ray_job_submit_demo(head, tiny_data: Path, tmp_path: Path):
              "--out", str(out)]
     submit = [str(RAY), "job", "submit", "--address", address, "--submission-id", sub_id, "--no-wait",
               "--working-dir", str(work), "--runtime-env", str(tmp_path / "runtime_env.yaml"), "--", *entry]
-    proc = subprocess.run(submit, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(submit, env=ray_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     deadline = time.time() + 300
     status = None
     while time.time() < deadline:
-        status = _get_json(f"{address}/api/jobs/{sub_id}")["status"]
+        status = get_json(f"{address}/api/jobs/{sub_id}")["status"]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(2)
-    logs = subprocess.run([str(RAY), "job", "logs", "--address", address, sub_id], env=_env(),
+    logs = subprocess.run([str(RAY), "job", "logs", "--address", address, sub_id], env=ray_env(),
                           capture_output=True, text=True, timeout=60).stdout
     print(logs[-3000:])
     assert status == "SUCCEEDED", f"job {sub_id} ended {status}:\n{logs[-3000:]}"

@@ -80,6 +80,7 @@ def test_b_pseudo_labels_and_uss_trained_in_the_run(tiny_data: Path, ray_local, 
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_c_images_and_image_labels_only(tiny_data: Path, ray_local, tmp_path: Path):
     run = tmp_path / "run"
     assert main(["run", "--data", str(tiny_data), "--out", str(run), "--until", "debias", "--set", *FAST]) == 0

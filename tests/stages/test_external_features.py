@@ -129,6 +129,7 @@ def test_bad_file_is_named_by_the_stage(tiny_data: Path, feats_dir: Path, tmp_pa
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_external_texture_features_round_trip(tiny_data: Path, feats_dir: Path, tmp_path: Path, ray_local):
     """Files written from the built-in extractor's own output give the built-in result exactly."""
     built_in, external = tmp_path / "built_in", tmp_path / "external"

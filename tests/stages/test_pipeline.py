@@ -63,6 +63,25 @@ def test_centroid_table(run: Path, tiny_data: Path):
     assert np.all((gt_iou >= 0) & (gt_iou <= gt_match + 1e-6))  # |A∩G|/|A∪G| <= |A∩G|/|A|
 
 
+def test_centroid_table_layout_lets_select_skip_row_groups(run: Path, tmp_path: Path):
+    """The stage writes few files, background rows first; a file of several row groups then gives
+    the reader's ``is_bg`` filter whole row groups to skip (row-group statistics)."""
+    import pyarrow.compute as pc
+
+    files = sorted((run / "features" / features.TABLE).glob("*.parquet"))
+    assert len(files) == 1  # 16 images: far below ROWS_PER_FILE
+    is_bg = np.asarray(pads.dataset(str(files[0])).to_table(columns=["is_bg"]).column("is_bg"))
+    assert is_bg.any() and (~is_bg).any() and not np.any(np.diff(is_bg.astype(int)) > 0)  # bg, then fg
+    t = _table(run)
+    big = t.take(np.random.default_rng(0).integers(0, t.num_rows, 3 * features.ROW_GROUP_ROWS))
+    features.write_table_file(big, str(tmp_path / "big.parquet"))
+    frag = next(iter(pads.dataset(str(tmp_path / "big.parquet")).get_fragments()))
+    n_groups = frag.metadata.num_row_groups
+    bg_groups = len(frag.split_by_row_group(pc.field("is_bg")))
+    fg_groups = len(frag.split_by_row_group(~pc.field("is_bg")))
+    assert n_groups == 3 and bg_groups + fg_groups <= n_groups + 1  # at most one mixed row group
+
+
 def test_select_equals_in_memory_algorithm(run: Path, tiny_data: Path):
     t = _table(run)
     vec = t.column("vector").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)

@@ -43,6 +43,7 @@ def _history(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_two_workers_checkpoint_then_resume(run: Path, tiny_data: Path):
     ds = VOCDataset(tiny_data)
     out = train.run(_cfg(tiny_data), run)
@@ -63,7 +64,8 @@ def test_two_workers_checkpoint_then_resume(run: Path, tiny_data: Path):
     assert list((out / "ray" / "mars").glob("checkpoint_*"))
 
     # same run name + storage, more epochs: Ray Train restores the checkpoint and the step counter continues
-    out = train.run(_cfg(tiny_data, **{"train.epochs": 2}), run)
+    # (the teacher's CRF fill now in 2 processes per worker: an execution setting, same stage key)
+    out = train.run(_cfg(tiny_data, **{"train.epochs": 2, "train.crf_workers": 2}), run)
     rows = _history(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert rows[0]["step"] == first["step"] and rows[0]["loss"] == first["loss"]  # epoch 1 is not retrained

@@ -71,6 +71,7 @@ def test_wrong_dino_weights_fail_before_training(tiny_data: Path, tmp_path: Path
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_vit_with_dino_weights_resumes_the_step_counter(tiny_data: Path, tmp_path: Path, ray_local):
     """Same Ray Train name + storage: the second fit starts from the first one's checkpoint."""
     torch.manual_seed(0)
