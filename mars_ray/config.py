@@ -49,8 +49,8 @@ class DataConfig:
 class FeaturesConfig:
     """Stage ``features``: USS embeddings F and per-image, per-class K-means (Sec 3.2)."""
 
-    extractor: str = "texture"  # a name in mars_ray.models.registry.FEATURES
-    checkpoint: str = ""  # for learned extractors (e.g. "stego"): "" → RUN/uss/checkpoint.pt
+    extractor: str = "adaptive"  # a name in mars_ray.models.registry.FEATURES; adaptive: fitted on the split
+    checkpoint: str = ""  # stego: "" → RUN/uss/checkpoint.pt; adaptive: a uss_stats.npz, "" → fitted by the stage
     k_fg: int = 2
     k_bg: int = 2
     max_pixels: int = 20000  # K-means is fitted on at most this many pixels of a region
@@ -97,13 +97,19 @@ class DebiasConfig:
     crf_bilateral_sxy: float = 50.0
     crf_bilateral_srgb: float = 13.0
     crf_bilateral_compat: float = 4.0  # DeepLab-v2 CRF weight; 10 over-smooths textured objects
+    # our choice: crf_bilateral_sxy is in pixels of an image of this geometric-mean side (VOC's
+    # sqrt(500·375) ≈ 433, where DeepLab chose 50 px) and scales with each image's sqrt(H·W)
+    # (algo.crf.scale_kernels); 0 = pixels as given. Measured on every make-dataset variant
+    # (benchmarks/quality_lab.py --crf-scaled, README "Debiasing quality").
+    crf_reference_side: float = 433.0
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # F from a learned extractor on GPUs; the CRF stays on the actor's CPU
     batch_size: int = 8
 
     def crf_kwargs(self) -> dict[str, float] | None:
-        """Keyword arguments for ``algo.crf.dense_crf``; ``None`` when the CRF is off."""
+        """Keyword arguments for ``algo.crf.dense_crf``; ``None`` when the CRF is off (not scaled to an
+        image: ``algo.crf.scale_kernels(kwargs, (H, W), crf_reference_side)`` does that per image)."""
         return _crf_kwargs(self) if self.crf else None
 
     def crf_kernels(self) -> dict[str, float]:
@@ -140,8 +146,8 @@ class WsssConfig:
 class UssConfig:
     """Stage ``uss`` (learned USS, situation b): STEGO-style head on a frozen backbone, Ray Train."""
 
-    backbone: str = "small_cnn"  # a name in BACKBONES (vit_small_8, vit_base_8, …, small_cnn)
-    backbone_weights: str = ""  # local DINO checkpoint for ViT backbones; "" → self-supervised small_cnn
+    backbone: str = "adaptive"  # a name in BACKBONES (adaptive: fitted on the split, no weights; vit_base_8, …, small_cnn)
+    backbone_weights: str = ""  # local DINO checkpoint for ViT backbones; small_cnn without one trains self-supervised
     ssl_epochs: int = 20  # self-supervised pretraining of small_cnn on the dataset (0 = skip)
     epochs: int = 20
     dim: int = 70
@@ -465,7 +471,7 @@ def _validate_ranges(cfg: Config) -> None:
                 f"uss.backbone={u.backbone} needs uss.backbone_weights: a DINO checkpoint file or URI "
                 "(e.g. dino_vitbase8_pretrain.pth); weights are never downloaded"
             )
-        if u.ssl_epochs < 1:
+        if u.ssl_epochs < 1 and u.backbone != "adaptive":  # (adaptive has nothing to train: fitted statistics)
             raise ValueError("uss.ssl_epochs must be >= 1 without uss.backbone_weights (a random frozen backbone teaches nothing)")
     t = cfg.train
     _at_least("train", t, ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters",

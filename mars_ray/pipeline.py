@@ -6,9 +6,10 @@ The planning rule, in full (README "Three situations"):
 * ``uss`` (learned USS → ``RUN/uss/checkpoint.pt``) runs first when the features come from the
   learned extractor without a checkpoint (no ``data.features_dir``, no ``features.checkpoint``);
 * which USS: ``data.features_dir`` wins; else ``features.extractor`` as the user set it (``--uss``,
-  ``--set``, ``--config``, a sweep's ``set:`` or searched keys); else, when pseudo labels were
-  given, the config's default (``texture``, no training); when *nothing* was given, the learned
-  extractor, so ``mars run --data ROOT`` alone builds the whole method (``default_extractor``).
+  ``--set``, ``--config``, a sweep's ``set:`` or searched keys); else ``adaptive``
+  (``default_extractor``): a weight-free extractor whose statistics the ``features`` stage fits on
+  the split itself, with or without pseudo labels (measured on every ``make-dataset`` variant in
+  ``benchmarks/quality_bench.py``; the learned one needs ``--uss`` and training time).
 
 Stages are imported by name when they run (``mars_ray.stages.<name>``), so planning needs no Ray.
 """
@@ -30,15 +31,14 @@ logger = logging.getLogger(__name__)
 STAGES = ("features", "select", "debias", "train", "evaluate")
 PRE_STAGES = ("wsss", "uss")  # built-in WSSS / USS: run first when their inputs are not given
 LEARNED_EXTRACTOR = "stego"  # the FEATURES extractor the ``uss`` stage trains
+DEFAULT_EXTRACTOR = "adaptive"  # fitted on the split by the features stage (models/adaptive.py)
 EXTRACTOR_KEY = "features.extractor"
 
 
 def default_extractor(cfg: C.Config) -> str:
-    """The extractor when the user chose none: the learned one when neither pseudo labels nor
-    features are given (the run builds both), else the config's own default."""
-    if not cfg.data.pseudo_labels and not cfg.data.features_dir:
-        return LEARNED_EXTRACTOR
-    return cfg.features.extractor
+    """The extractor when the user chose none: ``adaptive``, whatever else was given (with
+    ``data.features_dir`` set it is not used). The learned one is ``--uss``."""
+    return DEFAULT_EXTRACTOR
 
 
 def build_config(config_file: "str | AnyPath | None", overrides: Mapping[str, Any], *,
@@ -158,5 +158,5 @@ def run_stages(cfg: C.Config, run_dir: AnyPath, stages: Sequence[str]) -> dict[s
     return {name: run_stage(cfg, run_dir, name)[0] for name in stages}
 
 
-__all__ = ["STAGES", "PRE_STAGES", "LEARNED_EXTRACTOR", "DESCRIPTIONS", "build_config", "default_extractor",
+__all__ = ["STAGES", "PRE_STAGES", "DEFAULT_EXTRACTOR", "LEARNED_EXTRACTOR", "DESCRIPTIONS", "build_config", "default_extractor",
            "needs_uss", "plan_stages", "run_stage", "run_stages", "stage_module"]

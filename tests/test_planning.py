@@ -18,12 +18,12 @@ TAIL = ["features", "select", "debias", "train", "evaluate"]
 @pytest.mark.parametrize(
     "overrides, searched, extractor, stages",
     [
-        ({}, (), "stego", ["wsss", "uss", *TAIL]),  # nothing given: build both
-        ({"data.pseudo_labels": "P"}, (), "texture", TAIL),  # pseudo labels given: the weight-free default
-        ({"data.features_dir": "F"}, (), "texture", ["wsss", *TAIL]),  # features given: no USS to train
+        ({}, (), "adaptive", ["wsss", *TAIL]),  # nothing given: CAM labels, adaptive features fitted on the split
+        ({"data.pseudo_labels": "P"}, (), "adaptive", TAIL),  # pseudo labels given: the weight-free default
+        ({"data.features_dir": "F"}, (), "adaptive", ["wsss", *TAIL]),  # features given: no USS to train
         ({"features.extractor": "texture"}, (), "texture", ["wsss", *TAIL]),  # chosen: kept
-        ({}, ("features.extractor",), "texture", ["wsss", *TAIL]),  # searched by a sweep: chosen there
-        ({"features.checkpoint": "ck.pt"}, (), "stego", ["wsss", *TAIL]),  # learned USS given: nothing to train
+        ({"features.extractor": "stego"}, (), "stego", ["wsss", "uss", *TAIL]),  # learned (--uss): trained first
+        ({"features.extractor": "stego", "features.checkpoint": "ck.pt"}, (), "stego", ["wsss", *TAIL]),  # given
     ],
 )
 def test_the_rule(tmp_path: Path, overrides: dict, searched: tuple, extractor: str, stages: list[str]):
@@ -39,11 +39,11 @@ def test_a_config_file_choice_counts_and_single_stages_keep_the_config(tmp_path:
     cfg = pipeline.build_config(config, {"data.root": str(tmp_path)}, plan_inputs=True)
     assert cfg.features.extractor == "texture"
     # one stage (`mars features …`) is not a planned run: the config is taken as it is
-    assert pipeline.build_config(None, {"data.root": str(tmp_path)}).features.extractor == "texture"
+    assert pipeline.build_config(None, {"data.root": str(tmp_path)}).features.extractor == "adaptive"
 
 
 def test_until_and_unknown_stages(tmp_path: Path):
-    cfg = pipeline.build_config(None, {"data.root": str(tmp_path)}, plan_inputs=True)
+    cfg = pipeline.build_config(None, {"data.root": str(tmp_path), "features.extractor": "stego"}, plan_inputs=True)
     assert pipeline.plan_stages(cfg, until="uss") == ["wsss", "uss"]
     assert pipeline.plan_stages(cfg, until="select") == ["wsss", "uss", "features", "select"]
     with pytest.raises(ValueError, match="no dataset"):

@@ -14,6 +14,25 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
+#: sqrt(500 · 375): the geometric-mean side of a PASCAL VOC image, the scale DeepLab chose its CRF kernels at
+VOC_SIDE = 433.0
+
+
+def scale_kernels(crf: dict, hw: tuple[int, int], reference_side: float) -> dict:
+    """``crf`` (``dense_crf`` kwargs) with ``bilateral_sxy`` scaled to an image of ``hw`` = (H, W).
+
+    The bilateral kernel's width (DeepLab's 50 px) is a distance *relative to the objects*, chosen
+    for images whose geometric-mean side is ``reference_side`` (``VOC_SIDE``); on a 64 px image 50 px
+    spans the whole image and the CRF floods objects with their context's label. Scaled by
+    ``sqrt(H·W) / reference_side`` it covers the same share of every image. The 3 px Gaussian
+    (pixel-level smoothness) is not scaled. ``reference_side`` <= 0 → ``crf`` unchanged.
+    """
+    if reference_side <= 0 or "bilateral_sxy" not in crf:
+        return dict(crf)
+    h, w = hw
+    return {**crf, "bilateral_sxy": float(crf["bilateral_sxy"]) * float(np.sqrt(h * w)) / float(reference_side)}
+
+
 def dense_crf(
     image: np.ndarray,
     probs: np.ndarray,

@@ -5,7 +5,7 @@
 
 import importlib
 
-_MODULES = ("handcrafted", "vit", "small_cnn", "stego", "cam", "resnet", "deeplab")
+_MODULES = ("handcrafted", "adaptive", "vit", "small_cnn", "stego", "cam", "resnet", "deeplab")
 
 
 def load_all() -> None:

@@ -3,8 +3,8 @@
 Ray Data shards the ids over an actor pool; each actor loads V^c and its feature source once. Per
 image: M = ReLU(max over the image's classes C_I of cos(F, V^c)) (Eq 4; C_I from the image-level
 labels when the dataset has them, else the classes present in Y^b — the log says which), dense-CRF
-refinement and binarisation (our choice, ``debias.threshold``: the paper says only "refinement (e.g.
-CRF)"), then foreground pixels of Y^b with M^db = 0 become BIASED (254) (Eq 5). Images whose Y^b has a
+refinement (its bilateral width scaled to the image's size: ``debias.crf_reference_side``) and
+binarisation (our choice, ``debias.threshold``: the paper says only "refinement (e.g. CRF)"), then foreground pixels of Y^b with M^db = 0 become BIASED (254) (Eq 5). Images whose Y^b has a
 class their image-level labels lack are counted (one warning, ``stats.json``), not refused. PNGs are written
 by the actors themselves with deterministic names (temp + rename locally, one upload on an object
 store), so a retried task overwrites cleanly and a resumed run skips the ids already written (each
@@ -25,12 +25,13 @@ import torch
 
 from mars_ray import config as C
 from mars_ray import storage
+from mars_ray.algo.crf import scale_kernels
 from mars_ray.algo.debias import activation_map, binarize_activation, debias_label
 from mars_ray.artifacts import StageDir, atomic_write_json, fingerprint_path, load_npy, require_complete
 from mars_ray.data.label_io import read_image, read_label, write_label
 from mars_ray.data.validate import check_label
 from mars_ray.data.voc import VOCDataset
-from mars_ray.features import FeatureSource
+from mars_ray.features import FeatureSource, find_feature_file
 from mars_ray.labels import BIASED, MAX_CLASSES
 from mars_ray.stages import inputs
 from mars_ray.stages.plan import feature_gpus
@@ -59,6 +60,7 @@ def debias_one(
     threshold: float,
     crf: dict[str, float] | None,
     image_classes: Sequence[int] | None = None,
+    crf_reference_side: float = 0.0,
 ) -> np.ndarray:
     """Y^b ``[H, W]`` uint8 + F ``[d, H, W]`` + V ``[C+1, d]`` → Y^db ``[H, W]`` uint8 (Eq 4–5).
 
@@ -66,12 +68,15 @@ def debias_one(
     given, else the classes present in Y^b. A class of Y^b that the image-level labels lack takes no
     part in Eq 4: its pixels are removed unless another class's centroid activates them. A class of
     C_I without a debiased centroid (never seen in the split the centroids came from) cannot be
-    judged and its pixels are kept as they are.
+    judged and its pixels are kept as they are. ``crf_reference_side`` > 0: the CRF's bilateral width
+    is scaled to this image's size (``algo.crf.scale_kernels``).
     """
     in_pseudo = pseudo_classes(pseudo)
     classes = in_pseudo if image_classes is None else sorted({int(c) for c in image_classes})
     known = [c for c in classes if c < len(present) and present[c]]
     activation = activation_map(feats, centroids[known])
+    if crf is not None:
+        crf = scale_kernels(crf, image.shape[:2], crf_reference_side)
     keep = binarize_activation(activation, threshold=threshold, image=image, crf=crf)
     unknown = [c for c in classes if c not in known and c in in_pseudo]
     if unknown:
@@ -95,6 +100,7 @@ class DebiasImages:
         skip_existing: bool,
         image_labels: bool = False,
         threads: int = 1,
+        crf_reference_side: float = 0.0,
     ) -> None:
         torch.set_num_threads(max(1, threads))
         self.dataset = VOCDataset(**dataset)
@@ -108,6 +114,7 @@ class DebiasImages:
         self.source = FeatureSource(**source_kwargs)
         self.threshold = threshold
         self.crf = crf
+        self.crf_reference_side = crf_reference_side
         self.skip_existing = skip_existing
         # resuming: the labels written before this run, from one listing (not a request per id)
         self.written: frozenset[str] = frozenset(storage.list_files(self.out_dir)) if skip_existing else frozenset()
@@ -140,17 +147,51 @@ class DebiasImages:
             check_label(pseudo, num_classes=self.dataset.num_classes, image_hw=image.shape[:2], path=label_path)
             feats = self.source(image_id, image)
             if feats.shape[0] != self.centroids.shape[1]:
+                where = (str(find_feature_file(self.source.features_dir, image_id)) if self.source.features_dir
+                         else f"features of {image_id}")
                 raise ValueError(
-                    f"features of {image_id} have d={feats.shape[0]} but the selected centroids d={self.centroids.shape[1]}"
+                    f"{where}: feature dimension {feats.shape[0]}, but the selected centroids have d={self.centroids.shape[1]}"
                 )
             debiased = debias_one(image, pseudo, feats, self.centroids, self.present, threshold=self.threshold,
-                                  crf=self.crf, image_classes=image_classes)
+                                  crf=self.crf, image_classes=image_classes,
+                                  crf_reference_side=self.crf_reference_side)
             write_label(out, debiased)
         is_fg = (pseudo >= 1) & (pseudo <= MAX_CLASSES)
         n = self.dataset.num_classes + 1  # check_label (or the earlier run) bounds the pseudo classes by C
         return (np.bincount(pseudo[is_fg], minlength=n)[:n].astype(np.int64),
                 np.bincount(pseudo[is_fg & (debiased == BIASED)], minlength=n)[:n].astype(np.int64), int(pseudo.size),
                 disagree)
+
+
+def check_feature_source(cfg: C.Config, run_dir: AnyPath) -> None:
+    """F must be what the ``features`` stage clustered: with external features (``data.features_dir``)
+    the folder's fingerprint must equal the one in the features manifest; with fitted adaptive statistics
+    the file's digest (``check_adaptive_stats``). ``ValueError`` naming the folder or file otherwise."""
+    if cfg.data.features_dir:
+        folder = inputs.config_path(cfg.data.features_dir)
+        recorded = (require_complete(run_dir / "features", "features").get("inputs") or {}).get("features_dir")
+        now = inputs.feature_source_fingerprint({"features_dir": cfg.data.features_dir})["features_dir"]
+        if recorded is not None and now != recorded:
+            raise ValueError(f"{folder}: external features changed since the features stage clustered them "
+                             "(files added, removed or rewritten); rerun `mars features`")
+        return
+    check_adaptive_stats(cfg, run_dir)
+
+
+def check_adaptive_stats(cfg: C.Config, run_dir: AnyPath) -> None:
+    """With statistics the ``features`` stage fitted, the file debias loads must hold exactly what the
+    features were clustered with (its digest is in the features manifest): both stages then compute
+    the same F. ``ValueError`` naming the file otherwise (replaced or corrupt after the stage ran)."""
+    if not inputs.fits_adaptive_stats(cfg):
+        return
+    from mars_ray.models.adaptive import AdaptiveStats
+
+    path = inputs.adaptive_stats_path(run_dir)
+    recorded = ((require_complete(run_dir / "features", "features").get("outputs") or {}).get("uss_stats_digest"))
+    digest = AdaptiveStats.load(path).digest
+    if digest != recorded:
+        raise ValueError(f"{path}: adaptive statistics (digest {digest[:12]}) are not the ones the features stage "
+                         f"clustered with ({str(recorded)[:12]}); rerun `mars features`")
 
 
 def class_source(cfg: C.Config, run_dir: AnyPath, *, check: bool = False) -> dict[str, str]:
@@ -171,6 +212,7 @@ def debias_kwargs(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, out_d
         source_kwargs=inputs.actor_source_kwargs(cfg, run_dir, d.gpus_per_actor),
         threshold=d.threshold,
         crf=d.crf_kwargs(),
+        crf_reference_side=d.crf_reference_side,
         skip_existing=skip_existing,
         image_labels=image_labels,
         threads=max(1, int(d.cpus_per_actor)),
@@ -186,11 +228,14 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     feats = require_complete(run_dir / "features", "features")
     d = cfg.debias
     source = class_source(cfg, run_dir)
+    source_kwargs = inputs.feature_source_kwargs(cfg, run_dir, absolute=True)
+    if inputs.fits_adaptive_stats(cfg):  # the features artifact's own stats file: its digest is in the features key
+        source_kwargs = {"extractor": source_kwargs["extractor"], "extractor_kwargs": {}}
     slice_ = {  # F is recomputed here: its source is part of the key, as are Y^b's folder and the dataset
         "debias": {k: v for k, v in C.to_dict(d).items() if k not in _EXECUTION_KEYS},
         "data": inputs.dataset_key(cfg, [cfg.data.split]),
         "pseudo_labels": storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
-        "source": inputs.feature_source_kwargs(cfg, run_dir, absolute=True),
+        "source": source_kwargs,
         "image_classes": source["kind"],
     }
     fingerprints = {"select": upstream["key"], "features": feats["key"]}
@@ -211,6 +256,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     if sd.is_complete():
         logger.info("debias: up to date in %s, skipping", sd.path)
         return sd.path
+    check_feature_source(cfg, run_dir)
     source = class_source(cfg, run_dir, check=True)  # bad image-level labels: named before any output changes
     logger.info("debias: each image's classes C_I (Eq 4) from %s", inputs.describe_class_source(source))
     with sd.guard() as resuming:

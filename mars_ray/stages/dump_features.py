@@ -80,6 +80,9 @@ def source_kwargs(cfg: C.Config) -> dict[str, Any]:
     elif cfg.features.extractor == "stego":
         raise ValueError("features.extractor=stego needs features.checkpoint "
                          "(RUN/uss/checkpoint.pt, or a file from `mars import-uss`)")
+    elif cfg.features.extractor == "adaptive":
+        raise ValueError("features.extractor=adaptive needs features.checkpoint: the statistics a features stage "
+                         "fitted (RUN/features/uss_stats.npz), or features.extractor=texture")
     return {"extractor": cfg.features.extractor, "extractor_kwargs": kwargs}
 
 

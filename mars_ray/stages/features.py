@@ -13,6 +13,15 @@ centroid:
 
 Tables written before ``gt_iou`` existed lack that column; ``select`` reads them as NaN.
 
+With the ``adaptive`` extractor (the default) and no ``features.checkpoint``, the stage first fits
+the extractor's statistics on the split (``fit_sample``: up to 256 ids, chosen by ``features.seed``)
+in a one-thread Ray task and stores them in the artifact as ``RUN/features/uss_stats.npz``; their
+content hash (``AdaptiveStats.digest``) is part of the stage key and of the manifest
+(``uss_stats_digest``), and ``debias`` loads the same file (``inputs.feature_source_kwargs``), so both
+stages compute the same F. A rerun reuses the stored file when what it was fitted on (the split's
+fingerprint, the seed, the file format) is unchanged (``uss_fit_key``), so the fit runs once. A split of
+fewer than ``MIN_FIT_IMAGES`` images is fitted anyway, with a warning (the documented fallback).
+
 Layout (our choice, for the streaming reader ``select``): files of at least ``ROWS_PER_FILE`` rows
 (few files: one open per file and pass, not one per Ray block), background rows first in each file,
 in row groups of ``ROW_GROUP_ROWS``; the row groups' ``is_bg`` statistics then let a reader that
@@ -42,7 +51,7 @@ from mars_ray import faults, storage
 from mars_ray.algo.clustering import IMPLEMENTATION as CLUSTERING
 from mars_ray.algo.clustering import cluster_regions
 from mars_ray.algo.metrics import centroid_gt_iou
-from mars_ray.artifacts import StageDir, fingerprint_files
+from mars_ray.artifacts import StageDir, fingerprint_files, read_manifest
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.validate import check_label
 from mars_ray.data.voc import VOCDataset
@@ -55,6 +64,7 @@ from mars_ray.storage import AnyPath, upath
 logger = logging.getLogger(__name__)
 
 TABLE = "centroids.parquet"
+USS_STATS = inputs.USS_STATS  # the adaptive extractor's fitted statistics, inside the artifact
 ROWS_PER_FILE = 1 << 17  # ≥ 131,072 rows a file: 37 MB at d = 70, 200 MB at d = 384 (a write task holds one)
 ROW_GROUP_ROWS = 1 << 14  # 16,384 rows: 4.6 MB of vectors at d = 70, 25 MB at d = 384
 
@@ -198,12 +208,23 @@ class CentroidTableSink(Datasink):
         return ROWS_PER_FILE
 
 
-def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
-    """The ``features`` artifact folder and its key (config slice + input fingerprints)."""
+def stage_dir(cfg: C.Config, run_dir: AnyPath, stats_digest: str | None = None) -> StageDir:
+    """The ``features`` artifact folder and its key (config slice + input fingerprints).
+
+    ``stats_digest``: the content hash of the adaptive statistics this stage fits (``fits_stats``);
+    it replaces the stats file's own fingerprint (the file lives inside this artifact), so the key
+    changes exactly when the fitted values do. ``None`` where the stage fits nothing; where it does,
+    ``None`` reads the digest of the stored fit (``stored_stats``) or, without one, of a fresh fit.
+    """
     dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
     pseudo = inputs.pseudo_label_dir(cfg, run_dir)
+    fitted = fits_stats(cfg)
+    if fitted and stats_digest is None:
+        stats_digest = ensure_stats(cfg, run_dir, dataset, fit=False)[1]
     source = inputs.feature_source_kwargs(cfg, run_dir)
+    if fitted:  # its path is this artifact's own file: the digest stands for it
+        source = {"extractor": source["extractor"], "extractor_kwargs": {}}
     slice_ = {
         "data": inputs.dataset_key(cfg, [cfg.data.split]),
         "pseudo_labels": storage.absolute(pseudo),
@@ -214,9 +235,85 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     fingerprints = {
         "dataset": dataset.fingerprint(cfg.data.split),
         "pseudo_labels": fingerprint_files(pseudo / f"{i}.png" for i in ids),
-        **inputs.feature_source_fingerprint(source),
+        **({"extractor": source["extractor"], "uss_stats": stats_digest or "none"} if fitted
+           else inputs.feature_source_fingerprint(source)),
     }
     return StageDir(run_dir / "features", "features", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
+
+
+def fits_stats(cfg: C.Config) -> bool:
+    """This run's features come from the ``adaptive`` extractor with statistics the stage fits itself
+    (no external features, no ``features.checkpoint``)."""
+    return inputs.fits_adaptive_stats(cfg)
+
+
+def fit_key(cfg: C.Config, dataset: VOCDataset) -> str:
+    """What a fit depends on: the split (ids, files' sizes and mtimes), the seed, the file format.
+    A stored fit with this key is reused instead of fitting again."""
+    from mars_ray.models.adaptive import FORMAT, MAX_FIT_IMAGES
+
+    spec = {"data": inputs.dataset_key(cfg, [cfg.data.split]), "seed": cfg.features.seed, "format": FORMAT,
+            "max_images": MAX_FIT_IMAGES}
+    return C.slice_hash(spec, {"dataset": dataset.fingerprint(cfg.data.split)})
+
+
+def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int) -> Any:
+    """Ray task body: fit :class:`AdaptiveStats` on ``fit_sample(ids)`` of the dataset (one torch thread).
+
+    The Gabor wavelengths follow the median short side of the fitted images (header sizes). A split
+    of fewer than ``MIN_FIT_IMAGES`` images is fitted anyway, with a warning. ``ValueError`` for an
+    empty split or images without any variation.
+    """
+    from mars_ray.data.label_io import label_size
+    from mars_ray.models.adaptive import MIN_FIT_IMAGES, fit_adaptive_stats, fit_sample
+
+    torch.set_num_threads(1)
+    ds = VOCDataset(**dataset)
+    chosen = fit_sample(ids, seed=seed)
+    if not chosen:
+        raise ValueError(f"{ds.root}: split has no images to fit the adaptive extractor on")
+    if len(chosen) < MIN_FIT_IMAGES:
+        logger.warning(
+            "features: the adaptive extractor is fitted on only %d image(s) (fewer than %d): its statistics describe "
+            "these images rather than a dataset; fine when they are the images debiased, else use a larger split "
+            "or features.extractor=texture", len(chosen), MIN_FIT_IMAGES)
+    short = int(np.median([min(label_size(ds.image_path(i))) for i in chosen]))
+    return fit_adaptive_stats((read_image(ds.image_path(i)) for i in chosen), short_side=short, seed=seed,
+                              min_images=1)
+
+
+def stored_stats(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset) -> tuple[AnyPath, str] | None:
+    """The stats file of the finished ``features`` artifact and its digest, when it was fitted with
+    this run's ``fit_key`` and the file still holds what the manifest recorded; else ``None``."""
+    folder = cache.resolve(run_dir) if (run_dir / "features").exists() else run_dir / "features"
+    m = read_manifest(folder) or {}
+    out = m.get("outputs") or {}
+    path = folder / USS_STATS
+    if m.get("status") != "complete" or out.get("uss_fit_key") != fit_key(cfg, dataset) or not path.is_file():
+        return None
+    from mars_ray.models.adaptive import AdaptiveStats
+
+    try:
+        digest = AdaptiveStats.load(path).digest
+    except ValueError:
+        return None
+    return (path, digest) if digest == out.get("uss_stats_digest") else None
+
+
+def ensure_stats(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, fit: bool = True) -> tuple[Any, str | None]:
+    """``(stats or None, digest)``: the stored fit when it is current (``stats`` None: nothing to write),
+    else a fresh fit in a Ray task (``fit``; with ``fit=False`` → ``(None, None)``)."""
+    stored = stored_stats(cfg, run_dir, dataset)
+    if stored is not None:
+        return None, stored[1]
+    if not fit:
+        return None, None
+    import ray
+
+    ensure_ray(cfg.ray)
+    task = ray.remote(num_cpus=1)(fit_split_stats)
+    stats = ray.get(task.remote(dataset.spec(), dataset.ids(cfg.data.split), cfg.features.seed))
+    return stats, stats.digest
 
 
 _EXECUTION_KEYS = {"num_actors", "cpus_per_actor", "gpus_per_actor", "batch_size", "cache_dir"}  # do not change the result
@@ -229,10 +326,11 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     at ``table_path(run_dir)``.
     """
     dataset = inputs.validate_inputs(cfg, run_dir)
-    sd = stage_dir(cfg, run_dir)
+    stats, digest = ensure_stats(cfg, run_dir, dataset) if fits_stats(cfg) else (None, None)
+    sd = stage_dir(cfg, run_dir, digest)
 
     def compute(target: StageDir) -> None:
-        _compute(cfg, run_dir, dataset, target)
+        _compute(cfg, run_dir, dataset, target, stats)
 
     cache_dir = inputs.config_path(cfg.features.cache_dir)
     if cache_dir is not None:
@@ -258,13 +356,15 @@ def table_path(run_dir: AnyPath) -> AnyPath:
     return cache.resolve(run_dir) / TABLE
 
 
-def cluster_kwargs(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset) -> dict[str, Any]:
-    """The keyword arguments of :class:`ClusterImages` for this run (absolute paths, plain values)."""
+def cluster_kwargs(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset,
+                   source_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of :class:`ClusterImages` for this run (absolute paths, plain values);
+    ``source_kwargs``: the feature source when the stage overrides it (the statistics it just fitted)."""
     fc = cfg.features
     return dict(
         dataset=dataset.spec(),
         pseudo_dir=storage.absolute(inputs.pseudo_label_dir(cfg, run_dir)),
-        source_kwargs=inputs.actor_source_kwargs(cfg, run_dir, fc.gpus_per_actor),
+        source_kwargs=source_kwargs or inputs.actor_source_kwargs(cfg, run_dir, fc.gpus_per_actor),
         k_fg=fc.k_fg,
         k_bg=fc.k_bg,
         max_pixels=fc.max_pixels,
@@ -274,16 +374,32 @@ def cluster_kwargs(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset) -> dict
     )
 
 
-def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir) -> None:
-    """Cluster every image of the split into ``sd.path`` (Ray Data actor pool) and finish the manifest."""
+def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir, stats: Any = None) -> None:
+    """Cluster every image of the split into ``sd.path`` (Ray Data actor pool) and finish the manifest.
+
+    ``stats``: freshly fitted adaptive statistics to store as ``sd.path/uss_stats.npz`` (``None``: the
+    stored fit is current, or the stage fits nothing)."""
+    fitted = fits_stats(cfg)
+    if fitted and stats is None:  # the stored fit is current: keep its bytes across begin's set-aside
+        from mars_ray.models.adaptive import AdaptiveStats
+
+        stats = AdaptiveStats.load(stored_stats(cfg, run_dir, dataset)[0])  # type: ignore[index]
     with sd.guard():
         ensure_ray(cfg.ray)
         ids = dataset.ids(cfg.data.split)
         fc = cfg.features
+        source_kwargs = None  # the run's feature source (cluster_kwargs), unless the stage fits statistics
+        extra: dict[str, Any] = {}
+        if fitted:
+            stats_path = stats.save(sd.path / USS_STATS)
+            source_kwargs = {"extractor": cfg.features.extractor,
+                             "extractor_kwargs": {"checkpoint": storage.absolute(stats_path)}}
+            extra = {"uss_stats": USS_STATS, "uss_stats_digest": stats.digest, "uss_fit_key": fit_key(cfg, dataset),
+                     "uss_fit_images": stats.n_images}
         ds = map_images(
             ids,
             ClusterImages,
-            cluster_kwargs(cfg, run_dir, dataset),
+            cluster_kwargs(cfg, run_dir, dataset, source_kwargs),
             num_actors=fc.num_actors,
             cpus_per_actor=fc.cpus_per_actor,
             gpus_per_actor=feature_gpus(cfg, fc.gpus_per_actor),
@@ -303,9 +419,10 @@ def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir)
             faults.point("features.table")
             storage.rmtree(out)
             tmp.rename(out)
-        stats = table_stats(out)
-        sd.finish({"table": TABLE, **stats})
-    logger.info("features: %d centroids (%d fg, %d bg) from %d images", stats["rows"], stats["fg_rows"], stats["bg_rows"], len(ids))
+        counts = table_stats(out)
+        sd.finish({"table": TABLE, **counts, **extra})
+    logger.info("features: %d centroids (%d fg, %d bg) from %d images", counts["rows"], counts["fg_rows"], counts["bg_rows"],
+                len(ids))
 
 
 def open_table(path: AnyPath) -> Any:

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 USS_DIR = "uss"
 USS_CHECKPOINT = "checkpoint.pt"  # the ``uss`` stage's output, what the learned extractor loads
+ADAPTIVE = "adaptive"  # the extractor whose statistics the ``features`` stage fits on the split
+USS_STATS = "uss_stats.npz"  # … stored in the features artifact: RUN/features/uss_stats.npz
 
 
 def config_path(value: str) -> AnyPath | None:
@@ -71,11 +73,27 @@ def uss_checkpoint(run_dir: AnyPath) -> AnyPath:
     return run_dir / USS_DIR / USS_CHECKPOINT
 
 
+def fits_adaptive_stats(cfg: C.Config) -> bool:
+    """F comes from the ``adaptive`` extractor with statistics the ``features`` stage fits on the split
+    (no ``data.features_dir``, no ``features.checkpoint``)."""
+    return not cfg.data.features_dir and cfg.features.extractor == ADAPTIVE and not cfg.features.checkpoint
+
+
+def adaptive_stats_path(run_dir: AnyPath) -> AnyPath:
+    """``RUN/features/uss_stats.npz`` (through a features-cache link when there is one)."""
+    from mars_ray.stages import cache
+
+    return cache.resolve(run_dir) / USS_STATS
+
+
 def feature_source_kwargs(cfg: C.Config, run_dir: AnyPath, *, absolute: bool = False) -> dict[str, Any]:
     """How to build the ``FeatureSource`` for this run (``features`` and ``debias``).
 
     As written, the dict is part of the ``features`` key (paths as the config names them). With
     ``absolute`` every path in it is absolute: what Ray actors get, whatever their working directory.
+    The ``adaptive`` extractor reads ``features.checkpoint``, else the statistics the ``features``
+    stage fitted (``adaptive_stats_path``); the learned ``stego`` one ``features.checkpoint``, else
+    ``RUN/uss/checkpoint.pt``.
     """
     def where(p: "str | AnyPath") -> str:
         return storage.absolute(p) if absolute else str(p)
@@ -86,6 +104,8 @@ def feature_source_kwargs(cfg: C.Config, run_dir: AnyPath, *, absolute: bool = F
     checkpoint: "str | AnyPath" = cfg.features.checkpoint
     if not checkpoint and cfg.features.extractor == "stego":
         checkpoint = uss_checkpoint(run_dir)
+    if not checkpoint and cfg.features.extractor == ADAPTIVE:
+        checkpoint = adaptive_stats_path(run_dir)
     if checkpoint:
         kwargs["checkpoint"] = where(checkpoint)
     return {"extractor": cfg.features.extractor, "extractor_kwargs": kwargs}
@@ -186,6 +206,7 @@ class ImageClasses:
         return image_class_mask([self(image_id)], self.num_classes + 1)[0].numpy()
 
 
-__all__ = ["USS_CHECKPOINT", "ImageClasses", "actor_source_kwargs", "config_path", "dataset_key",
-           "describe_class_source", "feature_source_fingerprint", "feature_source_kwargs", "image_class_source",
-           "open_dataset", "pseudo_label_dir", "uss_checkpoint", "validate_inputs"]
+__all__ = ["ADAPTIVE", "USS_CHECKPOINT", "USS_STATS", "ImageClasses", "actor_source_kwargs", "adaptive_stats_path",
+           "config_path", "dataset_key", "describe_class_source", "feature_source_fingerprint",
+           "feature_source_kwargs", "fits_adaptive_stats", "image_class_source", "open_dataset",
+           "pseudo_label_dir", "uss_checkpoint", "validate_inputs"]

@@ -1,11 +1,16 @@
 """Stage ``select``: a reduction actor streams the centroid table → debiased centroids V^c (Eq 1–3).
 
-The actor never holds the vectors of the whole table: three streamed passes over the Parquet
+The actor never holds the vectors of the whole table: four streamed passes over the Parquet
 dataset (column-projected, ``select.chunk_rows`` rows at a time) keep O(N) scalars + O(C·d):
 
 1. mean of the L2-normalised background centroids (Eq 1 in O(N·d));
 2. bias distance D of every foreground centroid; then the top ⌈α·N_c⌉ per class (Eq 2);
-3. per-class sums of the chosen vectors → V^c (Eq 3), and the chosen rows for the report.
+3. per-class sums of the chosen vectors → V^c (Eq 3), and the chosen rows for the report;
+4. per class, the separation score (``algo.separation``, no ground truth): the share of the chosen
+   and of the other centroids' pixels that V^c activates above Eq 4's ``debias.threshold``.
+   ``report.json`` holds it per class (``separation``) and lists ``classes_not_separating``; each
+   such class gets one warning line in the log ("the USS features do not separate objects from
+   their contexts for class X; debiasing may remove targets", and what to try).
 
 Outputs in ``RUN/select/``: ``centroids.npy`` ``[C+1, d]`` float32 (row c = V^c; row 0 and classes
 without centroids are zero), ``present.npy`` ``[C+1]`` bool, ``report.json`` (per class: centroid
@@ -35,6 +40,7 @@ from mars_ray import config as C
 from mars_ray import faults, storage
 from mars_ray.algo.centroids import BackgroundMean, bias_distance, class_sums, means_from_sums, top_alpha_mask
 from mars_ray.algo.metrics import target_centroid_ratio
+from mars_ray.algo.separation import SEPARATION_THRESHOLD, SeparationCounter, separation_warnings
 from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, require_complete
 from mars_ray.data.voc import VOCDataset
 from mars_ray.stages import features as features_stage
@@ -59,12 +65,14 @@ def _vectors(batch: pa.RecordBatch) -> np.ndarray:
 class CentroidSelector:
     """The reduction: Eq 1–3 over a centroid table, streamed in chunks (pure pyarrow + numpy)."""
 
-    def __init__(self, table: str, *, num_classes: int, alpha: float, chunk_rows: int) -> None:
+    def __init__(self, table: str, *, num_classes: int, alpha: float, chunk_rows: int,
+                 threshold: float = 0.5) -> None:
         self.table = table
         self.data = features_stage.open_table(upath(table))
         self.num_classes = num_classes
         self.alpha = alpha
         self.chunk_rows = chunk_rows
+        self.threshold = threshold  # Eq 4's debias threshold, which the separation score applies
 
     def _batches(self, columns: list[str], bg: bool) -> Iterator[pa.RecordBatch]:
         """The background (or foreground) rows, ``chunk_rows`` at a time. Row groups whose ``is_bg``
@@ -143,9 +151,21 @@ class CentroidSelector:
             writer.close()
         seconds.append(time.perf_counter())
         centroids, present = means_from_sums(sums, counts)
-        report = self._report(distances, class_ids, chosen, gt_match, gt_iou, acc.count)
+        # pass 4: does each class's V^c keep its chosen centroids and drop the others? (no ground truth)
+        sep = SeparationCounter(centroids, counts, threshold=self.threshold)
+        start = 0
+        for b in self._batches(["class_id", "count", "vector"], bg=False):
+            n = b.num_rows
+            if n:
+                sl = slice(start, start + n)
+                sep.add(_vectors(b), class_ids[sl], chosen[sl], b.column("count").to_numpy(zero_copy_only=False))
+                start += n
         seconds.append(time.perf_counter())
-        names = ("pass1_background", "pass2_distances", "pass3_sums", "report")
+        report = self._report(distances, class_ids, chosen, gt_match, gt_iou, acc.count)
+        for c, score in sep.scores().items():
+            report["per_class"][c]["separation"] = score
+        seconds.append(time.perf_counter())
+        names = ("pass1_background", "pass2_distances", "pass3_sums", "pass4_separation", "report")
         return {"centroids": centroids, "present": present, "report": report,
                 "seconds": {k: round(b - a, 3) for k, a, b in zip(names, seconds, seconds[1:])}}
 
@@ -223,9 +243,25 @@ def _paper_ratios(iou: np.ndarray) -> dict[str, float | None]:
     return {"paper_target_ratio": r["target_ratio"], "paper_biased_ratio": r["biased_ratio"]}
 
 
+def separation_warnings_of(report_path: AnyPath) -> list[str]:
+    """The separation warnings of a written ``report.json`` (per class ``separation``; none in older reports)."""
+    import json
+
+    if not report_path.is_file():
+        return []
+    report = json.loads(report_path.read_text())
+    per = report.get("per_class") or {}
+    scores = {e["class_id"]: e["separation"] for e in per.values() if "separation" in e}
+    names = ["background"] * (max(scores, default=0) + 1)
+    for name, e in per.items():
+        names[e["class_id"]] = name
+    return separation_warnings(scores, names)
+
+
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     upstream = require_complete(run_dir / "features", "features")
-    slice_ = {"select": {"alpha": cfg.select.alpha}, "data": inputs.dataset_key(cfg, [])}  # classes, report names
+    slice_ = {"select": {"alpha": cfg.select.alpha}, "data": inputs.dataset_key(cfg, []),  # classes, report names
+              "separation_threshold": cfg.debias.threshold}  # the report's separation score applies Eq 4's threshold
     fingerprints = {"features": upstream["key"]}
     return StageDir(run_dir / "select", "select", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
@@ -235,13 +271,15 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     sd = stage_dir(cfg, run_dir)
     if sd.is_complete():
         logger.info("select: up to date in %s, skipping", sd.path)
+        for line in separation_warnings_of(sd.path / "report.json"):  # every run's log says it, not only the first
+            logger.warning("select: %s", line)
         return sd.path
     dataset = inputs.open_dataset(cfg)
     with sd.guard():
         ensure_ray(cfg.ray)
         actor = ray.remote(num_cpus=1)(CentroidSelector).remote(
             storage.absolute(features_stage.table_path(run_dir)), num_classes=dataset.num_classes, alpha=cfg.select.alpha,
-            chunk_rows=cfg.select.chunk_rows,
+            chunk_rows=cfg.select.chunk_rows, threshold=cfg.debias.threshold,
         )
         try:
             result = ray.get(actor.run.remote(storage.absolute(sd.path / "chosen.parquet")))
@@ -250,6 +288,18 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         faults.point("select.chosen")
         report = result["report"]
         report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
+        scores = {e["class_id"]: e["separation"] for e in report["per_class"].values() if "separation" in e}
+        warnings = separation_warnings(scores, list(dataset.classes))
+        for e in report["per_class"].values():  # the run report shows the flag and the line
+            if "separation" in e:
+                score = e["separation"]["score"]
+                e["separation"]["separates"] = None if not np.isfinite(score) else bool(score >= SEPARATION_THRESHOLD)
+                line = separation_warnings({e["class_id"]: e["separation"]}, list(dataset.classes))
+                if line:
+                    e["separation"]["message"] = line[0]
+        report["separation_threshold"] = SEPARATION_THRESHOLD
+        report["classes_not_separating"] = [dataset.classes[c] for c in sorted(scores)
+                                            if np.isfinite(scores[c]["score"]) and scores[c]["score"] < SEPARATION_THRESHOLD]
         report["classes_without_centroids"] = [
             dataset.classes[c] for c in range(1, dataset.num_classes + 1) if not result["present"][c]
         ]
@@ -259,6 +309,8 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         sd.finish({"centroids": "centroids.npy", "present": "present.npy", "report": "report.json",
                    "n_chosen": report["n_chosen"], "target_ratio": report.get("target_ratio"),
                    "paper_target_ratio": report.get("paper_target_ratio"), "seconds": result["seconds"]})
+    for line in warnings:
+        logger.warning("select: %s", line)
     ratio, paper = report.get("target_ratio"), report.get("paper_target_ratio")
     logger.info(
         "select: chose %d of %d foreground centroids (alpha=%.2f)%s%s",

@@ -7,8 +7,13 @@ images, and with a random image of the batch). The backbone is either
 * a ViT with the official DINO weights from a file or URI (``uss.backbone=vit_base_8
   uss.backbone_weights=/path/dino_vitbase8_pretrain.pth``; keys/shapes are checked before anything
   is written or trained), or
-* ``small_cnn`` (the default), first trained self-supervised on the split itself for
-  ``uss.ssl_epochs`` epochs (dense two-view InfoNCE, ``models.small_cnn.ssl_loss``), then frozen.
+* ``adaptive`` (the default; no weights): the weight-free extractor of ``models/adaptive.py``, its
+  statistics fitted on the split first (``RUN/uss/uss_stats.npz``, as the ``features`` stage fits
+  them), so the head is distilled from the adaptive features' correspondences, with every shift at
+  the debias threshold (``models/stego_distill.py`` has the measurement); or
+* ``small_cnn``, first trained self-supervised on the split itself for ``uss.ssl_epochs`` epochs
+  (dense two-view InfoNCE, ``models.small_cnn.ssl_loss``), then frozen. On a few CPU minutes it
+  learns little (issue 9 measured its codes collapsing); it needs a GPU-sized budget.
 
 k-NN pairs: after the backbone is final (and frozen) its mean-pooled features of every image of the
 split are computed once (sharded over the workers, gathered), and each image's ``uss.knn`` nearest
@@ -53,6 +58,8 @@ from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
+ADAPTIVE = "adaptive"  # the weight-free backbone whose head is distilled from its fitted features
+
 CHECKPOINT = inputs.USS_CHECKPOINT
 RAY_NAME = "uss"
 # how the training is executed, not what it computes: left out of the stage key
@@ -83,14 +90,19 @@ class _Crops(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------ models
 
 
-def load_backbone(name: str, weights: str = "") -> nn.Module:
+def load_backbone(name: str, weights: str = "", stats: str = "") -> nn.Module:
     """``BACKBONES[name]``; with ``weights`` the file (local or URI) is loaded strictly (DINO format or a plain
-    state dict). Raises ``ValueError`` naming missing/unexpected keys or shape mismatches."""
+    state dict). Raises ``ValueError`` naming missing/unexpected keys or shape mismatches. ``adaptive``: the
+    extractor of the fitted statistics file ``stats`` (``RUN/uss/uss_stats.npz``)."""
     from mars_ray.models import load_all
     from mars_ray.models.registry import BACKBONES
     from mars_ray.models.vit import load_dino_checkpoint
 
     load_all()
+    if name == ADAPTIVE:
+        from mars_ray.models.adaptive import build_adaptive_extractor
+
+        return build_adaptive_extractor(checkpoint=stats)
     backbone = BACKBONES.get(name)
     if weights:
         load_dino_checkpoint(backbone, weights)
@@ -100,14 +112,15 @@ def load_backbone(name: str, weights: str = "") -> nn.Module:
 class _StegoObjective(nn.Module):
     """``forward(images, knn_images)`` → STEGO loss terms, so that DDP sees one forward per step."""
 
-    def __init__(self, model: nn.Module, n_samples: int) -> None:
+    def __init__(self, model: nn.Module, n_samples: int, shifts: Optional[tuple[float, ...]] = None) -> None:
         super().__init__()
-        self.model, self.n_samples = model, n_samples
+        self.model, self.n_samples, self.shifts = model, n_samples, shifts
 
     def forward(self, images: Tensor, knn_images: Tensor) -> dict[str, Tensor]:
         from mars_ray.models.stego import stego_step
 
-        return stego_step(self.model, images, knn_images, n_samples=self.n_samples)
+        kw = {} if self.shifts is None else {"shifts": self.shifts}
+        return stego_step(self.model, images, knn_images, n_samples=self.n_samples, **kw)
 
 
 class _SslObjective(nn.Module):
@@ -168,6 +181,7 @@ class UssLoop:
     knn: int
     n_samples: int
     seed: int
+    stats: str = ""  # adaptive backbone: absolute path or URI of its fitted statistics
 
 
 @dataclass(frozen=True)
@@ -199,11 +213,11 @@ def train_loop(s: UssLoop) -> None:
     ctx = ray.train.get_context()
     w = _Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
     torch.manual_seed(worker_seed(s.seed, w.rank, stream="init"))
-    net = load_backbone(s.backbone, s.backbone_weights)
+    net = load_backbone(s.backbone, s.backbone_weights, s.stats)
     head = SegHead(int(net.dim), s.dim)
     restored = restored_state()
     state = _initial_state() if restored is None else _resume(restored, net, head)
-    trains_backbone = not s.backbone_weights and state["ssl_epochs_done"] < s.ssl_epochs
+    trains_backbone = not s.backbone_weights and s.backbone != ADAPTIVE and state["ssl_epochs_done"] < s.ssl_epochs
     if trains_backbone:  # 1. self-supervised backbone (only without given weights)
         state = _ssl_phase(s, w, net, head, state, restored)
     model = StegoModel(net, head).to(w.device)  # 2. frozen backbone → k-NN table (once) → STEGO head
@@ -273,7 +287,7 @@ def _stego_phase(s: UssLoop, w: _Worker, model: nn.Module, state: dict[str, Any]
     even when no epoch is left (a run resumed after its last epoch hands its state back)."""
     import ray.train.torch
 
-    objective = ray.train.torch.prepare_model(_StegoObjective(model, s.n_samples))
+    objective = ray.train.torch.prepare_model(_StegoObjective(model, s.n_samples, _shifts(s.backbone)))
     opt = _optimizer(model.head.parameters(), s.lr, restored, "stego")
     crops = _Crops(s.paths, s.crop_size, worker_seed(s.seed, w.rank, stream="knn_crops"), knn=state["knn"])
     loader = sharded_loader(crops, s.batch_size, rank=w.rank, world=w.world, seed=s.seed)
@@ -289,10 +303,22 @@ def _stego_phase(s: UssLoop, w: _Worker, model: nn.Module, state: dict[str, Any]
         _report(s, w, state, "stego", state["epochs_done"], {"steps": 0.0}, model.backbone, model.head, opt)
 
 
-def loop_settings(cfg: C.Config, dataset: VOCDataset) -> UssLoop:
-    """The :class:`UssLoop` of this config: paths made absolute for the workers."""
+def _shifts(backbone: str) -> Optional[tuple[float, ...]]:
+    """The correspondence-loss shifts: STEGO's own (tuned to DINO ViT correlations) for every backbone but
+    ``adaptive``, whose head is distilled at the debias threshold (``stego_distill.DEFAULT_SHIFT``: the
+    measurement is in that module's docstring)."""
+    if backbone != ADAPTIVE:
+        return None
+    from mars_ray.models.stego_distill import DEFAULT_SHIFT
+
+    return (DEFAULT_SHIFT,) * 3
+
+
+def loop_settings(cfg: C.Config, dataset: VOCDataset, stats: str = "") -> UssLoop:
+    """The :class:`UssLoop` of this config: paths made absolute for the workers (``stats``: the adaptive
+    backbone's statistics file, absolute)."""
     u = cfg.uss
-    return UssLoop(
+    return UssLoop(stats=stats, 
         paths=tuple(_storage.absolute(dataset.image_path(i)) for i in dataset.ids(cfg.data.split)),
         backbone=u.backbone, backbone_weights=_storage.absolute(u.backbone_weights) if u.backbone_weights else "",
         ssl_epochs=u.ssl_epochs, epochs=u.epochs, dim=u.dim, batch_size=u.batch_size, lr=u.lr, ssl_lr=u.ssl_lr,
@@ -300,22 +326,22 @@ def loop_settings(cfg: C.Config, dataset: VOCDataset) -> UssLoop:
     )
 
 
-def fit(cfg: C.Config, dataset: VOCDataset, storage: AnyPath, name: str = RAY_NAME) -> dict[str, Any]:
+def fit(cfg: C.Config, dataset: VOCDataset, storage: AnyPath, name: str = RAY_NAME, stats: str = "") -> dict[str, Any]:
     """Train on Ray Train (resuming ``storage/name`` when it holds a checkpoint) → the final state dict."""
     u = cfg.uss
     result = fit_torch(
-        _train_worker, {"settings": loop_settings(cfg, dataset)}, name=name, storage=storage,
+        _train_worker, {"settings": loop_settings(cfg, dataset, stats)}, name=name, storage=storage,
         num_workers=u.num_workers, use_gpu=u.use_gpu, cpus_per_worker=u.cpus_per_worker, max_failures=u.max_failures,
     )
     return final_state(result, storage / name)
 
 
-def build_model(cfg: C.UssConfig, state: dict[str, Any]) -> nn.Module:
+def build_model(cfg: C.UssConfig, state: dict[str, Any], stats: str = "") -> nn.Module:
     """The trained :class:`StegoModel` from a training state (CPU, eval mode)."""
     from mars_ray.models.stego import SegHead, StegoModel
 
-    backbone = load_backbone(cfg.backbone, cfg.backbone_weights)
-    if state["backbone"] is not None:
+    backbone = load_backbone(cfg.backbone, cfg.backbone_weights, stats)
+    if state["backbone"] is not None and cfg.backbone != ADAPTIVE:
         backbone.load_state_dict(state["backbone"])
     head = SegHead(int(backbone.dim), cfg.dim)
     head.load_state_dict(state["head"])
@@ -337,7 +363,8 @@ def validate_inputs(cfg: C.Config) -> VOCDataset:
     weights = inputs.config_path(cfg.uss.backbone_weights)
     if weights is not None and not weights.is_file():
         raise FileNotFoundError(f"{weights}: uss.backbone_weights does not exist")
-    load_backbone(cfg.uss.backbone, cfg.uss.backbone_weights)  # unknown name / wrong keys or shapes → ValueError
+    if cfg.uss.backbone != ADAPTIVE:  # (adaptive: fitted by the stage, nothing to load yet)
+        load_backbone(cfg.uss.backbone, cfg.uss.backbone_weights)  # unknown name / wrong keys or shapes → ValueError
     return dataset
 
 
@@ -353,6 +380,25 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None
         "backbone_weights": fingerprint_path(inputs.config_path(cfg.uss.backbone_weights)),
     }
     return StageDir(run_dir / inputs.USS_DIR, "uss", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
+
+
+def _fit_stats(cfg: C.Config, dataset: VOCDataset, path: AnyPath) -> Any:
+    """The adaptive backbone's statistics, fitted on the split as the ``features`` stage fits them (a
+    one-thread Ray task, seed ``uss.seed``), reused from ``path`` when a resumed run already wrote them."""
+    import ray
+
+    from mars_ray.models.adaptive import AdaptiveStats
+    from mars_ray.stages.features import fit_split_stats
+
+    if path.is_file():
+        try:
+            return AdaptiveStats.load(path)
+        except ValueError:
+            pass  # a damaged file of an interrupted run: fit again
+    task = ray.remote(num_cpus=1)(fit_split_stats)
+    stats = ray.get(task.remote(dataset.spec(), dataset.ids(cfg.data.split), cfg.uss.seed))
+    stats.save(path)
+    return stats
 
 
 def checkpoint_path(run_dir: AnyPath) -> AnyPath:
@@ -373,16 +419,27 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         if resuming:
             logger.info("uss: resuming the interrupted run in %s", sd.path)
         ensure_ray(cfg.ray)
-        state = fit(cfg, dataset, sd.path / "ray")
-        model = build_model(cfg.uss, state)
-        save_stego_checkpoint(model, sd.path / CHECKPOINT, cfg.uss.backbone,
-                              backbone_weights=cfg.uss.backbone_weights or None)
+        stats_path = ""
+        extra: dict[str, Any] = {}
+        if cfg.uss.backbone == ADAPTIVE:  # no pretrained weights: distil the head from the adaptive features
+            stats = _fit_stats(cfg, dataset, sd.path / inputs.USS_STATS)
+            stats_path = _storage.absolute(sd.path / inputs.USS_STATS)
+            extra = {"uss_stats": inputs.USS_STATS, "uss_stats_digest": stats.digest}
+        state = fit(cfg, dataset, sd.path / "ray", stats=stats_path)
+        model = build_model(cfg.uss, state, stats_path)
+        if cfg.uss.backbone == ADAPTIVE:
+            from mars_ray.models.adaptive import backbone_kwargs
+
+            save_stego_checkpoint(model, sd.path / CHECKPOINT, ADAPTIVE, backbone_kwargs=backbone_kwargs(stats))
+        else:
+            save_stego_checkpoint(model, sd.path / CHECKPOINT, cfg.uss.backbone,
+                                  backbone_weights=cfg.uss.backbone_weights or None)
         atomic_write_json(sd.path / "history.json", state["history"])
         _storage.rmtree(sd.path / "ray")  # per-epoch checkpoints: only needed to resume
         faults.point("uss.checkpoint")
         last = state["history"][-1] if state["history"] else {}
         sd.finish({"checkpoint": CHECKPOINT, "history": "history.json", "dim": cfg.uss.dim,
-                   "backbone": cfg.uss.backbone, "steps": state["step"], "final_loss": last.get("loss")})
+                   "backbone": cfg.uss.backbone, "steps": state["step"], "final_loss": last.get("loss"), **extra})
     logger.info("uss: %s + %d-dim head after %d steps → %s", cfg.uss.backbone, cfg.uss.dim, state["step"],
                 sd.path / CHECKPOINT)
     return sd.path

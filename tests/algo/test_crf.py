@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mars_ray.algo.crf import dense_crf
+from mars_ray.algo.crf import VOC_SIDE, dense_crf, scale_kernels
 
 
 def _two_regions(h=20, w=20):
@@ -48,3 +48,16 @@ def test_crf_errors():
         dense_crf(img.astype(np.float32), _probs(lab, 0.7))
     with pytest.raises(ValueError):
         dense_crf(img, _probs(lab, 0.7)[:, :5])
+
+
+def test_scale_kernels_follows_the_image_size():
+    crf = {"iters": 10, "gauss_sxy": 3.0, "bilateral_sxy": 50.0, "bilateral_srgb": 13.0}
+    voc = scale_kernels(crf, (375, 500), VOC_SIDE)
+    assert voc["bilateral_sxy"] == pytest.approx(50.0, rel=1e-3)  # the scale DeepLab chose it at
+    small = scale_kernels(crf, (64, 64), VOC_SIDE)
+    assert small["bilateral_sxy"] == pytest.approx(50.0 * 64 / VOC_SIDE)
+    assert small["gauss_sxy"] == 3.0 and small["bilateral_srgb"] == 13.0  # only the long-range width scales
+    wide = scale_kernels(crf, (56, 88), VOC_SIDE)
+    assert wide["bilateral_sxy"] == pytest.approx(50.0 * np.sqrt(56 * 88) / VOC_SIDE)
+    assert scale_kernels(crf, (64, 64), 0.0) == crf  # 0: pixels as given
+    assert crf["bilateral_sxy"] == 50.0  # the input is not changed

@@ -33,11 +33,12 @@ def test_which_stages_mars_run_runs(tiny_data: Path, tmp_path: Path):
     d, p, f = ["--data", str(tiny_data)], ["--pseudo-labels", "P"], ["--features-dir", "F"]
     tail = ["features", "select", "debias"]
     assert _plan([*d, *p, *f, "--until", "debias"]) == tail  # (a)
-    assert _plan([*d, *p, "--until", "debias"]) == tail  # built-in texture features: nothing to train
+    assert _plan([*d, *p, "--until", "debias"]) == tail  # built-in adaptive features: nothing to train
     assert _plan([*d, *p, "--uss", "--until", "debias"]) == ["uss", *tail]  # (b)
     assert _plan([*d, *p, "--set", "features.extractor=stego", "--until", "debias"]) == ["uss", *tail]
     assert _plan([*d, *p, "--uss", "--set", "features.checkpoint=ck.pt", "--until", "debias"]) == tail
-    assert _plan([*d, "--until", "debias"]) == ["wsss", "uss", *tail]  # (c): nothing given, build both
+    assert _plan([*d, "--until", "debias"]) == ["wsss", *tail]  # (c): CAM labels + adaptive features
+    assert _plan([*d, "--uss", "--until", "debias"]) == ["wsss", "uss", *tail]  # (c) with the learned USS
     assert _plan([*d, *f, "--until", "debias"]) == ["wsss", *tail]
     assert _plan([*d, "--set", "features.extractor=texture", "--until", "debias"]) == ["wsss", *tail]
     cfg_file = tmp_path / "c.yaml"
@@ -84,16 +85,21 @@ def test_c_images_and_image_labels_only(tiny_data: Path, ray_local, tmp_path: Pa
     run = tmp_path / "run"
     assert main(["run", "--data", str(tiny_data), "--out", str(run), "--until", "debias", "--set", *FAST]) == 0
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["features"]["extractor"] == "stego" and cfg["data"]["pseudo_labels"] == ""
-    for stage in ("wsss", "uss", "features", "select", "debias"):
+    assert cfg["features"]["extractor"] == "adaptive" and cfg["data"]["pseudo_labels"] == ""
+    assert not (run / "uss").exists()
+    for stage in ("wsss", "features", "select", "debias"):
         assert json.loads((run / stage / "manifest.json").read_text())["status"] == "complete", stage
     m = json.loads((run / "features" / "manifest.json").read_text())
-    assert m["outputs"]["dim"] == 16
+    assert (run / "features" / m["outputs"]["uss_stats"]).is_file()  # fitted on the split, kept in the artifact
+    assert m["inputs"]["uss_stats"] == m["outputs"]["uss_stats_digest"]
     assert _debiased(run, tiny_data) > 0  # the CAM pseudo labels were debiased
-    # a second `mars run` finds every stage up to date
-    before = {s: (run / s / "manifest.json").stat().st_mtime_ns for s in ("wsss", "uss", "features")}
+    # a second `mars run` finds every stage up to date (the stored fit is reused, not refitted)
+    before = {s: (run / s / "manifest.json").stat().st_mtime_ns for s in ("wsss", "features")}
+    before["stats"] = (run / "features" / "uss_stats.npz").stat().st_mtime_ns
     assert main(["run", "--data", str(tiny_data), "--out", str(run), "--until", "debias", "--set", *FAST]) == 0
-    assert {s: (run / s / "manifest.json").stat().st_mtime_ns for s in before} == before
+    after = {s: (run / s / "manifest.json").stat().st_mtime_ns for s in ("wsss", "features")}
+    after["stats"] = (run / "features" / "uss_stats.npz").stat().st_mtime_ns
+    assert after == before
 
 
 def test_uss_and_wsss_subcommands_exist():

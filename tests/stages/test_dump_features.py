@@ -43,6 +43,9 @@ def test_bad_settings_fail_before_ray(tmp_path: Path, tiny_data: Path) -> None:
     cfg = C.build(overrides={"data.root": str(tiny_data), "features.extractor": "stego"})
     with pytest.raises(ValueError, match="needs features.checkpoint"):
         dump_features(cfg, tmp_path / "o")
+    cfg = C.build(overrides={"data.root": str(tiny_data)})  # the default adaptive extractor: its fitted file
+    with pytest.raises(ValueError, match="adaptive needs features.checkpoint.*uss_stats.npz"):
+        dump_features(cfg, tmp_path / "o")
     cfg = C.build(overrides={"data.root": str(tiny_data), "data.features_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="already holds dumped ones"):
         dump_features(cfg, tmp_path / "o")

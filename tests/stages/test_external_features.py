@@ -133,7 +133,7 @@ def test_bad_file_is_named_by_the_stage(tiny_data: Path, feats_dir: Path, tmp_pa
 def test_external_texture_features_round_trip(tiny_data: Path, feats_dir: Path, tmp_path: Path, ray_local):
     """Files written from the built-in extractor's own output give the built-in result exactly."""
     built_in, external = tmp_path / "built_in", tmp_path / "external"
-    for run, over in ((built_in, {}), (external, {"data.features_dir": str(feats_dir)})):
+    for run, over in ((built_in, {"features.extractor": "texture"}), (external, {"data.features_dir": str(feats_dir)})):
         cfg = _cfg(tiny_data, **over)
         for stage in (features, select, debias):
             stage.run(cfg, run)

@@ -148,7 +148,9 @@ def test_chain_on_s3_equals_the_local_run(s3_run: str, s3_data: str, debiased_ru
         assert m and m["status"] == "complete" and "link" not in m, stage
     assert cache.resolve(run) == run / "features"
     assert features.table_stats(run / "features" / features.TABLE) == {
-        k: v for k, v in read_manifest(debiased_run / "features")["outputs"].items() if k != "table"}
+        k: v for k, v in read_manifest(debiased_run / "features")["outputs"].items() if k in ("rows", "fg_rows", "bg_rows", "dim")}
+    local_digest = read_manifest(debiased_run / "features")["outputs"]["uss_stats_digest"]
+    assert read_manifest(run / "features")["outputs"]["uss_stats_digest"] == local_digest  # the same fit
     np.testing.assert_allclose(load_npy(run / "select" / "centroids.npy"),
                                np.load(debiased_run / "select" / "centroids.npy"), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(load_npy(run / "select" / "present.npy"), np.load(debiased_run / "select" / "present.npy"))
@@ -205,9 +207,9 @@ def test_features_cache_on_s3_computes_once_for_two_runs(s3_run: str, s3_data: s
     calls = []
     compute = features._compute
 
-    def counting(cfg, run_dir, dataset, sd):
+    def counting(cfg, run_dir, dataset, sd, stats=None):
         calls.append(sd.path)
-        compute(cfg, run_dir, dataset, sd)
+        compute(cfg, run_dir, dataset, sd, stats)
 
     monkeypatch.setattr(features, "_compute", counting)
     cfg = _cfg(s3_data, f"{s3_data}/pseudo_labels", **{"features.cache_dir": f"{bucket}/cache"})

@@ -19,8 +19,8 @@ from mars_ray.stages import uss
 
 pytestmark = [pytest.mark.timeout(300)]
 
-TINY = {"uss.ssl_epochs": 1, "uss.epochs": 3, "uss.batch_size": 8, "uss.crop_size": 48, "uss.lr": 5e-3,
-        "uss.dim": 16}
+TINY = {"uss.backbone": "small_cnn", "uss.ssl_epochs": 1, "uss.epochs": 3, "uss.batch_size": 8, "uss.crop_size": 48,
+        "uss.lr": 5e-3, "uss.dim": 16}
 
 
 def _cfg(data: Path, **over) -> C.Config:
@@ -85,3 +85,27 @@ def test_vit_with_dino_weights_resumes_the_step_counter(tiny_data: Path, tmp_pat
     assert [(h["epoch"], h["step"]) for h in second["history"]] == [(1, s1), (2, 2 * s1)]
     assert torch.equal(first["knn"], second["knn"])  # the k-NN table is computed once per run
     assert second["backbone"] is None  # given weights are not copied into every checkpoint
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_adaptive_backbone_distils_the_head(tiny_data: Path, tmp_path: Path, ray_local):
+    """The default backbone: statistics fitted on the split, no SSL phase, a checkpoint that embeds them."""
+    from mars_ray.models.adaptive import AdaptiveStats
+
+    cfg = _cfg(tiny_data, **{"uss.backbone": "adaptive", "uss.epochs": 2})
+    run_dir = tmp_path / "run"
+    uss.run(cfg, run_dir)
+    history = json.loads((run_dir / "uss" / "history.json").read_text())
+    assert [h["phase"] for h in history] == ["stego", "stego"]  # nothing to pretrain
+    m = json.loads((run_dir / "uss" / "manifest.json").read_text())
+    assert AdaptiveStats.load(run_dir / "uss" / m["outputs"]["uss_stats"]).digest == m["outputs"]["uss_stats_digest"]
+    ds = VOCDataset(tiny_data)
+    image = read_image(ds.image_path(ds.ids("train")[0]))
+    src = FeatureSource(extractor="stego", extractor_kwargs={"checkpoint": str(run_dir / "uss" / uss.CHECKPOINT)})
+    f = src("x", image)
+    assert f.shape == (16, *image.shape[:2]) and np.isfinite(f).all() and f.std() > 0
+    # the checkpoint carries the statistics: the same features without the stats file
+    (run_dir / "uss" / "uss_stats.npz").unlink()
+    np.testing.assert_array_equal(FeatureSource(extractor="stego", extractor_kwargs={
+        "checkpoint": str(run_dir / "uss" / uss.CHECKPOINT)})("x", image), f)

@@ -1,0 +1,130 @@
+"""The default ``adaptive`` extractor in the real stages: fitted by ``features``, stored in its artifact,
+its content hash in the key, the same file loaded by ``debias``; the separation score in select's report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mars_ray import config as C
+from mars_ray.data.label_io import read_image
+from mars_ray.data.synthetic import make_biased_dataset
+from mars_ray.data.voc import VOCDataset
+from mars_ray.features import FeatureSource
+from mars_ray.models.adaptive import AdaptiveStats, fit_adaptive_stats
+from mars_ray.stages import debias, features, inputs, select
+
+
+def _cfg(root: Path, **over) -> C.Config:
+    return C.build(overrides={"data.root": str(root), "data.pseudo_labels": str(root / "pseudo_labels"),
+                              "debias.crf": False, **over})
+
+
+def test_features_fit_the_stats_and_key_them(debiased_run: Path, tiny_data: Path):
+    m = json.loads((debiased_run / "features" / "manifest.json").read_text())
+    assert m["config"]["features"]["extractor"] == "adaptive"  # the default
+    path = debiased_run / "features" / m["outputs"]["uss_stats"]
+    stats = AdaptiveStats.load(path)
+    assert stats.digest == m["outputs"]["uss_stats_digest"] == m["inputs"]["uss_stats"]
+    assert stats.n_images == len(VOCDataset(tiny_data).ids("train"))  # the split (<= 256 ids)
+    assert m["outputs"]["dim"] == stats.dim
+    cfg = _cfg(tiny_data)
+    # the key is the stored fit's (no refit to compute it) and changes with the fitted values
+    assert features.stage_dir(cfg, debiased_run).key == m["key"]
+    assert features.stage_dir(cfg, debiased_run, stats.digest).key == m["key"]
+    assert features.stage_dir(cfg, debiased_run, "0" * 64).key != m["key"]
+
+
+def test_debias_computes_the_same_features(debiased_run: Path, tiny_data: Path):
+    cfg = _cfg(tiny_data)
+    dm = json.loads((debiased_run / "debias" / "manifest.json").read_text())
+    fm = json.loads((debiased_run / "features" / "manifest.json").read_text())
+    # the debias key holds the features key (and so the stats digest), not the run folder's path:
+    # a copied run folder resumes its debias stage
+    assert dm["config"]["source"] == {"extractor": "adaptive", "extractor_kwargs": {}}
+    assert dm["inputs"]["features"] == fm["key"]
+    src = inputs.feature_source_kwargs(cfg, debiased_run, absolute=True)  # what the debias actors are given
+    assert src["extractor"] == "adaptive"
+    assert src["extractor_kwargs"]["checkpoint"] == str((debiased_run / "features" / "uss_stats.npz").resolve())
+    ds = VOCDataset(tiny_data)
+    image_id = ds.ids("train")[3]
+    image = read_image(ds.image_path(image_id))
+    # what the features actors were built with (the stored file, as _compute passes it) and what debias builds
+    f_features = FeatureSource(extractor="adaptive", extractor_kwargs={
+        "checkpoint": str(debiased_run / "features" / "uss_stats.npz")})(image_id, image)
+    f_debias = FeatureSource(**src)(image_id, image)
+    np.testing.assert_array_equal(f_features, f_debias)
+    debias.check_adaptive_stats(cfg, debiased_run)  # the recorded digest matches: no error
+
+
+def test_replaced_stats_are_refused_and_not_reused(debiased_run: Path, tiny_data: Path, tmp_path: Path):
+    run = Path(shutil.copytree(debiased_run, tmp_path / "run"))
+    cfg = _cfg(tiny_data)
+    ds = VOCDataset(tiny_data)
+    assert features.stored_stats(cfg, run, ds) is not None
+    other = fit_adaptive_stats([read_image(ds.image_path(i)) for i in ds.ids("val")], min_images=1, seed=1)
+    other.save(run / "features" / "uss_stats.npz")
+    with pytest.raises(ValueError, match="uss_stats.npz: adaptive statistics .* are not the ones"):
+        debias.check_adaptive_stats(cfg, run)
+    assert features.stored_stats(cfg, run, ds) is None  # the features stage refits instead of trusting it
+    # another seed is another fit: the stored one is not reused for it
+    assert features.stored_stats(_cfg(tiny_data, **{"features.seed": 7}), debiased_run, ds) is None
+
+
+def test_tiny_split_is_fitted_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    root = make_biased_dataset(tmp_path / "d", n_train=1, n_val=1, size=48, seed=4)
+    ds = VOCDataset(root)
+    with caplog.at_level(logging.WARNING, logger="mars_ray.stages.features"):
+        stats = features.fit_split_stats(ds.spec(), ds.ids("train"), 0)
+    assert stats.n_images == 1
+    assert "fitted on only 1 image(s)" in caplog.text
+    with pytest.raises(ValueError, match="no images"):
+        features.fit_split_stats(ds.spec(), [], 0)
+
+
+def test_select_reports_the_separation_per_class(debiased_run: Path):
+    report = json.loads((debiased_run / "select" / "report.json").read_text())
+    for name, e in report["per_class"].items():
+        s = e["separation"]
+        assert set(s) >= {"score", "kept_chosen", "kept_not_chosen", "n_chosen", "n_not_chosen", "separates"}, name
+        assert next(iter(s)) == "score"  # the run report shows the first number of the entry
+        assert (name in report["classes_not_separating"]) == (s["separates"] is False)
+        assert ("message" in s) == (s["separates"] is False)
+    assert isinstance(report["classes_not_separating"], list)
+    assert report["separation_threshold"] == 0.5
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_features_without_signal_are_flagged(tiny_data: Path, ray_local, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture):
+    """External features of pure noise: every class is named in the report and gets one log line."""
+    rng = np.random.default_rng(0)
+    ds = VOCDataset(tiny_data)
+    feats = tmp_path / "noise"
+    feats.mkdir()
+    for i in ds.ids("train"):
+        h, w = read_image(ds.image_path(i)).shape[:2]
+        np.save(feats / f"{i}.npy", rng.normal(size=(16, h, w)).astype(np.float32))
+    cfg = _cfg(tiny_data, **{"data.features_dir": str(feats)})
+    run = tmp_path / "run"
+    features.run(cfg, run)
+    with caplog.at_level(logging.WARNING, logger="mars_ray.stages.select"):
+        select.run(cfg, run)
+    report = json.loads((run / "select" / "report.json").read_text())
+    present = sorted(report["per_class"])
+    assert sorted(report["classes_not_separating"]) == present
+    lines = [r.getMessage() for r in caplog.records if "do not separate objects from their contexts" in r.getMessage()]
+    assert len(lines) == len(present)
+    for name in present:
+        assert sum(f"for class {name}; debiasing may remove targets" in ln for ln in lines) == 1
+    # external features rewritten after clustering (another dimension here): debias names the folder first
+    victim = ds.ids("train")[2]
+    np.save(feats / f"{victim}.npy", np.zeros((9, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="noise: external features changed since the features stage"):
+        debias.run(cfg, run)
