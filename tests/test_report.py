@@ -168,8 +168,7 @@ def _expected_removed(tiny_data: Path, run: Path) -> dict[str, float]:
 
 
 @pytest.mark.ray
-@pytest.mark.slow
-@needs_chromium
+@needs_chromium  # in the default suite: .ci/run installs chromium (about 40 s on the session's debiased run)
 def test_report_opens_in_chromium_with_the_runs_figures(report_run: Path, tiny_data: Path, chrome: Chrome,
                                                          tmp_path: Path):
     from mars_ray.cli import main
