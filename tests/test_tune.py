@@ -162,13 +162,14 @@ def test_uri_run_without_boto3_fails_before_any_trial(tiny_data: Path, s3_bucket
     assert not (run / T.TRIALS_DIR).exists() and not (run / T.TUNE_DIR).exists() and not (run / T.CACHE_DIR).exists()
 
 
-def test_features_cache_computes_once_under_concurrency(tiny_data: Path, tmp_path: Path, monkeypatch):
+@pytest.mark.ray
+def test_features_cache_computes_once_under_concurrency(tiny_data: Path, tmp_path: Path, monkeypatch, ray_local):
     """Two runs asking for the same features artifact at once: one computes, the other waits and reuses."""
     from mars_ray.stages import features
 
     calls = []
 
-    def fake_compute(cfg, run_dir, dataset, sd):
+    def fake_compute(cfg, run_dir, dataset, sd, stats=None):  # stats: the adaptive fit it would store
         calls.append(sd.path)
         sd.begin()
         time.sleep(0.5)

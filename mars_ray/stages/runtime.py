@@ -40,9 +40,18 @@ def ensure_ray(cfg: RayConfig) -> None:
     stats are switched off unless the environment says otherwise (RAY_NOTES.md). Under
     ``ray job submit`` the job's driver joins the cluster (``RAY_ADDRESS`` is set by Ray).
     """
-    global _started_here
     if ray.is_initialized():
         return
+    with _init_lock:  # threads of one driver (concurrent runs in a notebook or a test) start it once
+        if not ray.is_initialized():
+            _init(cfg)
+
+
+_init_lock = threading.Lock()
+
+
+def _init(cfg: RayConfig) -> None:
+    global _started_here
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
