@@ -235,7 +235,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     sd = stage_dir(cfg, run_dir)
     if sd.is_complete():
         logger.info("select: up to date in %s, skipping", sd.path)
-        return sd.path
+        return sd.root
     dataset = inputs.open_dataset(cfg)
     with sd.guard():
         ensure_ray(cfg.ray)
@@ -266,4 +266,4 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         "" if paper is None else f", target-centroid ratio (paper: IoU > 0.3) {paper:.1%}",
         "" if ratio is None or math.isnan(ratio) else f", pixel-share target ratio {ratio:.1%}",
     )
-    return sd.path
+    return sd.root
