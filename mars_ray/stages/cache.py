@@ -65,7 +65,7 @@ def run_cached(sd: StageDir, cache_dir: AnyPath, compute: Callable[[StageDir], N
         with open(cache_dir / f".{FEATURES}-{sd.key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             _compute_once(csd, compute)
-        _link(sd.path, target)
+        _link(sd.root, target)
         return sd.root
     from mars_ray.stages.locks import cluster_lock
     from mars_ray.stages.runtime import ensure_ray
@@ -73,7 +73,7 @@ def run_cached(sd: StageDir, cache_dir: AnyPath, compute: Callable[[StageDir], N
     ensure_ray(ray_cfg)
     with cluster_lock(f"features:{storage.absolute(target)}"):
         _compute_once(csd, compute)
-    _link_manifest(sd.path, target)
+    _link_manifest(sd.root, target)
     return sd.root
 
 
