@@ -94,51 +94,11 @@ def bucket(s3_server, request: pytest.FixtureRequest) -> str:
     return new_bucket(request.module.__name__)
 
 
-class S3Requests(list):
-    """The requests the test S3 server answered, as ``(method, path?query)`` (from its access log)."""
-
-    def count(self, method: str | None = None, *, where: str = "") -> int:  # type: ignore[override]
-        return sum(1 for m, target in self if (method is None or m == method) and where in target)
-
-
 @pytest.fixture
 def s3_requests(s3_server):
-    """``with s3_requests() as got:`` collects every request the moto server handles in the block.
-
-    Read from werkzeug's access log (one line a request, written before the response), so a
-    request the client saw answered is in the list. Requests of other processes (Ray workers)
-    that hit the same server in the block are counted too: use it where no worker runs.
-    """
-    import logging
-    import re
-    from contextlib import contextmanager
-
-    line = re.compile(r'"([A-Z]+) (\S+) HTTP/')
-
-    class _Collect(logging.Handler):
-        def __init__(self, into: S3Requests) -> None:
-            super().__init__(logging.INFO)
-            self.into = into
-
-        def emit(self, record: logging.LogRecord) -> None:
-            m = line.search(record.getMessage())
-            if m:
-                self.into.append((m.group(1), m.group(2)))
-
-    @contextmanager
-    def collect():
-        got = S3Requests()
-        log, handler = logging.getLogger("werkzeug"), _Collect(got)
-        level, propagate = log.level, log.propagate
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-        try:
-            yield got
-        finally:
-            log.removeHandler(handler)
-            log.setLevel(level)
-            log.propagate = propagate
+    """``with s3_requests() as got:`` collects every request the moto server handles in the block
+    (``tests.s3_log``: ``got.count("PUT", where="?delete")``…)."""
+    from tests.s3_log import collect
 
     return collect
 
