@@ -117,7 +117,7 @@ def test_replacing_costs_the_same_requests_for_any_file_count(s3_bucket, s3_requ
         calls = [*begin, *finish]
         assert not [t for _, t in calls if ".png" in t], calls
         assert finish.count("POST", where="?delete") == 1  # the stale prefix: one batched DeleteObjects
-        assert _children(root) == {MANIFEST, "@k2", "@k3"} and (current(root) / "00007.png").read_bytes() == b"three-7"
+        assert _children(root) == {MANIFEST, "@k2", "@k3"} and (current(root) / "00003.png").read_bytes() == b"three-3"
         counts[n] = len(calls)
     assert counts[5] == counts[60] <= 40, counts
 
