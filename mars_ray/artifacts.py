@@ -355,9 +355,10 @@ def current(folder: AnyPath) -> AnyPath:
         target = storage.upath(m[LINK])  # a URI read from the manifest
         tm = read_manifest(target)
         if not tm or tm.get("status") != "complete" or tm.get("key") != m.get("key"):
+            stage = m.get("stage", "features")
             raise FileNotFoundError(
-                f"{folder / MANIFEST}: links to {target}, which holds no finished {m.get('stage', 'features')} "
-                f"artifact with key {m.get('key')} (the cache was cleared?); run `mars {m.get('stage', 'features')}` again"
+                f"{folder / MANIFEST}: links to {target}, which holds no finished {stage} artifact with key "
+                f"{m.get('key')} (the cache was cleared?); run `mars {stage}` again"
             )
         return current(target)
     name = m.get(POINTER)

@@ -163,7 +163,8 @@ def _quality(page: _Page, cfg: C.Config, run: AnyPath, dataset: VOCDataset, fold
                      for n in dataset.classes]
         head = ["class"] + [title.split(" (")[0] for k, title, _ in LABEL_SETS if k in metrics]
         parts.append(f"<details><summary>IoU per class (%)</summary>{_table('class-iou', head, per_class)}</details>")
-    segs = [(title, _read_json(current(run / sub) / "metrics.json")) for sub, title in SEGMENTERS if _complete(run / sub)]
+    segs = [(title, _read_json(current(run / sub) / "metrics.json"))
+            for sub, title in SEGMENTERS if _complete(run / sub)]
     segs = [(title, m) for title, m in segs if m and m.get("miou") is not None]  # None: a split without GT
     if segs:
         rows = [f'<tr><td class="name">{_y(t)}</td>{_cell(m["miou"], metric="miou")}{_cell(m["fp"], metric="fp")}'

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from mars_ray import storage
-from mars_ray.artifacts import LINK, MANIFEST, POINTER, PREFIX, PREVIOUS, StageDir, atomic_write_json, current, read_manifest
+from mars_ray.artifacts import LINK, MANIFEST, POINTER, PREFIX, PREVIOUS, StageDir, atomic_write_json, current
+from mars_ray.artifacts import read_manifest
 from mars_ray.config import RayConfig
 from mars_ray.storage import AnyPath
 

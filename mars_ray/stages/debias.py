@@ -220,8 +220,8 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         ds = map_images(
             ids,
             DebiasImages,
-            debias_kwargs(cfg, run_dir, dataset, out_dir=sd.path, select_dir=current(run_dir / "select"), skip_existing=resuming,
-                          image_labels=source["kind"] == "image_labels"),
+            debias_kwargs(cfg, run_dir, dataset, out_dir=sd.path, select_dir=current(run_dir / "select"),
+                          skip_existing=resuming, image_labels=source["kind"] == "image_labels"),
             num_actors=d.num_actors,
             cpus_per_actor=d.cpus_per_actor,
             gpus_per_actor=feature_gpus(cfg, d.gpus_per_actor),

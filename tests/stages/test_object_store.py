@@ -233,7 +233,8 @@ def test_features_cache_on_s3_computes_once_for_two_runs(s3_run: str, s3_data: s
         t.join()
     assert not errors and len(calls) == 1
     target = features.cache_path(cfg, runs[0])
-    assert calls[0] == target / f"@{read_manifest(target)['key']}" and str(target).startswith(f"{bucket}/cache/features-")
+    assert str(target).startswith(f"{bucket}/cache/features-")
+    assert calls[0] == target / f"@{read_manifest(target)['key']}"
     for r in runs:
         assert cache.resolve(r) == current(target) == calls[0]
         link = read_manifest(r / "features")

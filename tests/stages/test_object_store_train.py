@@ -160,5 +160,6 @@ def test_uss_reads_dataset_and_dino_weights_from_s3(tiny_data: Path, s3_bucket: 
     cfg = C.build(overrides={"data.root": data, "uss.backbone": "vit_tiny_test", "uss.backbone_weights": str(good),
                              "uss.ssl_epochs": 0})
     sd = uss.stage_dir(cfg, run, uss.validate_inputs(cfg))
-    assert sd.root == run / "uss" and sd.path == run / "uss" / f"@{sd.key}" and sd.inputs["backbone_weights"].startswith("1:")
+    assert sd.root == run / "uss" and sd.path == run / "uss" / f"@{sd.key}"
+    assert sd.inputs["backbone_weights"].startswith("1:")
     assert uss.checkpoint_path(run) == run / "uss" / uss.CHECKPOINT
