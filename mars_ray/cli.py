@@ -146,6 +146,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.baseline:
         overrides["train.baseline"] = True
     path = _run_one(args, "evaluate", overrides)  # the table is read after the lock: the stage finished it
+    from mars_ray.artifacts import current
+
+    path = current(path)  # the artifact's own folder (an object store keeps it under a prefix)
     print((path / "table.txt").read_text().rstrip())
     print(f"evaluate: {path / 'metrics.json'}")
     return 0

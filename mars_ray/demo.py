@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from mars_ray import config as C
 from mars_ray import console, pipeline
-from mars_ray.artifacts import atomic_write_json, atomic_write_text
+from mars_ray.artifacts import atomic_write_json, atomic_write_text, current
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ def _run_demo(out: Path, *, n_train: int, n_val: int, size: int, seed: int,
             "complemented (Y^co)": evaluate(root, run_dir / "complement", split, ray_cfg=cfg.ray),
         }
         st.finish()
-    val = {name: json.loads((run_dir / folder / "metrics.json").read_text())
+    val = {name: json.loads((current(run_dir / folder) / "metrics.json").read_text())
            for name, folder in (("baseline", "evaluate_baseline"), ("mars", "evaluate"))}
-    report = json.loads((run_dir / "select" / "report.json").read_text())
+    report = json.loads((current(run_dir / "select") / "report.json").read_text())
     lines = [f"MARS demo on the built-in biased dataset ({split} split, {n_train} images, {size}px)",
              f"{'labels':<24} {'mIoU':>6} {'FP':>6} {'FN':>6}"]
     for name, m in rows.items():

@@ -6,7 +6,8 @@ process passes ``point(<point>)`` it sends ``SIGKILL`` to its own process group 
 Ray processes it started included; a process that does not lead its group kills only itself. Without the variable ``point`` returns at once and does nothing.
 
 Points (every stage ``S``): ``S.begin`` — ``StageDir.begin`` done (manifest ``running``, an older
-artifact set aside); ``S.finish`` — every output written, the manifest not yet ``complete``. Inside a
+artifact set aside); ``S.finish`` — every output written, the manifest not yet ``complete``;
+``S.pointer`` (object stores) — the artifact's prefix ``complete``, the pointer not yet moved. Inside a
 stage: ``features.table`` (the table written under its temporary name, not yet renamed),
 ``select.chosen`` (``chosen.parquet`` written, the centroids not yet), ``wsss.classifier`` (the
 classifier saved, no CAM label yet), ``train.model`` (training done, ``model.pt`` written, the

@@ -14,7 +14,8 @@ a URI can never be mistaken for a local folder name), so stage code is written o
   a temporary name and renames it; on an object store it uploads once, on a clean ``close`` (a PUT
   is atomic: readers see the old object or the new one, never half of it). An exception inside
   the ``with`` block leaves the destination untouched in both cases.
-- ``rmtree``, ``move`` (a folder move on an object store is copy + delete), ``list_files``,
+- ``rmtree``, ``move`` (a folder move on an object store is copy + delete: stage artifacts never move
+  there, ``artifacts.StageDir`` writes them under a prefix and moves a pointer), ``list_files``,
   ``walk_files``, ``map_reads`` (threaded reads for latency-bound object stores).
 - ``arrow_fs(p)``: ``(pyarrow filesystem, path)`` for ``pyarrow.dataset`` and Ray Data;
   ``ray_storage(p)``: the ``storage_path``/``storage_filesystem`` pair for Ray Train and Tune.

@@ -94,6 +94,15 @@ def bucket(s3_server, request: pytest.FixtureRequest) -> str:
     return new_bucket(request.module.__name__)
 
 
+@pytest.fixture
+def s3_requests(s3_server):
+    """``with s3_requests() as got:`` collects every request the moto server handles in the block
+    (``tests.s3_log``: ``got.count("PUT", where="?delete")``…)."""
+    from tests.s3_log import collect
+
+    return collect
+
+
 def upload_tree(local: Path, uri: str) -> str:
     """Copy a local folder to an object-store URI (every file below it); returns ``uri``."""
     import pyarrow.fs as pafs

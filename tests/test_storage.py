@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mars_ray import storage
-from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, fingerprint_files, load_npy, read_manifest
+from mars_ray.artifacts import StageDir, atomic_save_npy, atomic_write_json, current, fingerprint_files, load_npy
+from mars_ray.artifacts import read_manifest
 from mars_ray.data.label_io import read_label, write_label
 from mars_ray.storage import ObjectPath, upath
 
@@ -126,20 +127,20 @@ def test_artifacts_and_labels_on_s3(s3_bucket):
         fingerprint_files([run / "debias" / "missing.png"])
 
 
-def test_stage_dir_restores_previous_artifact_on_object_store(s3_bucket):
+def test_stage_dir_keeps_previous_artifact_on_object_store(s3_bucket):
     path = upath(s3_bucket) / "run" / "select"
     first = StageDir(path, "select", "key-1", {}, {})
     with first.guard():
-        atomic_write_json(path / "report.json", {"v": 1})
-    first.finish({"n": 1})
+        atomic_write_json(first.path / "report.json", {"v": 1})
+        first.finish({"n": 1})
     second = StageDir(path, "select", "key-2", {}, {})
     with pytest.raises(ValueError, match="bad input"):
         with second.guard():
-            atomic_write_json(path / "report.json", {"v": 2})
+            atomic_write_json(second.path / "report.json", {"v": 2})
             raise ValueError("bad input")
     m = read_manifest(path)
     assert m["key"] == "key-1" and m["status"] == "complete"
-    assert (path / "report.json").read_text().count('"v": 1') == 1
+    assert (current(path) / "report.json").read_text().count('"v": 1') == 1
     assert not second.previous_path.exists()
 
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 from mars_ray import config as C
 from mars_ray import storage
-from mars_ray.artifacts import atomic_write_bytes, atomic_write_text, read_manifest
+from mars_ray.artifacts import atomic_write_bytes, atomic_write_text, current, read_manifest
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.labels import BIASED
@@ -133,7 +133,8 @@ def _label_folders(cfg: C.Config, run: AnyPath, dataset: VOCDataset) -> dict[str
             continue
         if sub == "complement" and not _complete(run / "train"):
             continue
-        names = storage.list_files(folder) if folder.is_dir() else {}
+        files = current(folder)  # an object store: the current prefix
+        names = storage.list_files(files) if files.is_dir() else {}
         if all(f"{i}.png" in names for i in ids):
             out[key] = folder
     return out
@@ -162,7 +163,8 @@ def _quality(page: _Page, cfg: C.Config, run: AnyPath, dataset: VOCDataset, fold
                      for n in dataset.classes]
         head = ["class"] + [title.split(" (")[0] for k, title, _ in LABEL_SETS if k in metrics]
         parts.append(f"<details><summary>IoU per class (%)</summary>{_table('class-iou', head, per_class)}</details>")
-    segs = [(title, _read_json(run / sub / "metrics.json")) for sub, title in SEGMENTERS if _complete(run / sub)]
+    segs = [(title, _read_json(current(run / sub) / "metrics.json"))
+            for sub, title in SEGMENTERS if _complete(run / sub)]
     segs = [(title, m) for title, m in segs if m and m.get("miou") is not None]  # None: a split without GT
     if segs:
         rows = [f'<tr><td class="name">{_y(t)}</td>{_cell(m["miou"], metric="miou")}{_cell(m["fp"], metric="fp")}'
@@ -190,10 +192,10 @@ def _separation(entry: Any) -> str:
 
 
 def _classes(page: _Page, run: AnyPath) -> None:
-    report = _read_json(run / "select" / "report.json")
+    report = _read_json(current(run / "select") / "report.json")
     if not report:
         return
-    stats = _read_json(run / "debias" / "stats.json") if _complete(run / "debias") else None
+    stats = _read_json(current(run / "debias") / "stats.json") if _complete(run / "debias") else None
     removed = (stats or {}).get("per_class", {})
     rows = []
     for name, e in report["per_class"].items():
@@ -245,7 +247,8 @@ def _grid(page: _Page, cfg: C.Config, run: AnyPath, dataset: VOCDataset, folders
           max_images: int) -> None:
     if "debiased" not in folders or "pseudo" not in folders:
         return
-    stats = _read_json(run / "debias" / "stats.json") or {}
+    folders = {k: current(f) for k, f in folders.items()}  # the files (object stores: current prefixes)
+    stats = _read_json(current(run / "debias") / "stats.json") or {}
     top = stats.get("most_biased")
     if top is None:
         top = _scan_biased(folders["debiased"], dataset.ids(cfg.data.split), max_images)
@@ -279,7 +282,7 @@ def _grid(page: _Page, cfg: C.Config, run: AnyPath, dataset: VOCDataset, folders
 def _training(page: _Page, run: AnyPath) -> None:
     histories = {}
     for sub, name in HISTORIES:
-        path = run / sub / "history.csv"
+        path = current(run / sub) / "history.csv"
         if path.is_file():
             rows = list(csv.DictReader(io.StringIO(path.read_text())))
             if rows:

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 from mars_ray import storage
-from mars_ray.artifacts import MANIFEST, StageDir, atomic_write_json, read_manifest
+from mars_ray.artifacts import LINK, MANIFEST, POINTER, PREFIX, PREVIOUS, StageDir, atomic_write_json, current
+from mars_ray.artifacts import read_manifest
 from mars_ray.config import RayConfig
 from mars_ray.storage import AnyPath
 
 logger = logging.getLogger(__name__)
 
-LINK = "link"  # manifest field of RUN/features pointing at a cache folder (object stores)
 FEATURES = "features"
 
 
@@ -41,50 +41,41 @@ def resolve(run_dir: AnyPath) -> AnyPath:
 
     ``RUN/features`` itself, or the cache folder it links to: a local symlink is followed, and a
     link manifest (``"link"`` in ``RUN/features/manifest.json``, written when the cache or the
-    run is on an object store) names its target. ``FileNotFoundError`` naming both when the
-    target no longer holds the finished artifact the link was made for.
+    run is on an object store) names its target; on an object store, that folder's current
+    prefix (``artifacts.current``). ``FileNotFoundError`` naming both when the target no longer
+    holds the finished artifact the link was made for.
     """
     p = run_dir / FEATURES
     if p.is_symlink():
         return p.resolve()
-    m = read_manifest(p)
-    if not m or not m.get(LINK):
-        return p
-    target = storage.upath(m[LINK])  # a URI read from the manifest
-    tm = read_manifest(target)
-    if not tm or tm.get("status") != "complete" or tm.get("key") != m.get("key"):
-        raise FileNotFoundError(
-            f"{p / MANIFEST}: links to {target}, which holds no finished features artifact with key "
-            f"{m.get('key')} (the cache was cleared?); run `mars features` again"
-        )
-    return target
+    return current(p)
 
 
 def run_cached(sd: StageDir, cache_dir: AnyPath, compute: Callable[[StageDir], None], *, ray_cfg: RayConfig) -> AnyPath:
-    """Compute ``CACHE/features-<key>`` once (``compute(cache stage dir)``), link ``sd.path`` to it.
+    """Compute ``CACHE/features-<key>`` once (``compute(cache stage dir)``), link ``sd.root`` to it.
 
     A lock per key makes concurrent runs (Tune trials sharing K_bg) wait for the one computing it
     and then find it complete; different keys proceed in parallel.
     """
     target = cache_folder(cache_dir, sd.key)
     csd = StageDir(target, sd.stage, sd.key, sd.config, sd.inputs)
-    if not storage.is_uri(cache_dir) and not storage.is_uri(sd.path):
+    if not storage.is_uri(cache_dir) and not storage.is_uri(sd.root):
         import fcntl
 
         cache_dir.mkdir(parents=True, exist_ok=True)
         with open(cache_dir / f".{FEATURES}-{sd.key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             _compute_once(csd, compute)
-        _link(sd.path, target)
-        return sd.path
+        _link(sd.root, target)
+        return sd.root
     from mars_ray.stages.locks import cluster_lock
     from mars_ray.stages.runtime import ensure_ray
 
     ensure_ray(ray_cfg)
     with cluster_lock(f"features:{storage.absolute(target)}"):
         _compute_once(csd, compute)
-    _link_manifest(sd.path, target)
-    return sd.path
+    _link_manifest(sd.root, target)
+    return sd.root
 
 
 def _compute_once(csd: StageDir, compute: Callable[[StageDir], None]) -> None:
@@ -125,10 +116,11 @@ def _link_manifest(link: AnyPath, target: AnyPath) -> None:
     if m and m.get(LINK) == where and m.get("key") == tm.get("key") and m.get("status") == "complete":
         return
     if link.exists():
-        if m is None and any(link.iterdir()):
+        if m is None and any(not c.name.startswith(PREFIX) for c in link.iterdir()):
             raise ValueError(f"{link} exists, is not empty and has no {MANIFEST}: refusing to replace it")
         storage.rmtree(link)
-    atomic_write_json(link / MANIFEST, {**tm, LINK: where})
+    pointer = (POINTER, PREVIOUS)  # the cache folder's own prefixes: ``current`` follows LINK, then those
+    atomic_write_json(link / MANIFEST, {**{k: v for k, v in tm.items() if k not in pointer}, LINK: where})
 
 
 __all__ = ["LINK", "cache_folder", "resolve", "run_cached"]

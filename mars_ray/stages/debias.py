@@ -27,7 +27,7 @@ from mars_ray import config as C
 from mars_ray import storage
 from mars_ray.algo.crf import scale_kernels
 from mars_ray.algo.debias import activation_map, binarize_activation, debias_label
-from mars_ray.artifacts import StageDir, atomic_write_json, fingerprint_path, load_npy, require_complete
+from mars_ray.artifacts import StageDir, atomic_write_json, current, fingerprint_path, load_npy, require_complete
 from mars_ray.data.label_io import read_image, read_label, write_label
 from mars_ray.data.validate import check_label
 from mars_ray.data.voc import VOCDataset
@@ -255,7 +255,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     dataset = inputs.open_dataset(cfg)
     if sd.is_complete():
         logger.info("debias: up to date in %s, skipping", sd.path)
-        return sd.path
+        return sd.root
     check_feature_source(cfg, run_dir)
     source = class_source(cfg, run_dir, check=True)  # bad image-level labels: named before any output changes
     logger.info("debias: each image's classes C_I (Eq 4) from %s", inputs.describe_class_source(source))
@@ -266,8 +266,8 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         ds = map_images(
             ids,
             DebiasImages,
-            debias_kwargs(cfg, run_dir, dataset, out_dir=sd.path, select_dir=run_dir / "select", skip_existing=resuming,
-                          image_labels=source["kind"] == "image_labels"),
+            debias_kwargs(cfg, run_dir, dataset, out_dir=sd.path, select_dir=current(run_dir / "select"),
+                          skip_existing=resuming, image_labels=source["kind"] == "image_labels"),
             num_actors=d.num_actors,
             cpus_per_actor=d.cpus_per_actor,
             gpus_per_actor=feature_gpus(cfg, d.gpus_per_actor),
@@ -318,4 +318,4 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
             "(all counted in %s)", n_disagree, n_images, disagree_examples[0]["image_id"],
             disagree_examples[0]["classes"], sd.path / "stats.json")
     logger.info("debias: %d images, %.1f%% of pseudo-label foreground marked biased", n_images, 100 * stats["biased_fraction"])
-    return sd.path
+    return sd.root

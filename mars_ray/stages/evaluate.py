@@ -29,7 +29,7 @@ from mars_ray import config as C
 from mars_ray import storage
 from mars_ray.algo.complement import complement_labels
 from mars_ray.algo.metrics import ConfusionMatrix, summarize
-from mars_ray.artifacts import StageDir, atomic_write_json, atomic_write_text, fingerprint_path
+from mars_ray.artifacts import StageDir, atomic_write_json, atomic_write_text, current, fingerprint_path
 from mars_ray.data.label_io import read_image, read_label, write_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.engine import predict_labels
@@ -167,7 +167,7 @@ def predict_split(
 def default_checkpoint(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """``evaluate.checkpoint`` or the ``train`` stage's ``model.pt`` (``train_baseline`` with ``train.baseline``)."""
     given = config_path(cfg.evaluate.checkpoint)
-    return given or run_dir / ("train_baseline" if cfg.train.baseline else "train") / "model.pt"
+    return given or current(run_dir / ("train_baseline" if cfg.train.baseline else "train")) / "model.pt"
 
 
 def out_name(cfg: C.Config) -> str:
@@ -209,14 +209,14 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     sd = stage_dir(cfg, run_dir, dataset, ckpt)
     if sd.is_complete():
         logger.info("evaluate: up to date in %s, skipping", sd.path)
-        return sd.path
+        return sd.root
     with sd.guard() as resuming:
         metrics = _predict_and_score(cfg, sd, dataset, ckpt, resuming=resuming)
         sd.finish({k: metrics[k] for k in ("miou", "fp", "fn", "images")})
     if metrics["miou"] is not None:
         logger.info("evaluate: %s mIoU %.1f FP %.1f FN %.1f", cfg.data.eval_split, 100 * metrics["miou"],
                     100 * metrics["fp"], 100 * metrics["fn"])
-    return sd.path
+    return sd.root
 
 
 def _predict_and_score(cfg: C.Config, sd: StageDir, dataset: VOCDataset, ckpt: AnyPath, *,

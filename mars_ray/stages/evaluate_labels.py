@@ -26,7 +26,7 @@ import numpy as np
 
 from mars_ray import storage
 from mars_ray.algo.metrics import PRED_IGNORE_MODES, ConfusionMatrix, map_biased, map_pred_ignore, summarize
-from mars_ray.artifacts import atomic_write_json, fingerprint_files
+from mars_ray.artifacts import atomic_write_json, current, fingerprint_files
 from mars_ray.config import Config, RayConfig
 from mars_ray.data.label_io import read_label
 from mars_ray.data.validate import check_label, check_label_folder
@@ -87,7 +87,7 @@ def confusion(
     ray_cfg: RayConfig | None = None,
 ) -> ConfusionMatrix:
     """The confusion matrix of ``labels/{id}.png`` vs ground truth over ``split`` (Ray Data tasks)."""
-    labels = storage.upath(labels)
+    labels = current(storage.upath(labels))  # RUN/debias on an object store: its current prefix
     dataset = VOCDataset(root)
     ids = _check_split(dataset, split, biased_as, pred_ignore)
     check_label_folder(dataset, split, labels, name="label")
@@ -133,7 +133,7 @@ def confusions_local(
     ``folders`` maps a name to a folder of ``{id}.png``. Raises what ``evaluate`` raises.
     """
     ids = _check_split(dataset, split, biased_as, pred_ignore)
-    roots = {name: storage.upath(f) for name, f in folders.items()}
+    roots = {name: current(storage.upath(f)) for name, f in folders.items()}
     for name, f in roots.items():
         check_label_folder(dataset, split, f, name=name)
     cms = {name: ConfusionMatrix(dataset.num_classes + 1) for name in roots}
@@ -154,13 +154,16 @@ def labels_fingerprint(dataset: VOCDataset, labels: PathLike, split: str, *, dat
 
     ``dataset_print``: ``dataset.fingerprint(split)`` when the caller already has it.
     """
-    root = storage.upath(labels)
+    root = current(storage.upath(labels))
     files = fingerprint_files([root / f"{i}.png" for i in dataset.ids(split)])
     return f"{dataset_print or dataset.fingerprint(split)}/{files}"
 
 
 def metrics_path(run_dir: PathLike, labels: PathLike) -> storage.AnyPath:
-    """Where a run keeps the metrics of a label folder: ``RUN/evaluate_labels/<folder name>.json``."""
+    """Where a run keeps the metrics of a label folder: ``RUN/evaluate_labels/<folder name>.json``.
+
+    Functions here take a label folder as named (``RUN/debias``) and read its files through
+    ``artifacts.current`` (on an object store, the current prefix), so the name stays the stage's."""
     return storage.upath(run_dir) / "evaluate_labels" / f"{storage.upath(labels).name}.json"
 
 

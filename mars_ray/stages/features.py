@@ -337,12 +337,12 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         return cache.run_cached(sd, cache_dir, compute, ray_cfg=cfg.ray)
     if sd.is_complete():
         logger.info("features: up to date in %s, skipping", sd.path)
-        return sd.path
-    if sd.path.is_symlink():  # a link into a cache from an earlier cached run: compute here instead
-        sd.path.unlink()
+        return sd.root
+    if sd.root.is_symlink():  # a link into a cache from an earlier cached run: compute here instead
+        sd.root.unlink()
     # (a link manifest of another key is set aside by ``begin`` and restored if the stage fails)
     compute(sd)
-    return sd.path
+    return sd.root
 
 
 def cache_path(cfg: C.Config, run_dir: AnyPath) -> AnyPath | None:

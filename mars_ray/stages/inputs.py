@@ -24,7 +24,7 @@ import numpy as np
 from mars_ray import config as C
 from mars_ray import storage
 from mars_ray.algo.complement import image_class_mask
-from mars_ray.artifacts import fingerprint_files, fingerprint_path
+from mars_ray.artifacts import current, fingerprint_files, fingerprint_path
 from mars_ray.data.label_io import read_label
 from mars_ray.data.validate import label_folder_sizes
 from mars_ray.data.voc import VOCDataset
@@ -65,12 +65,12 @@ def dataset_key(cfg: C.Config, splits: "list[str] | tuple[str, ...]") -> dict[st
 
 def pseudo_label_dir(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Y^b folder: ``--pseudo-labels`` or the built-in CAM baseline's ``RUN/wsss`` (local or URI)."""
-    return config_path(cfg.data.pseudo_labels) or run_dir / "wsss"
+    return config_path(cfg.data.pseudo_labels) or current(run_dir / "wsss")
 
 
 def uss_checkpoint(run_dir: AnyPath) -> AnyPath:
     """``RUN/uss/checkpoint.pt``: the learned extractor's weights when ``features.checkpoint`` is empty."""
-    return run_dir / USS_DIR / USS_CHECKPOINT
+    return current(run_dir / USS_DIR) / USS_CHECKPOINT
 
 
 def fits_adaptive_stats(cfg: C.Config) -> bool:

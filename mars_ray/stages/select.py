@@ -273,7 +273,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         logger.info("select: up to date in %s, skipping", sd.path)
         for line in separation_warnings_of(sd.path / "report.json"):  # every run's log says it, not only the first
             logger.warning("select: %s", line)
-        return sd.path
+        return sd.root
     dataset = inputs.open_dataset(cfg)
     with sd.guard():
         ensure_ray(cfg.ray)
@@ -318,4 +318,4 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         "" if paper is None else f", target-centroid ratio (paper: IoU > 0.3) {paper:.1%}",
         "" if ratio is None or math.isnan(ratio) else f", pixel-share target ratio {ratio:.1%}",
     )
-    return sd.path
+    return sd.root

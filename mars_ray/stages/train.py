@@ -56,7 +56,7 @@ import torch
 from mars_ray import config as C
 from mars_ray import faults, storage
 from mars_ray.artifacts import StageDir, atomic_write_bytes, atomic_write_json, atomic_write_text, fingerprint_files
-from mars_ray.artifacts import fingerprint_path, read_manifest, require_complete
+from mars_ray.artifacts import current, fingerprint_path, read_manifest, require_complete
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.validate import check_label, label_folder_sizes
 from mars_ray.data.voc import VOCDataset
@@ -92,7 +92,7 @@ def labels_dir(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     given = inputs.config_path(cfg.train.labels)
     if given is not None:
         return given
-    return inputs.pseudo_label_dir(cfg, run_dir) if cfg.train.baseline else run_dir / "debias"
+    return inputs.pseudo_label_dir(cfg, run_dir) if cfg.train.baseline else current(run_dir / "debias")
 
 
 def _model_kwargs(cfg: C.Config, num_classes: int) -> dict[str, Any]:
@@ -257,14 +257,14 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     t = cfg.train
     if is_complete(sd, t.epochs):
         logger.info("train: up to date in %s, skipping", sd.path)
-        return sd.path
+        return sd.root
     _mark_extendable(sd, t.epochs)
     with sd.guard():  # a failure brings back the previous finished model
         outputs = _train_and_write(cfg, run_dir, sd, dataset, labels)
         sd.finish(outputs)
     logger.info("train: %d epochs (%d steps) → %s; val mIoU %s", outputs["epochs"], outputs["step"],
                 outputs["model"], "-" if outputs["val_miou"] is None else f"{100 * outputs['val_miou']:.1f}")
-    return sd.path
+    return sd.root
 
 
 def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOCDataset, labels: AnyPath) -> dict[str, Any]:

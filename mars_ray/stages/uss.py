@@ -414,7 +414,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     sd = stage_dir(cfg, run_dir, dataset)
     if sd.is_complete():
         logger.info("uss: up to date in %s, skipping", sd.path)
-        return sd.path
+        return sd.root
     with sd.guard() as resuming:
         if resuming:
             logger.info("uss: resuming the interrupted run in %s", sd.path)
@@ -442,4 +442,4 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
                    "backbone": cfg.uss.backbone, "steps": state["step"], "final_loss": last.get("loss"), **extra})
     logger.info("uss: %s + %d-dim head after %d steps → %s", cfg.uss.backbone, cfg.uss.dim, state["step"],
                 sd.path / CHECKPOINT)
-    return sd.path
+    return sd.root

@@ -269,7 +269,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     sd = stage_dir(cfg, run_dir, dataset, splits)
     if sd.is_complete():
         logger.info("wsss: up to date in %s, skipping", sd.path)
-        return sd.path
+        return sd.root
     w = cfg.wsss
     with sd.guard() as resuming:
         ensure_ray(cfg.ray)
@@ -312,4 +312,4 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         atomic_write_json(sd.path / "stats.json", stats)
         sd.finish({"classifier": CLASSIFIER, "history": "history.json", **stats})
     logger.info("wsss: CAM pseudo labels for %d images (%s) → %s", n_images, ", ".join(splits), sd.path)
-    return sd.path
+    return sd.root

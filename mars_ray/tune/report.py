@@ -151,13 +151,16 @@ def montage(cfg: C.Config, trial_dir: AnyPath) -> AnyPath | None:
     from mars_ray.stages.inputs import open_dataset
     from mars_ray.stages.inputs import pseudo_label_dir
 
+    from mars_ray.artifacts import current
+
     if not (trial_dir / "debias").is_dir():
         return None
+    labels = current(trial_dir / "debias")
     dataset = open_dataset(cfg)
     pseudo = pseudo_label_dir(cfg, trial_dir)
     rows = []
     for image_id in dataset.ids(cfg.data.split)[:MONTAGE_IMAGES]:
-        debiased = trial_dir / "debias" / f"{image_id}.png"
+        debiased = labels / f"{image_id}.png"
         if debiased.is_file():
             rows.append((image_id, read_image(dataset.image_path(image_id)),
                          read_label(pseudo / f"{image_id}.png"), read_label(debiased)))

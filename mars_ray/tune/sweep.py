@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from mars_ray import config as C
 from mars_ray import errors, pipeline, storage, tracking
-from mars_ray.artifacts import atomic_write_json, provisional
+from mars_ray.artifacts import atomic_write_json, current, provisional
 from mars_ray.runlock import run_lock
 from mars_ray.storage import AnyPath, upath
 from mars_ray.tune import report
@@ -275,12 +275,13 @@ def _log_artifacts(uri: str, exp_name: str, rows: list[tuple[dict, dict]], run_d
             continue
         trial_dir = run_dir / TRIALS_DIR / row["trial_id"]
         try:
-            files = [trial_dir / "config.yaml", trial_dir / "select" / "report.json", trial_dir / "debias" / "stats.json"]
+            files = [trial_dir / "config.yaml", current(trial_dir / "select") / "report.json",
+                     current(trial_dir / "debias") / "stats.json"]
             montage = report.montage(C.build(overrides=cfg), trial_dir) if cfg else None
             files += [montage] if montage else []
             for sub in ("train", "train_baseline"):
-                files += [trial_dir / sub / "curves.png", trial_dir / sub / "history.csv"]
-            files += [trial_dir / "evaluate" / "metrics.json"]
+                files += [current(trial_dir / sub) / "curves.png", current(trial_dir / sub) / "history.csv"]
+            files += [current(trial_dir / "evaluate") / "metrics.json"]
             tracking.log_artifacts(uri, run_id, files)
             if row["trial_id"] == best_trial:
                 tracking.log_artifacts(uri, run_id, [out_dir / "results.csv", out_dir / "heatmap.png",

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from mars_ray import config as C
 from mars_ray import pipeline
-from mars_ray.artifacts import read_manifest
+from mars_ray.artifacts import current, read_manifest
 from mars_ray.storage import AnyPath, upath
 from mars_ray.tune.space import milestones
 
@@ -47,8 +47,8 @@ def run_trial(cfg: C.Config, trial_dir: AnyPath, *, expensive: bool = False, run
         _, out[f"time_{name}_s"] = pipeline.run_stage(cfg, trial_dir, name)
     m, out["time_evaluate_labels_s"] = _timed(
         evaluate_labels.evaluate, cfg.data.root, trial_dir / "debias", cfg.data.split, ray_cfg=cfg.ray)
-    select_report = json.loads((trial_dir / "select" / "report.json").read_text())
-    stats = json.loads((trial_dir / "debias" / "stats.json").read_text())
+    select_report = json.loads((current(trial_dir / "select") / "report.json").read_text())
+    stats = json.loads((current(trial_dir / "debias") / "stats.json").read_text())
     out.update(debiased_miou=m["miou"], debiased_fp=m["fp"], debiased_fn=m["fn"],
                target_ratio=_num(select_report.get("target_ratio")), n_chosen=select_report["n_chosen"],
                biased_fraction=stats["biased_fraction"])
@@ -59,7 +59,7 @@ def run_trial(cfg: C.Config, trial_dir: AnyPath, *, expensive: bool = False, run
         for name in TRAIN_STAGES:
             folder, seconds = pipeline.run_stage(rung, trial_dir, name)
             out[f"time_{name}_s"] = out.get(f"time_{name}_s", 0.0) + seconds
-        ev = json.loads((folder / "metrics.json").read_text())
+        ev = json.loads((current(folder) / "metrics.json").read_text())
         out.update(val_miou=_num(ev.get("miou")), val_fp=_num(ev.get("fp")), val_fn=_num(ev.get("fn")), epoch=epochs)
         _report(out, report)
     return out

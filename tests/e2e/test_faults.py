@@ -169,6 +169,38 @@ def test_kill_9_after_an_older_artifact_was_set_aside_loses_nothing(debiased_run
            shards_not_recomputed=len(before))
 
 
+@pytest.mark.ray
+def test_kill_9_of_a_rerun_on_s3_keeps_the_pointer_then_resumes_its_prefix(debiased_run: Path, tiny_data: Path,
+                                                                           s3_bucket: str, capsys):
+    """Object store: `mars debias` with a new threshold, killed after every label of its prefix was
+    written (``debias.finish``). The pointer is untouched, so the finished artifact (here a flat one,
+    as older versions wrote it) stays current; the same command then resumes the prefix, rewriting
+    no label, and only then becomes current."""
+    from mars_ray.artifacts import current
+    from tests.conftest import upload_tree
+
+    run = storage.upath(f"{s3_bucket}/run")
+    for stage in ("features", "select", "debias"):
+        upload_tree(debiased_run / stage, str(run / stage))
+    pointer = (run / "debias" / "manifest.json").read_bytes()
+    flat = storage.list_files(run / "debias")
+    cmd = ["debias", *_cli_flags(tiny_data), "--set", "debias.threshold=0.6", "--out", str(run)]
+    rc, out = mars(cmd, kill_at="debias.finish", timeout=300)
+    assert rc == -signal.SIGKILL, out[-2000:]
+    assert (run / "debias" / "manifest.json").read_bytes() == pointer and current(run / "debias") == run / "debias"
+    (prefix,) = [p for p in (run / "debias").iterdir() if p.name.startswith("@")]
+    _not_finished(prefix)
+    written = {n: st for n, st in storage.list_files(prefix).items() if n.endswith(".png")}
+    assert len(written) == len([n for n in flat if n.endswith(".png")])
+    assert main(cmd) == 0  # same key → same prefix → resumed
+    assert current(run / "debias") == prefix and read_manifest(prefix)["status"] == "complete"
+    assert {n: st for n, st in storage.list_files(prefix).items() if n.endswith(".png")} == written  # none rewritten
+    assert set(storage.list_files(run / "debias")) == {"manifest.json"}  # the flat files went with the replacement
+    capsys.readouterr()
+    _count(fault="kill -9", stage="debias", point="debias.finish (s3)", rerun_identical=True,
+           shards_not_recomputed=len(written))
+
+
 class _DiskFull:
     """``storage.atomic_open``'s writes fail with ENOSPC for one file name (the OS layer under it)."""
 

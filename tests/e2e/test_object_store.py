@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from mars_ray import config as C
+from mars_ray.artifacts import current
 from mars_ray.cli import main
-from mars_ray.storage import upath
 from mars_ray.storage import upath
 from tests.conftest import upload_tree
 
@@ -42,8 +42,10 @@ def test_run_and_evaluate_labels_on_s3(s3_data: str, bucket: str, ray_local, cap
     assert rc == 0, capsys.readouterr().err
     r = upath(run)
     assert "alpha: 0.5" in (r / "config.yaml").read_text()
-    assert (r / "select" / "report.json").is_file() and (r / "select" / "centroids.npy").is_file()
-    assert len(list((r / "debias").glob("*.png"))) == 16
+    sel, deb = current(r / "select"), current(r / "debias")  # RUN/<stage>/@<key>: the current artifacts
+    assert sel.parent == r / "select" and deb.parent == r / "debias" and deb.name.startswith("@")
+    assert (sel / "report.json").is_file() and (sel / "centroids.npy").is_file()
+    assert len(list(deb.glob("*.png"))) == 16
     assert (r / "report" / "index.html").is_file() and list((r / "report" / "grid").glob("*.png"))  # the run report
     assert "debias    debiased labels" in (r / "logs" / "mars.log").read_text()  # uploaded when `mars` ends
     rc = main(["evaluate-labels", "--data", s3_data, "--labels", f"{run}/debias", "--split", "train", "--run", run])
@@ -92,8 +94,8 @@ def test_tune_on_s3_writes_results_and_computes_features_once(sweep):
     trials = sorted((r / "trials").iterdir())
     assert len(trials) == 2
     for t in trials:
-        assert cache.resolve(t) == cached[0]
-        assert (t / "select" / "report.json").is_file() and (t / "debias" / "stats.json").is_file()
+        assert cache.resolve(t) == current(cached[0])
+        assert (current(t / "select") / "report.json").is_file() and (current(t / "debias") / "stats.json").is_file()
     assert C.build(trials[0] / "config.yaml").features.cache_dir == f"{run}/cache"
     # Ray Tune kept its experiment state on S3 too
     assert (r / "tune" / "experiment").is_dir()

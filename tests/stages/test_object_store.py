@@ -20,7 +20,7 @@ import torch
 from mars_ray import config as C
 from mars_ray import storage
 from mars_ray.algo.metrics import ConfusionMatrix, map_biased
-from mars_ray.artifacts import load_npy, read_manifest
+from mars_ray.artifacts import current, load_npy, read_manifest
 from mars_ray.data.label_io import read_label, write_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource, check_feature_folder, feature_file_shape
@@ -146,22 +146,25 @@ def test_chain_on_s3_equals_the_local_run(s3_run: str, s3_data: str, debiased_ru
     for stage in STAGES:
         m = read_manifest(run / stage)
         assert m and m["status"] == "complete" and "link" not in m, stage
-    assert cache.resolve(run) == run / "features"
-    assert features.table_stats(run / "features" / features.TABLE) == {
+        assert m["current"] == f"@{m['key']}" and current(run / stage) == run / stage / m["current"], stage
+        assert storage.list_files(run / stage) == {"manifest.json": storage.list_files(run / stage)["manifest.json"]}
+    assert cache.resolve(run) == current(run / "features")
+    feats, sel, deb = (current(run / s) for s in STAGES)  # the files: under each stage's current prefix
+    assert features.table_stats(feats / features.TABLE) == {
         k: v for k, v in read_manifest(debiased_run / "features")["outputs"].items() if k in ("rows", "fg_rows", "bg_rows", "dim")}
     local_digest = read_manifest(debiased_run / "features")["outputs"]["uss_stats_digest"]
     assert read_manifest(run / "features")["outputs"]["uss_stats_digest"] == local_digest  # the same fit
-    np.testing.assert_allclose(load_npy(run / "select" / "centroids.npy"),
+    np.testing.assert_allclose(load_npy(sel / "centroids.npy"),
                                np.load(debiased_run / "select" / "centroids.npy"), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(load_npy(run / "select" / "present.npy"), np.load(debiased_run / "select" / "present.npy"))
-    assert (run / "select" / "chosen.parquet").is_file()
+    np.testing.assert_array_equal(load_npy(sel / "present.npy"), np.load(debiased_run / "select" / "present.npy"))
+    assert (sel / "chosen.parquet").is_file()
     ids = VOCDataset(tiny_data).ids("train")
-    written = storage.list_files(run / "debias")
+    written = storage.list_files(deb)
     assert {f"{i}.png" for i in ids} <= set(written) and not any(n.startswith(".") for n in written)
     for i in ids:
-        np.testing.assert_array_equal(read_label(run / "debias" / f"{i}.png"),
+        np.testing.assert_array_equal(read_label(deb / f"{i}.png"),
                                       read_label(debiased_run / "debias" / f"{i}.png"))
-    s3_stats = json.loads((run / "debias" / "stats.json").read_text())
+    s3_stats = json.loads((deb / "stats.json").read_text())
     local_stats = json.loads((debiased_run / "debias" / "stats.json").read_text())
     assert s3_stats == local_stats and s3_stats["biased_pixels"] > 0
     # evaluate-labels of the S3 labels against the S3 ground truth = the metrics of the local files
@@ -188,18 +191,21 @@ def test_debias_resume_on_s3_writes_only_missing_labels(s3_run: str, s3_data: st
     other = f"{bucket}/run_resume"
     _copy(s3_run, other)
     run = upath(other)
-    m = read_manifest(run / "debias")
-    m["status"] = "running"  # as if the run had been killed
-    (run / "debias" / "manifest.json").write_text(json.dumps(m))
+    prefix = current(run / "debias")
+    m = read_manifest(prefix)
+    m["status"] = "running"  # as if the first run had been killed: its prefix unfinished, no pointer yet
+    (prefix / "manifest.json").write_text(json.dumps(m))
+    (run / "debias" / "manifest.json").unlink()
     ids = VOCDataset(tiny_data).ids("train")
-    kept_before = storage.list_files(run / "debias")[f"{ids[0]}.png"]
-    (run / "debias" / f"{ids[1]}.png").unlink()
+    kept_before = storage.list_files(prefix)[f"{ids[0]}.png"]
+    (prefix / f"{ids[1]}.png").unlink()
     debias.run(_cfg(s3_data, f"{s3_data}/pseudo_labels"), run)
-    after = storage.list_files(run / "debias")
+    assert current(run / "debias") == prefix  # same key → same prefix, resumed, then made current
+    after = storage.list_files(prefix)
     assert after[f"{ids[0]}.png"] == kept_before and f"{ids[1]}.png" in after
-    assert read_manifest(run / "debias")["status"] == "complete"
-    np.testing.assert_array_equal(read_label(run / "debias" / f"{ids[1]}.png"),
-                                  read_label(upath(s3_run) / "debias" / f"{ids[1]}.png"))
+    assert read_manifest(run / "debias")["status"] == read_manifest(prefix)["status"] == "complete"
+    np.testing.assert_array_equal(read_label(prefix / f"{ids[1]}.png"),
+                                  read_label(current(upath(s3_run) / "debias") / f"{ids[1]}.png"))
 
 
 @pytest.mark.ray
@@ -229,11 +235,12 @@ def test_features_cache_on_s3_computes_once_for_two_runs(s3_run: str, s3_data: s
         t.join()
     assert not errors and len(calls) == 1
     target = features.cache_path(cfg, runs[0])
-    assert calls[0] == target and str(target).startswith(f"{bucket}/cache/features-")
+    assert str(target).startswith(f"{bucket}/cache/features-")
+    assert calls[0] == target / f"@{read_manifest(target)['key']}"
     for r in runs:
-        assert cache.resolve(r) == target
+        assert cache.resolve(r) == current(target) == calls[0]
         link = read_manifest(r / "features")
-        assert link["status"] == "complete" and link["link"] == str(target)
+        assert link["status"] == "complete" and link["link"] == str(target) and "current" not in link
         assert link["key"] == read_manifest(target)["key"] == read_manifest(upath(s3_run) / "features")["key"]
         assert set(storage.list_files(r / "features")) == {"manifest.json"}  # no table copy
     # a rerun changes nothing; select reads the table through the link
@@ -241,8 +248,8 @@ def test_features_cache_on_s3_computes_once_for_two_runs(s3_run: str, s3_data: s
     features.run(cfg, runs[1])
     assert len(calls) == 1 and (runs[1] / "features" / "manifest.json").read_bytes() == before
     select.run(cfg, runs[1])
-    np.testing.assert_allclose(load_npy(runs[1] / "select" / "centroids.npy"),
-                               load_npy(upath(s3_run) / "select" / "centroids.npy"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(load_npy(current(runs[1] / "select") / "centroids.npy"),
+                               load_npy(current(upath(s3_run) / "select") / "centroids.npy"), rtol=1e-5, atol=1e-6)
     # a link whose cache folder is gone is named, not followed into nothing
     storage.rmtree(target)
     with pytest.raises(FileNotFoundError, match=rf"{runs[0]}/features/manifest.json: links to {target}"):
@@ -277,5 +284,5 @@ def test_bad_pseudo_labels_on_s3_are_named_and_keep_the_finished_artifact(
         features.run(cfg, upath(other))
     assert f"{bad}/{ids[0]}.png" in str(err.value) and "77" in str(err.value)
     assert (feat / "manifest.json").read_bytes() == before
-    assert features.table_stats(feat / features.TABLE)["rows"] == read_manifest(feat)["outputs"]["rows"]
+    assert features.table_stats(current(feat) / features.TABLE)["rows"] == read_manifest(feat)["outputs"]["rows"]
     assert not (upath(other) / ".features.prev").exists()

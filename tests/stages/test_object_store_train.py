@@ -15,6 +15,7 @@ import pytest
 
 from mars_ray import config as C
 from mars_ray import storage
+from mars_ray.artifacts import current
 from mars_ray.data.label_io import read_label
 from mars_ray.data.voc import VOCDataset
 from mars_ray.models.deeplab import load_segmenter_checkpoint
@@ -57,7 +58,8 @@ def _history(folder: ObjectPath) -> list[dict[str, str]]:
 @pytest.mark.ray
 def test_train_writes_every_artifact_to_the_bucket(s3_run, tiny_data: Path):
     run, over = s3_run
-    out = run / "train"
+    out = current(run / "train")  # RUN/train/@<key>: the files of the current artifact
+    assert out == run / "train" / f"@{_json(run / 'train' / 'manifest.json')['key']}"
     ds = VOCDataset(tiny_data)
     model, extra = load_segmenter_checkpoint(out / "model.pt", expect_name="deeplab_tiny", expect_num_classes=5)
     assert extra["classes"] == ds.classes and extra["epoch"] == 1
@@ -81,9 +83,10 @@ def test_evaluate_from_the_bucket_then_reruns_skip(s3_run, tiny_data: Path, monk
     cfg = C.build(overrides=over)
     ev = evaluate.run(cfg, run)
     assert ev == run / "evaluate"
+    ev = current(ev)
     metrics = _json(ev / "metrics.json")
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["images"] == len(VOCDataset(tiny_data).ids("val"))
-    assert metrics["checkpoint"] == str(run / "train" / "model.pt")
+    assert metrics["checkpoint"] == str(current(run / "train") / "model.pt")
     assert _pngs(ev / "pred") == sorted(VOCDataset(tiny_data).ids("val"))
     assert (ev / "table.txt").read_text().splitlines()[-1].startswith("mean")
 
@@ -92,7 +95,7 @@ def test_evaluate_from_the_bucket_then_reruns_skip(s3_run, tiny_data: Path, monk
 
     monkeypatch.setattr(train, "_train_and_write", fail)
     monkeypatch.setattr(evaluate, "_predict_and_score", fail)
-    assert train.run(cfg, run) == run / "train" and evaluate.run(cfg, run) == ev  # up to date: skipped
+    assert train.run(cfg, run) == run / "train" and evaluate.run(cfg, run) == run / "evaluate"  # up to date: skipped
 
 
 @pytest.mark.ray
@@ -100,12 +103,12 @@ def test_evaluate_from_the_bucket_then_reruns_skip(s3_run, tiny_data: Path, monk
 def test_more_epochs_resume_from_the_checkpoint_in_the_bucket(s3_run):
     """Ray Train restores its last checkpoint from the bucket: epoch 1 is not retrained."""
     run, over = s3_run
-    (first,) = _history(run / "train")[:1]
+    (first,) = _history(current(run / "train"))[:1]
     train.run(C.build(overrides={**over, "train.epochs": 2}), run)
-    rows = _history(run / "train")
+    rows = _history(current(run / "train"))
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0]["loss"] == first["loss"]
     assert int(rows[1]["step"]) == 8 and _json(run / "train" / "manifest.json")["outputs"]["epochs"] == 2
-    _, extra = load_segmenter_checkpoint(run / "train" / "model.pt")
+    _, extra = load_segmenter_checkpoint(current(run / "train") / "model.pt")
     assert (extra["epoch"], extra["step"]) == (2, 8)
 
 
@@ -118,6 +121,9 @@ def test_wsss_on_s3(tiny_data: Path, ray_local, s3_bucket: str):
                              "wsss.cam_scales": [1.0], "wsss.cam_flip": False, "wsss.cam_eval_split": False})
     out = wsss.run(cfg, run)
     assert out == run / "wsss"
+    pointer = _json(out / "manifest.json")
+    out = current(out)
+    assert out == run / "wsss" / pointer["current"]
     ds = VOCDataset(tiny_data)
     assert _pngs(out) == sorted(ds.ids("train"))
     image_id = ds.ids("train")[0]
@@ -127,8 +133,8 @@ def test_wsss_on_s3(tiny_data: Path, ray_local, s3_bucket: str):
     assert not (out / "ray").exists()  # per-epoch checkpoints dropped once finished
     m = _json(out / "manifest.json")
     assert m["status"] == "complete"
-    wsss.run(cfg, run)  # rerun: skipped, the manifest is not rewritten
-    assert _json(out / "manifest.json") == m
+    wsss.run(cfg, run)  # rerun: skipped, the manifest and the pointer are not rewritten
+    assert _json(out / "manifest.json") == m and _json(run / "wsss" / "manifest.json") == pointer
 
 
 def test_uss_reads_dataset_and_dino_weights_from_s3(tiny_data: Path, s3_bucket: str):
@@ -154,5 +160,6 @@ def test_uss_reads_dataset_and_dino_weights_from_s3(tiny_data: Path, s3_bucket: 
     cfg = C.build(overrides={"data.root": data, "uss.backbone": "vit_tiny_test", "uss.backbone_weights": str(good),
                              "uss.ssl_epochs": 0})
     sd = uss.stage_dir(cfg, run, uss.validate_inputs(cfg))
-    assert sd.path == run / "uss" and sd.inputs["backbone_weights"].startswith("1:")
+    assert sd.root == run / "uss" and sd.path == run / "uss" / f"@{sd.key}"
+    assert sd.inputs["backbone_weights"].startswith("1:")
     assert uss.checkpoint_path(run) == run / "uss" / uss.CHECKPOINT
