@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from debias_sensitivity import VARIANTS, label_scores, make_variant, variant_config  # noqa: E402
+from debias_sensitivity import VARIANTS, _pct, label_scores, make_variant, variant_config  # noqa: E402
 
 from mars_ray import config as C  # noqa: E402
 from mars_ray import pipeline  # noqa: E402
@@ -78,10 +78,6 @@ def ablate(root: Path, out: Path, name: str, overrides: Mapping[str, Any]) -> di
     return {"extractor": cfg.features.extractor, "epochs": cfg.train.epochs, "scores": scores,
             "unbiased_classes": unbiased, "val_miou": val, "last_epoch": train_stats, "targets": checks,
             "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def _pct(v: float | None) -> str:
-    return "    -" if v is None else f"{100 * v:5.1f}"
 
 
 def table(name: str, r: dict[str, Any], n_train: int, size: int) -> str:

@@ -12,12 +12,23 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
+
+
+def node_temp_dir(prefix: str) -> Path:
+    """A fresh temp dir for a test's nodes (its name marks their processes); the test is skipped when
+    this venv has no ``ray`` executable. Short, under /tmp: Ray's socket paths have a length limit."""
+    import pytest
+
+    if not RAY.is_file():
+        pytest.skip(f"no `ray` executable next to {sys.executable}")
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
 def free_port() -> int:

@@ -14,12 +14,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.ray_head import RAY, node_ports, ray_env, stop_nodes
+from tests.e2e.ray_head import RAY, node_temp_dir, node_ports, ray_env, stop_nodes
 
 pytestmark = [pytest.mark.jobs, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -39,9 +38,7 @@ def _ports(ports: dict[str, int]) -> list[str]:
 
 @pytest.fixture()
 def two_nodes():
-    if not RAY.is_file():
-        pytest.skip(f"no `ray` executable next to {sys.executable}")
-    temp = Path(tempfile.mkdtemp(prefix="mrc", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    temp = node_temp_dir("mrc")
     head = node_ports(head=True)
     try:
         proc = subprocess.run([str(RAY), "start", "--head", "--temp-dir", str(temp), "--include-dashboard", "false",

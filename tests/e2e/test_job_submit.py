@@ -13,14 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.e2e.ray_head import RAY, get_json, node_ports, ray_env, stop_nodes
+from tests.e2e.ray_head import RAY, get_json, node_temp_dir, node_ports, ray_env, stop_nodes
 
 pytestmark = [pytest.mark.jobs, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -29,9 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture()
 def head():
-    if not RAY.is_file():
-        pytest.skip(f"no `ray` executable next to {sys.executable}")
-    temp = Path(tempfile.mkdtemp(prefix="mrj", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    temp = node_temp_dir("mrj")
     ports = node_ports(head=True)
     dash = ports["--dashboard-port"]
     cmd = [str(RAY), "start", "--head", "--num-cpus", "2", "--disable-usage-stats", "--temp-dir", str(temp),
