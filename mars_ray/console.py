@@ -483,8 +483,7 @@ class _Session:
         if self._buffer is not None:
             root.removeHandler(self._buffer)
             for record in self._buffer.records:
-                if file.filter(record):
-                    file.handle(record)
+                file.handle(record)  # applies the file's filter once (its progress throttle keeps state)
             self._buffer = None
         if not self.verbose:
             self._capture_fd2()
