@@ -514,10 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _log_dir(args: argparse.Namespace) -> AnyPath | None:
     """``RUN/logs`` of the commands that write into a run folder (``demo``: ``OUT/run/logs``); ``None``
     for the others (their Ray logs stay in Ray's session folder)."""
-    if args.command == "demo":
-        return upath(args.out) / "run" / "logs"
-    if args.command in RUN_COMMANDS:
-        return upath(args.out) / "logs"
+    if args.command in (*RUN_COMMANDS, "demo"):
+        return upath(_run_dir_of(args)) / "logs"
     run = getattr(args, "run", None)  # `report RUN`, `evaluate-labels --run RUN`: a run folder that exists
     return upath(run) / "logs" if run and upath(run).is_dir() else None
 
