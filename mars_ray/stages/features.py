@@ -211,7 +211,7 @@ class CentroidTableSink(Datasink):
 def stage_dir(cfg: C.Config, run_dir: AnyPath, stats_digest: str | None = None) -> StageDir:
     """The ``features`` artifact folder and its key (config slice + input fingerprints).
 
-    ``stats_digest``: the content hash of the adaptive statistics this stage fits (``fits_stats``);
+    ``stats_digest``: the content hash of the adaptive statistics this stage fits (``inputs.fits_adaptive_stats``);
     it replaces the stats file's own fingerprint (the file lives inside this artifact), so the key
     changes exactly when the fitted values do. ``None`` where the stage fits nothing; where it does,
     ``None`` reads the digest of the stored fit (``stored_stats``) or, without one, of a fresh fit.
@@ -219,7 +219,7 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, stats_digest: str | None = None) 
     dataset = inputs.open_dataset(cfg)
     ids = dataset.ids(cfg.data.split)
     pseudo = inputs.pseudo_label_dir(cfg, run_dir)
-    fitted = fits_stats(cfg)
+    fitted = inputs.fits_adaptive_stats(cfg)
     if fitted and stats_digest is None:
         stats_digest = ensure_stats(cfg, run_dir, dataset, fit=False)[1]
     source = inputs.feature_source_kwargs(cfg, run_dir)
@@ -239,12 +239,6 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, stats_digest: str | None = None) 
            else inputs.feature_source_fingerprint(source)),
     }
     return StageDir(run_dir / "features", "features", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
-
-
-def fits_stats(cfg: C.Config) -> bool:
-    """This run's features come from the ``adaptive`` extractor with statistics the stage fits itself
-    (no external features, no ``features.checkpoint``)."""
-    return inputs.fits_adaptive_stats(cfg)
 
 
 def fit_key(cfg: C.Config, dataset: VOCDataset) -> str:
@@ -326,7 +320,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     at ``table_path(run_dir)``.
     """
     dataset = inputs.validate_inputs(cfg, run_dir)
-    stats, digest = ensure_stats(cfg, run_dir, dataset) if fits_stats(cfg) else (None, None)
+    stats, digest = ensure_stats(cfg, run_dir, dataset) if inputs.fits_adaptive_stats(cfg) else (None, None)
     sd = stage_dir(cfg, run_dir, digest)
 
     def compute(target: StageDir) -> None:
@@ -379,7 +373,7 @@ def _compute(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, sd: StageDir,
 
     ``stats``: freshly fitted adaptive statistics to store as ``sd.path/uss_stats.npz`` (``None``: the
     stored fit is current, or the stage fits nothing)."""
-    fitted = fits_stats(cfg)
+    fitted = inputs.fits_adaptive_stats(cfg)
     if fitted and stats is None:  # the stored fit is current: keep its bytes across begin's set-aside
         from mars_ray.models.adaptive import AdaptiveStats
 
