@@ -11,6 +11,7 @@ reference row.
 
     .venv/bin/python benchmarks/debias_sensitivity.py [--n-train 40 --size 64] [--variants texture colour both]
         [--thresholds 0.3 0.4 0.5 0.6 0.7] [--set features.extractor=…] [--smoke-test] [--json OUT.json]
+        [--quality-variants quick|full]   # quality_bench.py's 8 variants at its sizes instead
 
 ``VARIANTS``, ``make_variant``, ``variant_config`` and ``label_scores`` are shared with
 ``benchmarks/ablation_bench.py``.
@@ -38,6 +39,8 @@ from mars_ray.algo.metrics import summarize  # noqa: E402
 from mars_ray.data.synthetic import PSEUDO_DIR, make_biased_dataset  # noqa: E402
 from mars_ray.data.voc import VOCDataset  # noqa: E402
 from mars_ray.stages.evaluate_labels import confusions_local  # noqa: E402
+from quality_bench import VARIANTS as QB_VARIANTS  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from quality_bench import make_variant as qb_make_variant  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "texture": {},  # the built-in dataset: object and context differ by texture only
@@ -123,13 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-train", type=int, default=40)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["texture", "colour", "both"])
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="variant names (default: texture colour both; with --quality-variants: all of them)")
+    p.add_argument("--quality-variants", choices=("quick", "full"), default=None,
+                   help="use quality_bench.py's variants at its --quick (or full) sizes instead of VARIANTS; "
+                        "--n-train/--size/--seed are then ignored")
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--out", help="work folder (datasets and runs; default: a temporary folder)")
     p.add_argument("--smoke-test", action="store_true", help="12 images of 48 px, two thresholds, one variant")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    names = sorted(QB_VARIANTS) if args.quality_variants else sorted(VARIANTS)
+    args.variants = args.variants or (list(QB_VARIANTS) if args.quality_variants else ["texture", "colour", "both"])
+    unknown = [v for v in args.variants if v not in names]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     if args.smoke_test:
         args.n_train, args.size, args.thresholds, args.variants = 12, 48, [0.4, 0.6], args.variants[:1]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="debias-sensitivity-"))
@@ -137,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     try:
         for name in args.variants:
-            root = make_variant(out, name, n_train=args.n_train, n_val=2, size=args.size, seed=args.seed)
+            if args.quality_variants:
+                root = qb_make_variant(name, out, quick=args.quality_variants == "quick")
+            else:
+                root = make_variant(out, name, n_train=args.n_train, n_val=2, size=args.size, seed=args.seed)
             results[name] = sweep_variant(root, out / f"run-{name}", args.thresholds, overrides)
             print(table(name, results[name]), flush=True)
             print(flush=True)
@@ -145,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         from mars_ray.stages.runtime import shutdown_if_started
 
         shutdown_if_started()
-    summary = {"n_train": args.n_train, "size": args.size, "seed": args.seed, "overrides": overrides,
+    summary = {"quality_variants": args.quality_variants, "n_train": args.n_train, "size": args.size, "seed": args.seed, "overrides": overrides,
                "variants": results}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

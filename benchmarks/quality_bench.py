@@ -21,7 +21,7 @@ and of chroma at 2 scales, gradient magnitude at 2 scales — each standardised 
 written by this script).
 
     python benchmarks/quality_bench.py [--quick] [--variants a,b] [--extractors adaptive,texture]
-        [--work DIR] [--out benchmarks/results/quality_bench]
+        [--work DIR] [--out benchmarks/results/quality_bench] [--set KEY=VALUE ...]
 
 ``--quick``: 32 train images at 64 px (12-class: 48 at 72 px), 8 training epochs. Without it: make-dataset's default sizes (60 train images) and 16 epochs. Writes
 ``OUT.json`` (rows), ``OUT.md`` (table) and ``OUT.png`` (chart) after every row, so a long run can
@@ -250,6 +250,8 @@ def main() -> None:
                     help="keep the rows of OUT.json that have no error and run only the missing ones")
     ap.add_argument("--train-epochs", type=int, default=0,
                     help="training epochs of the train stage (0: 8 with --quick, else 16); the demo's default is 30")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every row (recorded in the JSON's meta; runs go to runs-<tag>/)")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULT",
                     help="no run: merge these results (.json, each with a 'setting' tag from its file name) into OUT")
     a = ap.parse_args()
@@ -274,6 +276,12 @@ def main() -> None:
     work = a.work / ("quick" if a.quick else "full")
     meta = {"quick": a.quick, "train_epochs": a.train_epochs or (8 if a.quick else 16), "variants": {v: VARIANTS[v] for v in a.variants.split(",")},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    from mars_ray import config as C
+
+    extra = C.parse_set(a.set)
+    if extra:
+        meta["overrides"] = extra
+    tag = "-".join(f"{k}={v}" for k, v in sorted(extra.items())).replace("/", "_")
     rows: list[dict[str, Any]] = []
     if a.resume and a.out.with_suffix(".json").is_file():
         rows = [r for r in json.loads(a.out.with_suffix(".json").read_text())["rows"] if "error" not in r]
@@ -288,9 +296,10 @@ def main() -> None:
             row: dict[str, Any] = {"variant": v, "extractor": ex,
                                    "train_epochs": 0 if a.no_train else (a.train_epochs or (8 if a.quick else 16))}
             try:
-                cfg = pipeline.build_config(None, overrides_for(ex, root, work, a.quick, a.train_epochs),
+                cfg = pipeline.build_config(None, {**overrides_for(ex, root, work, a.quick, a.train_epochs), **extra},
                                             plan_inputs=True)
-                run = work / "runs" / f"{v}-{ex}" if not a.train_epochs else work / f"runs-e{a.train_epochs}" / f"{v}-{ex}"
+                runs = "runs" + (f"-e{a.train_epochs}" if a.train_epochs else "") + (f"-{tag}" if tag else "")
+                run = work / runs / f"{v}-{ex}"
                 pipeline.run_stages(cfg, run, pipeline.plan_stages(cfg, until="debias" if a.no_train else "train"))
                 row.update(measure(root, run, complemented=not a.no_train))
                 row["targets"] = targets(row)
