@@ -201,6 +201,11 @@ class TrainConfig:
     crf_bilateral_sxy: float = 50.0
     crf_bilateral_srgb: float = 13.0
     crf_bilateral_compat: float = 4.0  # DeepLab-v2 CRF weight; 10 over-smooths textured objects
+    # as debias.crf_reference_side, but off (0 = pixels as given) by default: > 0 scales
+    # crf_bilateral_sxy with each image's sqrt(H·W) / this side (for a training crop, that of the
+    # rescaled image it was cut from). Measured (README "Debiasing quality across datasets"): on
+    # small images the scaled fill gave more false positives than DeepLab's 50 px, unlike debias.
+    crf_reference_side: float = 0.0
     init_checkpoint: str = ""  # optional segmenter checkpoint (same model and classes) to start from
     val_every: int = 1  # epochs between val mIoU on data.eval_split (0 = never)
     amp: bool = True  # mixed precision where CUDA is available
@@ -212,8 +217,9 @@ class TrainConfig:
     seed: int = 0
 
     def crf_kwargs(self) -> dict[str, float] | None:
-        """``algo.crf.dense_crf`` kwargs for the teacher's fill; ``None`` when ``teacher_crf`` is off."""
-        return _crf_kwargs(self) if self.teacher_crf else None
+        """The teacher's fill CRF: ``algo.crf.dense_crf`` kwargs plus ``reference_side`` (the engine scales
+        the bilateral width per image, ``algo.crf.kernels_for``); ``None`` when ``teacher_crf`` is off."""
+        return {**_crf_kwargs(self), "reference_side": self.crf_reference_side} if self.teacher_crf else None
 
 
 @dataclass(frozen=True)
@@ -476,7 +482,7 @@ def _validate_ranges(cfg: Config) -> None:
     t = cfg.train
     _at_least("train", t, ("batch_size", "epochs", "num_workers", "crop_size", "checkpoint_every", "crf_iters",
                            "crf_workers"), 1)
-    _at_least("train", t, ("val_every", "weight_decay", "poly_power"), 0)
+    _at_least("train", t, ("val_every", "weight_decay", "poly_power", "crf_reference_side"), 0)
     _at_least("train", t, ("max_failures",), -1)
     _positive("train", t, ("lr", "cpus_per_worker", *_CRF_KERNELS))
     if t.batch_size % t.num_workers:

@@ -35,6 +35,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from mars_ray.algo.complement import certain_mask, complement_labels, restrict_probs, weighted_cross_entropy
+from mars_ray.algo.crf import kernels_for
 from mars_ray.algo.metrics import ConfusionMatrix
 from mars_ray.labels import BIASED, IGNORE
 
@@ -252,17 +253,29 @@ def _dense_crf_job(job: Tuple[np.ndarray, np.ndarray, Dict[str, Any]]) -> np.nda
     return dense_crf(image, probs, **kwargs)
 
 
+def _image_sides(batch: Mapping[str, Any]) -> Optional[list[float]]:
+    """Per image, the side (pixels) of the whole image a training crop was cut from (``SegAugment``'s
+    ``image_side``), or ``None`` for batches of whole images."""
+    if "image_side" not in batch:
+        return None
+    return [float(v) for v in torch.as_tensor(batch["image_side"]).flatten().tolist()]
+
+
 def _crf_refine(probs: Tensor, images: Tensor, crf: Dict[str, Any], only: Optional[Tensor] = None,
-                crf_map: Optional[CrfMap] = None) -> Tensor:
+                crf_map: Optional[CrfMap] = None, sides: Optional[Sequence[float]] = None) -> Tensor:
     """Dense-CRF each image's ``probs [B,K,H,W]`` with ``images [B,H,W,3]`` uint8; ``only[b]`` False skips one.
 
-    ``crf_map`` (e.g. a ``ProcessPoolExecutor``'s ``map``) runs the per-image CRFs; pydensecrf holds
+    ``crf``: ``dense_crf`` kwargs, optionally with ``reference_side`` (``algo.crf.kernels_for``): the
+    bilateral width is then scaled to each image's size, ``sides[b]`` (a crop's whole-image side)
+    when given, else the image's own H×W. ``crf_map`` (e.g. a ``ProcessPoolExecutor``'s ``map``) runs the per-image CRFs; pydensecrf holds
     the GIL, so only processes run them side by side. Without it they run here, one after another.
     """
     out = probs.clone()
     imgs = images.cpu().numpy()
     todo = [b for b in range(probs.shape[0]) if only is None or bool(only[b])]
-    jobs = [(imgs[b], probs[b].float().cpu().numpy(), crf) for b in todo]
+    h, w = imgs.shape[1:3]
+    jobs = [(imgs[b], probs[b].float().cpu().numpy(),
+             kernels_for(crf, (h, w) if sides is None else (sides[b], sides[b]))) for b in todo]
     refined = (crf_map or map)(_dense_crf_job, jobs)
     for b, r in zip(todo, refined):
         out[b] = torch.from_numpy(r).to(out.device, out.dtype)
@@ -408,7 +421,7 @@ def complement_step(
     fill_probs = teacher_probs if class_mask is None else restrict_probs(teacher_probs, class_mask)
     if crf is not None and bool(biased.any()):
         fill_probs = _crf_refine(fill_probs, _image_uint8(batch), crf, only=biased.flatten(1).any(dim=1),
-                                 crf_map=crf_map)
+                                 crf_map=crf_map, sides=_image_sides(batch))
         if class_mask is not None:  # the CRF's pairwise terms must not bring an absent class back
             fill_probs = restrict_probs(fill_probs, class_mask)
     y_co = complement_labels(y_db, fill_probs.argmax(dim=1))
@@ -472,7 +485,8 @@ class SegAugment:
         self.rng = np.random.default_rng(seed)
 
     def numpy(self, image: np.ndarray, label: np.ndarray) -> Dict[str, np.ndarray]:
-        """Augment one pair → ``{"image_uint8": [h,w,3] uint8, "label": [h,w] uint8}`` (numpy)."""
+        """Augment one pair → ``{"image_uint8": [h,w,3] uint8, "label": [h,w] uint8, "image_side": float32}``
+        (numpy); ``image_side`` is sqrt(H·W) of the rescaled image the crop was cut from (the CRF's scale)."""
         image, label = np.asarray(image), np.asarray(label)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
@@ -498,7 +512,8 @@ class SegAugment:
         image, label = image[y : y + ch, x : x + cw], label[y : y + ch, x : x + cw]
         if self.flip and self.rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        return {"image_uint8": np.ascontiguousarray(image), "label": np.ascontiguousarray(label, dtype=np.uint8)}
+        return {"image_uint8": np.ascontiguousarray(image), "label": np.ascontiguousarray(label, dtype=np.uint8),
+                "image_side": np.float32(np.sqrt(nh * nw))}
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> Dict[str, Tensor]:
         out = self.numpy(image, label)
@@ -507,6 +522,7 @@ class SegAugment:
             "image": img.permute(2, 0, 1).float().div_(255.0),
             "image_uint8": img,
             "label": torch.from_numpy(out["label"]).long(),
+            "image_side": torch.tensor(float(out["image_side"])),
         }
 
 

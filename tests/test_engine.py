@@ -423,3 +423,33 @@ def test_segaugment_exact_without_scaling_and_flip_is_used() -> None:
         aug.numpy(image, label[:-1])
     with pytest.raises(ValueError, match="scale_range"):
         SegAugment(16, scale_range=(2.0, 1.0))
+
+
+def test_teacher_fill_crf_is_scaled_to_the_whole_image_a_crop_came_from(monkeypatch) -> None:
+    """``train.crf_reference_side``: the fill CRF's bilateral width follows the size of the image a
+    training crop was cut from (``image_side``), or the image's own size for whole images."""
+    import mars_ray.algo.crf as crf_mod
+
+    seen: list[dict] = []
+
+    def recording_crf(image, probs, **kwargs):
+        seen.append(kwargs)
+        return np.asarray(probs, np.float32)
+
+    monkeypatch.setattr(crf_mod, "dense_crf", recording_crf)
+    teacher, student, batch, k = _complement_case()
+    spec = {"iters": 5, "bilateral_sxy": 50.0, "reference_side": 433.0}
+    complement_step(student, teacher, {**batch, "image_side": torch.tensor([216.5])}, num_classes=k, crf=spec)
+    assert seen[-1] == {"iters": 5, "bilateral_sxy": pytest.approx(25.0)}  # a crop of a 216.5 px image: half of 50
+    complement_step(student, teacher, batch, num_classes=k, crf=spec)  # a whole 3×4 image
+    assert seen[-1]["bilateral_sxy"] == pytest.approx(50.0 * math.sqrt(12) / 433.0)
+    complement_step(student, teacher, batch, num_classes=k, crf={"iters": 5, "bilateral_sxy": 50.0})
+    assert seen[-1] == {"iters": 5, "bilateral_sxy": 50.0}  # no reference side: pixels as given
+
+
+def test_segaugment_reports_the_side_of_the_rescaled_image() -> None:
+    image, label = _colour_coded(40, 56)
+    assert SegAugment(16, scale_range=(1.0, 1.0), seed=0).numpy(image, label)["image_side"] == pytest.approx(
+        math.sqrt(40 * 56))
+    out = SegAugment(16, scale_range=(2.0, 2.0), seed=0)(image, label)
+    assert float(out["image_side"]) == pytest.approx(math.sqrt(80 * 112))

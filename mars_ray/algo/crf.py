@@ -30,7 +30,17 @@ def scale_kernels(crf: dict, hw: tuple[int, int], reference_side: float) -> dict
     if reference_side <= 0 or "bilateral_sxy" not in crf:
         return dict(crf)
     h, w = hw
-    return {**crf, "bilateral_sxy": float(crf["bilateral_sxy"]) * float(np.sqrt(h * w)) / float(reference_side)}
+    return {**crf, "bilateral_sxy": float(crf["bilateral_sxy"]) * float(np.sqrt(float(h) * float(w))) / float(reference_side)}
+
+
+def kernels_for(crf: dict, hw: tuple[float, float]) -> dict:
+    """``dense_crf`` kwargs for one image from a CRF spec: ``crf`` may carry ``"reference_side"`` (the
+    ``crf_reference_side`` of a config section), which is removed and, when > 0, scales
+    ``bilateral_sxy`` to an image of ``hw`` = (H, W) (``scale_kernels``). ``hw`` is the size the
+    image has *as a whole*: for a training crop, the rescaled image it was cut from.
+    """
+    rest = {k: v for k, v in crf.items() if k != "reference_side"}
+    return scale_kernels(rest, hw, float(crf.get("reference_side", 0.0)))  # type: ignore[arg-type]
 
 
 def dense_crf(

@@ -41,7 +41,8 @@ def _augmented_batches(shard: Any, augment: SegAugment, batch_size: int, seed: i
         pairs = [augment.numpy(np.asarray(img), np.asarray(lab)) for img, lab in zip(b["image"], b["label"])]
         img = torch.from_numpy(np.stack([p["image_uint8"] for p in pairs]))
         out = {"image": img.permute(0, 3, 1, 2).float().div_(255.0), "image_uint8": img,
-               "label": torch.from_numpy(np.stack([p["label"] for p in pairs])).long()}
+               "label": torch.from_numpy(np.stack([p["label"] for p in pairs])).long(),
+               "image_side": torch.tensor([float(p["image_side"]) for p in pairs])}
         if "class_mask" in b:  # MARS rows: the image's classes C_I, unchanged by the crop
             out["class_mask"] = torch.from_numpy(np.asarray(b["class_mask"], dtype=bool))
         yield out

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mars_ray.algo.crf import VOC_SIDE, dense_crf, scale_kernels
+from mars_ray.algo.crf import VOC_SIDE, dense_crf, kernels_for, scale_kernels
 
 
 def _two_regions(h=20, w=20):
@@ -61,3 +61,17 @@ def test_scale_kernels_follows_the_image_size():
     assert wide["bilateral_sxy"] == pytest.approx(50.0 * np.sqrt(56 * 88) / VOC_SIDE)
     assert scale_kernels(crf, (64, 64), 0.0) == crf  # 0: pixels as given
     assert crf["bilateral_sxy"] == 50.0  # the input is not changed
+
+
+def test_kernels_for_takes_the_reference_side_out_of_a_crf_spec():
+    """A config section's CRF spec may carry ``reference_side``: ``kernels_for`` removes it (``dense_crf``
+    does not take it) and scales the bilateral width to the image, as ``scale_kernels`` does."""
+    spec = {"iters": 10, "bilateral_sxy": 50.0, "reference_side": VOC_SIDE}
+    k = kernels_for(spec, (64, 64))
+    assert "reference_side" not in k and "reference_side" in spec
+    assert k["bilateral_sxy"] == pytest.approx(50.0 * 64 / VOC_SIDE)
+    assert kernels_for({**spec, "reference_side": 0.0}, (64, 64)) == {"iters": 10, "bilateral_sxy": 50.0}
+    assert kernels_for({"iters": 10, "bilateral_sxy": 50.0}, (64, 64))["bilateral_sxy"] == 50.0  # no spec: as given
+    img = np.zeros((8, 8, 3), np.uint8)
+    probs = np.full((2, 8, 8), 0.5, np.float32)
+    dense_crf(img, probs, **k)  # what kernels_for returns is exactly dense_crf's keywords
