@@ -91,6 +91,10 @@ class DebiasConfig:
 
     threshold: float = 0.5  # our choice (the paper states none): keep where M beats this constant
     crf: bool = True  # paper: "refinement (e.g. CRF)"
+    # our choice: the CRF's two-label probabilities from M (algo.debias.unary_probs): "symmetric"
+    # P_fg = M at threshold 0.5 (piecewise linear through (t, 1/2)); "ratio" P_fg ∝ M vs P_bg ∝ t,
+    # the mapping before 2026-12 (at most 67 % sure of a target). benchmarks/unary_bench.py: 23 datasets
+    crf_unary: str = "symmetric"
     crf_iters: int = 10
     crf_gauss_sxy: float = 3.0
     crf_gauss_compat: float = 3.0
@@ -457,6 +461,8 @@ def _validate_ranges(cfg: Config) -> None:
     _at_least("debias", d, ("num_actors", "batch_size", "crf_iters"), 1)
     _positive("debias", d, ("cpus_per_actor", *_CRF_KERNELS))
     _at_least("debias", d, ("gpus_per_actor",), 0)
+    if d.crf_unary not in ("symmetric", "ratio"):  # algo.debias.UNARIES (config imports no algo code)
+        raise ValueError(f"debias.crf_unary must be 'symmetric' or 'ratio', got {d.crf_unary!r}")
     if not 0.0 < d.threshold < 1.0:  # M is in [0, 1]: 0 or 1 would keep everything or nothing
         raise ValueError(f"debias.threshold must be in (0, 1), got {d.threshold}")
     w = cfg.wsss

@@ -126,6 +126,7 @@ def debias_in_process(
     seed: int = 0,
     write_dir: Optional[PathLike] = None,
     crf_reference_side: float = 433.0,
+    crf_unary: str = "symmetric",
 ) -> InProcessResult:
     """features → select → debias over ``split`` of ``root`` in this process; measured against its GT.
 
@@ -138,6 +139,7 @@ def debias_in_process(
         write_dir: if given, the debiased labels are written there as ``{id}.png``.
         crf_reference_side: the CRF's bilateral width is scaled per image by sqrt(H·W) / this
             (``algo.crf.scale_kernels``; 433 = ``DebiasConfig``'s default; 0 = not scaled).
+        crf_unary: the CRF's unary from M (``algo.debias.unary_probs``; ``DebiasConfig``'s default).
 
     Raises:
         FileNotFoundError / ValueError: missing files, or no background / foreground centroids.
@@ -174,7 +176,7 @@ def debias_in_process(
         known = [c for c in classes if sel.present[c]]
         img_crf = None if crf is None else scale_kernels(crf, image.shape[:2], crf_reference_side)
         keep = binarize_activation(activation_map(source(i, image), sel.centroids[known]), threshold=threshold,
-                                   image=image if crf is not None else None, crf=img_crf)
+                                   image=image if crf is not None else None, crf=img_crf, unary=crf_unary)
         keep |= np.isin(pseudo, [c for c in classes if c not in known])
         debiased = debias_label(pseudo, keep)
         quality.update(pseudo, debiased, gt)

@@ -38,6 +38,7 @@ def test_yaml_then_set_then_types(tmp_path: Path):
         ("evaluate.crf_bilateral_srgb=0", "evaluate.crf_bilateral_srgb must be > 0"),
         ("evaluate.crf_gauss_compat=-1", "evaluate.crf_gauss_compat must be >= 0"),
         ("train.crf_reference_side=-1", "train.crf_reference_side must be >= 0"),
+        ("debias.crf_unary=softmax", "debias.crf_unary must be .symmetric. or .ratio."),
     ],
 )
 def test_bad_overrides_name_the_key(item: str, match: str):

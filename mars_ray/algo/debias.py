@@ -41,12 +41,35 @@ def activation_map(features: np.ndarray | torch.Tensor, centroids: np.ndarray) -
     return m.reshape(h, w).cpu().numpy().astype(np.float32)
 
 
+UNARIES = ("symmetric", "ratio")
+"""How ``binarize_activation`` turns M and the threshold into the CRF's two-label probabilities."""
+
+
+def unary_probs(m: np.ndarray, threshold: float | np.ndarray, unary: str = "symmetric") -> np.ndarray:
+    """``[2, h, w]`` float32 (P_bg, P_fg) of the debias CRF from M ``[h, w]`` (``binarize_activation``).
+
+    Raises ValueError for an unknown ``unary`` or a threshold outside (0, 1).
+    """
+    m = np.clip(np.asarray(m, dtype=np.float32), 0.0, 1.0)
+    t = np.asarray(threshold, dtype=np.float32)
+    if not (np.all(t > 0) and np.all(t < 1)):
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if unary == "symmetric":
+        p = np.where(m <= t, m / (2 * t), 1 - (1 - m) / (2 * (1 - t))).astype(np.float32)
+        return np.stack([1 - p, p])
+    if unary == "ratio":
+        tt = np.broadcast_to(t, m.shape).astype(np.float32)
+        return np.stack([tt, m]) / np.maximum(tt + m, 1e-8)[None]
+    raise ValueError(f"unary must be one of {', '.join(UNARIES)}, got {unary!r}")
+
+
 def binarize_activation(
     activation: np.ndarray,
     *,
     threshold: float = 0.5,
     image: np.ndarray | None = None,
     crf: dict | None = None,
+    unary: str = "symmetric",
 ) -> np.ndarray:
     """Binarise M into the keep mask of Eq. 5 (M^db), optionally after dense-CRF refinement.
 
@@ -56,10 +79,18 @@ def binarize_activation(
 
     Without CRF (``crf`` None): keep = M > threshold. With CRF (``image`` uint8 ``[h, w, 3]`` and
     ``crf`` a dict of ``dense_crf`` keyword arguments, ``{}`` for its defaults): a two-label problem
-    with P_fg ∝ M and P_bg ∝ threshold (the constant background score), normalised per pixel — so
-    with no pairwise term the decision is exactly M > threshold — refined by ``dense_crf``;
-    keep = (argmax == fg), ties to not-keep. The sensitivity to both choices is measured by
-    ``benchmarks/debias_sensitivity.py`` (threshold 0.3-0.7 × CRF on/off on make-dataset variants).
+    whose unary is refined by ``dense_crf``; keep = (argmax == fg), ties to not-keep. With no
+    pairwise term the decision is exactly M > threshold for either ``unary``:
+
+    * ``"symmetric"`` (default): P_fg = piecewise-linear in M through (0, 0), (t, ½) and
+      (1, 1), P_bg = 1 − P_fg; at t = 0.5, P_fg = M. A perfect match is as certain a target as
+      M = 0 is certain background.
+    * ``"ratio"`` (before 2026-12): P_fg ∝ M, P_bg ∝ t. It can never be more than 1/(1+t) sure of a
+      target (0.67 at M = 1) while M = 0 is certain background; the CRF's pairwise terms then
+      removed targets whose colours the context shares (``benchmarks/unary_bench.py``; README
+      "Debiasing quality across datasets").
+
+    The sensitivity to these choices is measured by ``benchmarks/debias_sensitivity.py``.
 
     Args:
         activation: M ``[h, w]``.
@@ -70,6 +101,8 @@ def binarize_activation(
     Raises:
         ValueError: activation not 2-D, or ``crf`` given without ``image`` (or mismatching shapes).
     """
+    if unary not in UNARIES:
+        raise ValueError(f"unary must be one of {', '.join(UNARIES)}, got {unary!r}")
     m = np.asarray(activation, dtype=np.float32)
     if m.ndim != 2:
         raise ValueError(f"activation must be [h, w], got {m.shape}")
@@ -79,8 +112,7 @@ def binarize_activation(
         raise ValueError("binarize_activation: crf options given but no image to refine with")
     from mars_ray.algo.crf import dense_crf
 
-    t = np.full_like(m, threshold)
-    probs = np.stack([t, m]) / np.maximum(t + m, 1e-8)[None]
+    probs = unary_probs(m, threshold, unary)
     q = dense_crf(image, probs, **crf)
     return q[1] > q[0]
 

@@ -4,7 +4,8 @@ Ray Data shards the ids over an actor pool; each actor loads V^c and its feature
 image: M = ReLU(max over the image's classes C_I of cos(F, V^c)) (Eq 4; C_I from the image-level
 labels when the dataset has them, else the classes present in Y^b — the log says which), dense-CRF
 refinement (its bilateral width scaled to the image's size: ``debias.crf_reference_side``) and
-binarisation (our choice, ``debias.threshold``: the paper says only "refinement (e.g. CRF)"), then foreground pixels of Y^b with M^db = 0 become BIASED (254) (Eq 5). Images whose Y^b has a
+binarisation (our choice, ``debias.threshold`` and the CRF's unary ``debias.crf_unary``: the paper
+says only "refinement (e.g. CRF)"), then foreground pixels of Y^b with M^db = 0 become BIASED (254) (Eq 5). Images whose Y^b has a
 class their image-level labels lack are counted (one warning, ``stats.json``), not refused. PNGs are written
 by the actors themselves with deterministic names (temp + rename locally, one upload on an object
 store), so a retried task overwrites cleanly and a resumed run skips the ids already written (each
@@ -61,6 +62,7 @@ def debias_one(
     crf: dict[str, float] | None,
     image_classes: Sequence[int] | None = None,
     crf_reference_side: float = 0.0,
+    crf_unary: str = "symmetric",
 ) -> np.ndarray:
     """Y^b ``[H, W]`` uint8 + F ``[d, H, W]`` + V ``[C+1, d]`` → Y^db ``[H, W]`` uint8 (Eq 4–5).
 
@@ -77,7 +79,7 @@ def debias_one(
     activation = activation_map(feats, centroids[known])
     if crf is not None:
         crf = scale_kernels(crf, image.shape[:2], crf_reference_side)
-    keep = binarize_activation(activation, threshold=threshold, image=image, crf=crf)
+    keep = binarize_activation(activation, threshold=threshold, image=image, crf=crf, unary=crf_unary)
     unknown = [c for c in classes if c not in known and c in in_pseudo]
     if unknown:
         keep |= np.isin(pseudo, unknown)
@@ -101,6 +103,7 @@ class DebiasImages:
         image_labels: bool = False,
         threads: int = 1,
         crf_reference_side: float = 0.0,
+        crf_unary: str = "symmetric",
     ) -> None:
         torch.set_num_threads(max(1, threads))
         self.dataset = VOCDataset(**dataset)
@@ -115,6 +118,7 @@ class DebiasImages:
         self.threshold = threshold
         self.crf = crf
         self.crf_reference_side = crf_reference_side
+        self.crf_unary = crf_unary
         self.skip_existing = skip_existing
         # resuming: the labels written before this run, from one listing (not a request per id)
         self.written: frozenset[str] = frozenset(storage.list_files(self.out_dir)) if skip_existing else frozenset()
@@ -154,7 +158,7 @@ class DebiasImages:
                 )
             debiased = debias_one(image, pseudo, feats, self.centroids, self.present, threshold=self.threshold,
                                   crf=self.crf, image_classes=image_classes,
-                                  crf_reference_side=self.crf_reference_side)
+                                  crf_reference_side=self.crf_reference_side, crf_unary=self.crf_unary)
             write_label(out, debiased)
         is_fg = (pseudo >= 1) & (pseudo <= MAX_CLASSES)
         n = self.dataset.num_classes + 1  # check_label (or the earlier run) bounds the pseudo classes by C
@@ -213,6 +217,7 @@ def debias_kwargs(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, out_d
         threshold=d.threshold,
         crf=d.crf_kwargs(),
         crf_reference_side=d.crf_reference_side,
+        crf_unary=d.crf_unary,
         skip_existing=skip_existing,
         image_labels=image_labels,
         threads=max(1, int(d.cpus_per_actor)),
