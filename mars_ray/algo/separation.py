@@ -146,15 +146,30 @@ def does_not_separate(scores: dict[int, dict[str, float]], threshold: float = SE
     return [c for c, s in sorted(scores.items()) if np.isfinite(s["score"]) and s["score"] < threshold]
 
 
+#: the USS a warning can suggest, by ``features.extractor`` (``"external"``: ``--features-dir``)
+_ALTERNATIVES = {"adaptive": "features.extractor=adaptive", "texture": "features.extractor=texture",
+                 "stego": "--uss", "external": "--features-dir"}
+
+
+def _other_extractors(current: str | None) -> str:
+    """``"a, b or c"``: the USS to try instead of ``current`` (all of them when it is unknown)."""
+    names = [v for k, v in _ALTERNATIVES.items() if k != current]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def separation_warnings(scores: dict[int, dict[str, float]], class_names: list[str],
-                        threshold: float = SEPARATION_THRESHOLD) -> list[str]:
+                        threshold: float = SEPARATION_THRESHOLD, extractor: str | None = None) -> list[str]:
     """One log line per class that does not separate (``class_names`` indexed by class id, background first).
+
+    ``extractor``: the USS in use (a ``features.extractor`` name, or ``"external"``), which the line
+    then does not suggest.
 
     A class whose chosen centroids activate their own mean (``kept_chosen`` >= 0.5) but whose other
     centroids do too has nothing MARS can remove with these features (no bias, or a bias the features
     do not see); otherwise debiasing may remove the targets themselves.
     """
     lines = []
+    others = _other_extractors(extractor)
     for c in does_not_separate(scores, threshold):
         s = scores[c]
         name = class_names[c] if c < len(class_names) else str(c)
@@ -163,11 +178,9 @@ def separation_warnings(scores: dict[int, dict[str, float]], class_names: list[s
                 f"chosen and {s['kept_not_chosen']:.0%} of the other centroids' pixels)")
         if s["kept_chosen"] >= 0.5:  # both groups activate V^c: more likely little is removed
             tail = ("; both groups look alike to these features, so it will more likely remove little: fine if the "
-                    "class has no co-occurring context, else try another extractor (features.extractor=adaptive or "
-                    "texture, --uss, or --features-dir)")
+                    f"class has no co-occurring context, else try another USS ({others})")
         else:
-            tail = ("; try another extractor (features.extractor=adaptive or texture, --uss, or --features-dir) or a "
-                    "different select.alpha")
+            tail = f"; try another USS ({others}) or a different select.alpha"
         lines.append(head + tail)
     return lines
 

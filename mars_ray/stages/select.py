@@ -243,7 +243,12 @@ def _paper_ratios(iou: np.ndarray) -> dict[str, float | None]:
     return {"paper_target_ratio": r["target_ratio"], "paper_biased_ratio": r["biased_ratio"]}
 
 
-def separation_warnings_of(report_path: AnyPath) -> list[str]:
+def _extractor(cfg: C.Config) -> str:
+    """The USS the features came from, as the separation warning names it."""
+    return "external" if cfg.data.features_dir else cfg.features.extractor
+
+
+def separation_warnings_of(report_path: AnyPath, extractor: str | None = None) -> list[str]:
     """The separation warnings of a written ``report.json`` (per class ``separation``; none in older reports)."""
     import json
 
@@ -255,7 +260,7 @@ def separation_warnings_of(report_path: AnyPath) -> list[str]:
     names = ["background"] * (max(scores, default=0) + 1)
     for name, e in per.items():
         names[e["class_id"]] = name
-    return separation_warnings(scores, names)
+    return separation_warnings(scores, names, extractor=extractor)
 
 
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
@@ -271,7 +276,7 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     sd = stage_dir(cfg, run_dir)
     if sd.is_complete():
         logger.info("select: up to date in %s, skipping", sd.path)
-        for line in separation_warnings_of(sd.path / "report.json"):  # every run's log says it, not only the first
+        for line in separation_warnings_of(sd.path / "report.json", _extractor(cfg)):  # every run's log says it, not only the first
             logger.warning("select: %s", line)
         return sd.root
     dataset = inputs.open_dataset(cfg)
@@ -289,12 +294,13 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         report = result["report"]
         report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
         scores = {e["class_id"]: e["separation"] for e in report["per_class"].values() if "separation" in e}
-        warnings = separation_warnings(scores, list(dataset.classes))
+        warnings = separation_warnings(scores, list(dataset.classes), extractor=_extractor(cfg))
         for e in report["per_class"].values():  # the run report shows the flag and the line
             if "separation" in e:
                 score = e["separation"]["score"]
                 e["separation"]["separates"] = None if not np.isfinite(score) else bool(score >= SEPARATION_THRESHOLD)
-                line = separation_warnings({e["class_id"]: e["separation"]}, list(dataset.classes))
+                line = separation_warnings({e["class_id"]: e["separation"]}, list(dataset.classes),
+                                           extractor=_extractor(cfg))
                 if line:
                     e["separation"]["message"] = line[0]
         report["separation_threshold"] = SEPARATION_THRESHOLD

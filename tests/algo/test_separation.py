@@ -119,3 +119,14 @@ def test_warning_lines() -> None:
     assert lines[0].startswith("the USS features do not separate objects from their contexts for class boat")
     assert "debiasing may remove targets" in lines[0]
     assert "class train" in lines[1] and "remove little" in lines[1]
+
+
+def test_warning_suggests_only_other_extractors() -> None:
+    scores = {1: {"kept_chosen": 0.1, "kept_not_chosen": 0.0, "score": 0.1}}
+    names = ["background", "boat"]
+    line = separation_warnings(scores, names, extractor="adaptive")[0]
+    assert "try another USS (features.extractor=texture, --uss or --features-dir)" in line
+    assert "extractor=adaptive" not in line
+    assert "(features.extractor=adaptive, features.extractor=texture, --uss or --features-dir)" in \
+        separation_warnings(scores, names)[0]  # unknown: all four
+    assert "--features-dir" not in separation_warnings(scores, names, extractor="external")[0]
