@@ -119,6 +119,7 @@ def _alternatives(run: Path, tmp: Path, tiny_data: Path) -> dict[str, Callable[[
         "train.baseline": baseline,
         "evaluate.checkpoint": lambda _: _copy(run / "train" / "model.pt", tmp / "other.pt"),
         "wsss.classifier": lambda _: "cam",
+        "debias.crf_unary": lambda v: "ratio" if v == "symmetric" else "symmetric",
         "uss.backbone": lambda _: "vit_tiny_test",
         "uss.backbone_weights": lambda _: _copy(run / "uss" / "checkpoint.pt", tmp / "weights.pth"),
     }

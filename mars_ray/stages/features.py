@@ -294,12 +294,38 @@ def stored_stats(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset) -> tuple[
     return (path, digest) if digest == out.get("uss_stats_digest") else None
 
 
+def stats_cache_path(cfg: C.Config, dataset: VOCDataset) -> AnyPath | None:
+    """``CACHE/uss_stats-<fit_key>.npz`` with ``features.cache_dir`` set (else ``None``): one fit per split
+    and seed, shared by every run of the cache (Tune trials), so none refits and each knows the digest
+    (hence its features key) before the stage runs."""
+    cache_dir = inputs.config_path(cfg.features.cache_dir)
+    return None if cache_dir is None else cache_dir / f"uss_stats-{fit_key(cfg, dataset)}.npz"
+
+
+def _cached_stats(cfg: C.Config, dataset: VOCDataset) -> tuple[Any, str] | None:
+    path = stats_cache_path(cfg, dataset)
+    if path is None or not path.is_file():
+        return None
+    from mars_ray.models.adaptive import AdaptiveStats
+
+    try:
+        stats = AdaptiveStats.load(path)
+    except ValueError as e:  # a damaged or foreign file: fit again and replace it
+        logger.warning("features: ignoring the cached adaptive statistics (%s)", e)
+        return None
+    return stats, stats.digest
+
+
 def ensure_stats(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, fit: bool = True) -> tuple[Any, str | None]:
     """``(stats or None, digest)``: the stored fit when it is current (``stats`` None: nothing to write),
-    else a fresh fit in a Ray task (``fit``; with ``fit=False`` → ``(None, None)``)."""
+    else the fit in the features cache (``stats_cache_path``), else a fresh fit in a Ray task, which
+    the cache then keeps (``fit``; with ``fit=False`` and no fit to reuse → ``(None, None)``)."""
     stored = stored_stats(cfg, run_dir, dataset)
     if stored is not None:
         return None, stored[1]
+    cached = _cached_stats(cfg, dataset)
+    if cached is not None:
+        return cached
     if not fit:
         return None, None
     import ray
@@ -307,6 +333,10 @@ def ensure_stats(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, fit: b
     ensure_ray(cfg.ray)
     task = ray.remote(num_cpus=1)(fit_split_stats)
     stats = ray.get(task.remote(dataset.spec(), dataset.ids(cfg.data.split), cfg.features.seed))
+    path = stats_cache_path(cfg, dataset)
+    if path is not None:  # deterministic content: concurrent writers write the same bytes, atomically
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stats.save(path)
     return stats, stats.digest
 
 

@@ -266,7 +266,8 @@ def separation_warnings_of(report_path: AnyPath, extractor: str | None = None) -
 def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
     upstream = require_complete(run_dir / "features", "features")
     slice_ = {"select": {"alpha": cfg.select.alpha}, "data": inputs.dataset_key(cfg, []),  # classes, report names
-              "separation_threshold": cfg.debias.threshold}  # the report's separation score applies Eq 4's threshold
+              "separation_threshold": cfg.debias.threshold,  # the report's separation score applies Eq 4's threshold
+              "uss": _extractor(cfg)}  # named in the report's separation messages
     fingerprints = {"features": upstream["key"]}
     return StageDir(run_dir / "select", "select", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
