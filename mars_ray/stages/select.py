@@ -275,9 +275,10 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath) -> StageDir:
 def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
     """Select V^c from ``RUN/features``; returns ``RUN/select`` (skipped when already complete)."""
     sd = stage_dir(cfg, run_dir)
+    uss = _extractor(cfg)  # the USS the separation messages do not suggest
     if sd.is_complete():
         logger.info("select: up to date in %s, skipping", sd.path)
-        for line in separation_warnings_of(sd.path / "report.json", _extractor(cfg)):  # every run's log says it, not only the first
+        for line in separation_warnings_of(sd.path / "report.json", uss):  # every run's log says it, not only the first
             logger.warning("select: %s", line)
         return sd.root
     dataset = inputs.open_dataset(cfg)
@@ -295,13 +296,12 @@ def run(cfg: C.Config, run_dir: AnyPath) -> AnyPath:
         report = result["report"]
         report["per_class"] = {dataset.classes[c]: {"class_id": c, **e} for c, e in report["per_class"].items()}
         scores = {e["class_id"]: e["separation"] for e in report["per_class"].values() if "separation" in e}
-        warnings = separation_warnings(scores, list(dataset.classes), extractor=_extractor(cfg))
+        warnings = separation_warnings(scores, list(dataset.classes), extractor=uss)
         for e in report["per_class"].values():  # the run report shows the flag and the line
             if "separation" in e:
                 score = e["separation"]["score"]
                 e["separation"]["separates"] = None if not np.isfinite(score) else bool(score >= SEPARATION_THRESHOLD)
-                line = separation_warnings({e["class_id"]: e["separation"]}, list(dataset.classes),
-                                           extractor=_extractor(cfg))
+                line = separation_warnings({e["class_id"]: e["separation"]}, list(dataset.classes), extractor=uss)
                 if line:
                     e["separation"]["message"] = line[0]
         report["separation_threshold"] = SEPARATION_THRESHOLD
