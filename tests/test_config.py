@@ -38,6 +38,7 @@ def test_yaml_then_set_then_types(tmp_path: Path):
         ("evaluate.crf_bilateral_srgb=0", "evaluate.crf_bilateral_srgb must be > 0"),
         ("evaluate.crf_gauss_compat=-1", "evaluate.crf_gauss_compat must be >= 0"),
         ("train.crf_reference_side=-1", "train.crf_reference_side must be >= 0"),
+        ("train.complement_scales=[1.0,0]", "train.complement_scales must be positive factors"),
         ("debias.crf_unary=softmax", "debias.crf_unary must be .symmetric. or .ratio."),
     ],
 )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mars_ray.algo.complement import ema_update
+from mars_ray.algo.complement import complement_labels, ema_update
 from mars_ray.engine import (
     SegAugment,
     baseline_step,
@@ -243,6 +243,32 @@ def test_complement_step_matches_manual_eq6_eq7() -> None:
     assert torch.all(g[:, 0, 3] == 0) and torch.all(g[:, 2, 0] == 0)
     t_arg = teacher.logits[0, :, 1, 0].argmax()
     assert g[t_arg, 1, 0] < 0
+
+
+class CoarseOracle(nn.Module):
+    """A segmenter that answers at stride 4, as DeepLabV3+'s decoder does, and calls a 4×4 cell object when
+    any of it is ("red > 0.5"): the over-reach at boundaries the teacher showed (upsampled by ``predict_probs``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fg = F.max_pool2d((x[:, :1] > 0.5).float(), 4, ceil_mode=True)
+        return 8.0 * torch.cat([1 - fg, fg], 1)
+
+
+def test_multi_scale_fill_bleeds_less_into_removed_context() -> None:
+    """Why train.complement_scales defaults to (1, 1.5, 2) + flip: a stride-4 teacher's single-scale fill spreads
+    the object over the removed context next to it; the up-scaled inputs narrow that blur."""
+    h = w = 32
+    image = torch.zeros(1, 3, h, w)
+    image[0, 0, 10:21, 9:22] = 1.0  # the object, off the 4-px grid
+    obj = image[0, 0] > 0.5
+    ring = F.max_pool2d(obj[None, None].float(), 9, stride=1, padding=4)[0, 0].bool() & ~obj
+    y_db = torch.where(obj, torch.tensor(1), torch.tensor(0))[None]
+    y_db[0][ring] = 254  # the context debiasing removed around the object (truly background)
+    bled = {}
+    for name, kw in {"single": dict(scales=(1.0,)), "multi": dict(scales=(1.0, 1.5, 2.0), flip=True)}.items():
+        fill = predict_probs(CoarseOracle(), image, **kw).argmax(1)
+        bled[name] = int((complement_labels(y_db, fill)[0][ring] == 1).sum())
+    assert bled["single"] > 0 and bled["multi"] <= 0.75 * bled["single"], bled
 
 
 def test_complement_step_plain_ce_and_crf_identity() -> None:

@@ -301,7 +301,8 @@ def _train_and_write(cfg: C.Config, run_dir: AnyPath, sd: StageDir, dataset: VOC
     if names["complement"]:
         out = _fresh(run_dir / names["complement"])
         evaluate_stage.predict_split(split=cfg.data.split, out_dir=out, crf=t.crf_kwargs(), fill_dir=labels,
-                                     class_source=classes, **predict)
+                                     class_source=classes, scales=t.complement_scales,
+                                     flip=t.complement_flip, **predict)
     if _has_split(dataset, cfg.data.eval_split):
         out = _fresh(run_dir / names["predict"] / cfg.data.eval_split)
         evaluate_stage.predict_split(split=cfg.data.eval_split, out_dir=out, **predict)

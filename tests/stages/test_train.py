@@ -166,3 +166,11 @@ def test_checkpoint_of_another_class_count_is_named(run: Path, tiny_data: Path, 
     shutil.copytree(run / "debias", other / "debias")
     _raises_before_training(_cfg(tiny_data, **{"train.init_checkpoint": str(ckpt)}), other,
                             rf"{ckpt}: trained for num_classes=3 .* expected 5")
+
+
+def test_complement_scales_are_part_of_the_train_key(run: Path, tiny_data: Path):
+    """RUN/complement is written with train.complement_scales / complement_flip: changing them redoes the stage."""
+    base = train.stage_dir(_cfg(tiny_data), run).key
+    assert train.stage_dir(_cfg(tiny_data, **{"train.complement_scales": [1.0]}), run).key != base
+    assert train.stage_dir(_cfg(tiny_data, **{"train.complement_flip": False}), run).key != base
+    assert C.build().train.complement_scales == (1.0, 1.5, 2.0) and C.build().train.complement_flip
