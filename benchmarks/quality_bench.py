@@ -15,7 +15,7 @@ against the train split's ground truth, in this process:
 
 Extractors: ``adaptive`` (the default: nothing set), ``texture`` (``features.extractor=texture``),
 ``learned`` (``--uss``: the uss stage first distils a STEGO head from the adaptive features on Ray
-Train, ~300 steps), ``external``
+Train with the ``uss.*`` defaults: 5 · images steps), ``external``
 (``--features-dir``: the 9-channel features of issue 9 — local RGB mean, local std of luminance
 and of chroma at 2 scales, gradient magnitude at 2 scales — each standardised over the split,
 written by this script).
@@ -131,12 +131,7 @@ def overrides_for(extractor: str, root: Path, work: Path, quick: bool, epochs: i
     if extractor == "texture":
         o["features.extractor"] = "texture"
     elif extractor == "learned":
-        o["features.extractor"] = pipeline.LEARNED_EXTRACTOR  # what --uss sets (uss.backbone: adaptive)
-        # the head sees one crop per image an epoch: ~300 steps (the in-process distillation's minimum,
-        # models/stego_distill.py) need 300 · batch / images epochs; batch 4 keeps the per-epoch
-        # checkpoint overhead of Ray Train (~4 s an epoch here) from dominating
-        n = len(VOCDataset(root).ids("train"))
-        o.update({"uss.epochs": max(20, math.ceil(300 * 4 / n)), "uss.batch_size": 4, "uss.crop_size": 64})
+        o["features.extractor"] = pipeline.LEARNED_EXTRACTOR  # what --uss sets; the uss.* defaults as a user gets them
     elif extractor == "external":
         o["data.features_dir"] = str(nine_channel_features(root, work / "feats" / root.name))
     return o
