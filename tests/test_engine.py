@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mars_ray.algo.complement import complement_labels, ema_update
+from mars_ray.config import TrainConfig
 from mars_ray.engine import (
     SegAugment,
     baseline_step,
@@ -19,6 +20,7 @@ from mars_ray.engine import (
     predict_probs,
     train_one_epoch,
 )
+from mars_ray.labels import BIASED
 from mars_ray.models.deeplab import deeplab_tiny
 
 
@@ -263,9 +265,11 @@ def test_multi_scale_fill_bleeds_less_into_removed_context() -> None:
     obj = image[0, 0] > 0.5
     ring = F.max_pool2d(obj[None, None].float(), 9, stride=1, padding=4)[0, 0].bool() & ~obj
     y_db = torch.where(obj, torch.tensor(1), torch.tensor(0))[None]
-    y_db[0][ring] = 254  # the context debiasing removed around the object (truly background)
+    y_db[0][ring] = BIASED  # the context debiasing removed around the object (truly background)
     bled = {}
-    for name, kw in {"single": dict(scales=(1.0,)), "multi": dict(scales=(1.0, 1.5, 2.0), flip=True)}.items():
+    shipped = TrainConfig()
+    multi = dict(scales=shipped.complement_scales, flip=shipped.complement_flip)
+    for name, kw in {"single": dict(scales=(1.0,)), "multi": multi}.items():
         fill = predict_probs(CoarseOracle(), image, **kw).argmax(1)
         bled[name] = int((complement_labels(y_db, fill)[0][ring] == 1).sum())
     assert bled["single"] > 0 and bled["multi"] <= 0.75 * bled["single"], bled
