@@ -1,0 +1,229 @@
+"""Why the adaptive USS has the constants it has: each alternative on 19 datasets, in one process (no Ray).
+
+The adaptive extractor's constants (``mars_ray/models/adaptive.py``) must not be tuned to one
+dataset. This benchmark measures every alternative tried against the shipped design on the same
+spread of data: the 8 quick ``benchmarks/quality_bench.py`` variants (32-48 images, 56-72 px) and
+the 11 larger ``benchmarks/quality_lab.py`` sets (80-120 images, 64-128 px, the two independent
+hold-out generators included). Per (ablation, dataset) it runs ``mars_ray.quality.debias_in_process``
+(the pipeline's K-means, Eq 1-3, Eq 4 with the default CRF, Eq 5) and reports:
+
+* pseudo / debiased mIoU, removal recall, retention and the target-centroid ratio (as quality_lab);
+* ``eq1_auc_min``: with the object/context split of each pseudo-label region taken from ground
+  truth (not K-means), the smallest per-class AUC of Eq 1's distance ranking objects above their
+  contexts — 1.0 when the features let Eq 1 tell every object from its context, 0.5 when they
+  carry no such signal. It separates a feature-space failure (Eq 1) from a clustering one (K_fg).
+
+One summary line per ablation (means and minima over the 19 datasets, targets met out of 57) goes
+to ``OUT.md``; every row to ``OUT.json``.
+
+Ablations (``ABLATIONS``), each a change of one thing against ``shipped``:
+``colour-sigma-3``/``-5`` (colour smoothing σ in px), ``energy-pool-0.6``/``-1.0`` (Gabor energy
+pooling σ per wavelength), ``codebooks-32-128``, ``codebooks-16-128``, ``codebooks-8-128`` (the
+codebook pyramid), ``no-linear`` (codebook parts only, the whitened linear part dropped),
+``colour-only`` (diagnostic: the whitened colour group alone), ``kmeans-restarts-region``
+(best of 10 K-means initialisations in the per-region clustering) and
+``kmeans-restarts-codebook`` (best of 10 for the codebooks).
+
+    python benchmarks/adaptive_ablation.py [--ablations a,b] [--datasets q:colour,l:holdout-A]
+        [--work DIR] [--out benchmarks/results/adaptive_ablation] [--smoke-test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from unittest import mock
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import quality_bench as QB  # noqa: E402
+import quality_lab as QL  # noqa: E402
+
+import mars_ray.algo.clustering as clustering  # noqa: E402
+import mars_ray.models.adaptive as adaptive  # noqa: E402
+from mars_ray.algo.clustering import cluster_regions  # noqa: E402
+from mars_ray.config import DebiasConfig  # noqa: E402
+from mars_ray.data.label_io import read_image, read_label  # noqa: E402
+from mars_ray.data.voc import VOCDataset  # noqa: E402
+from mars_ray.quality import debias_in_process  # noqa: E402
+
+DATASETS = [f"q:{n}" for n in QB.VARIANTS] + [f"l:{n}" for n in list(QL.VARIANTS) + list(QL.HOLDOUT)]
+
+
+def _kmeans_restarts(n_init: int) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """``clustering.kmeans`` with the best of ``n_init`` k-means++ initialisations (lowest inertia)."""
+    def km(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.cluster import KMeans
+
+        m = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=iters, tol=0.0, algorithm="lloyd",
+                   random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            labels = m.fit_predict(np.asarray(x, dtype=np.float32))
+        return m.cluster_centers_.astype(np.float32), labels.astype(np.int64)
+    return km
+
+
+def _codebooks(sizes: tuple[int, ...]) -> contextlib.AbstractContextManager:
+    init = adaptive.AdaptiveFitter.__init__
+
+    def patched(self: Any, *a: Any, **kw: Any) -> None:
+        kw["codebook_sizes"] = sizes
+        init(self, *a, **kw)
+    return mock.patch.object(adaptive.AdaptiveFitter, "__init__", patched)
+
+
+def _finish_with(change: Callable[[adaptive.AdaptiveStats], adaptive.AdaptiveStats]) -> contextlib.AbstractContextManager:
+    finish = adaptive.AdaptiveFitter.finish
+
+    def patched(self: Any, **kw: Any) -> adaptive.AdaptiveStats:
+        return change(finish(self, **kw))
+    return mock.patch.object(adaptive.AdaptiveFitter, "finish", patched)
+
+
+def _no_linear(s: adaptive.AdaptiveStats) -> adaptive.AdaptiveStats:
+    scales = s.scales.copy()
+    scales[0] = 1e9  # the linear part divided to ~0: F = the codebook parts
+    return dataclasses.replace(s, scales=scales)
+
+
+def _colour_only() -> contextlib.AbstractContextManager:
+    whiten = adaptive._block_whitening
+
+    def patched(x: np.ndarray, groups: list) -> tuple[np.ndarray, np.ndarray]:
+        mean, transform = whiten(x, groups)
+        return mean, transform[:, : int((transform[:3] != 0).any(0).sum())]
+    return mock.patch.object(adaptive, "_block_whitening", patched)
+
+
+ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "shipped": contextlib.nullcontext,
+    "colour-sigma-3": lambda: mock.patch.object(adaptive, "COLOUR_SIGMA", 3.0),
+    "colour-sigma-5": lambda: mock.patch.object(adaptive, "COLOUR_SIGMA", 5.0),
+    "energy-pool-0.6": lambda: mock.patch.object(adaptive, "ENERGY_POOL", (0.6, 1.0)),
+    "energy-pool-1.0": lambda: mock.patch.object(adaptive, "ENERGY_POOL", (1.0, 1.0)),
+    "codebooks-32-128": lambda: _codebooks((32, 64, 128)),
+    "codebooks-16-128": lambda: _codebooks((16, 32, 64, 128)),
+    "codebooks-8-128": lambda: _codebooks((8, 16, 32, 64, 128)),
+    "no-linear": lambda: _finish_with(_no_linear),
+    "colour-only": _colour_only,
+    "kmeans-restarts-region": lambda: mock.patch.object(clustering, "kmeans", _kmeans_restarts(10)),
+    "kmeans-restarts-codebook": lambda: mock.patch.object(adaptive, "kmeans", _kmeans_restarts(10)),
+}
+
+
+def dataset_root(name: str, work: Path, smoke: bool) -> Path:
+    kind, _, variant = name.partition(":")
+    if kind == "q":
+        return QB.make_variant(variant, work / "quick", True)
+    if kind == "l":
+        return QL.dataset(variant, work / ("lab-smoke" if smoke else "lab"), smoke)
+    raise ValueError(f"dataset {name!r}: expected q:<quality_bench variant> or l:<quality_lab set>")
+
+
+def eq1_auc(root: Path, source: Callable[[str, np.ndarray], np.ndarray]) -> dict[int, float]:
+    """Per class: AUC of Eq 1's distance ranking GT-object centroids above GT-context centroids of Y^b's regions."""
+    ds = VOCDataset(root)
+    bg, parts = [], []
+    for i in ds.ids("train"):
+        image, pseudo = read_image(ds.image_path(i)), read_label(root / "pseudo_labels" / f"{i}.png")
+        gt = read_label(ds.gt_path(i))  # type: ignore[arg-type]
+        f = source(i, image)
+        rc = cluster_regions(f, pseudo, k_fg=2, k_bg=2, max_pixels=20000, iters=20, seed=0)
+        bg += [rc.vector[r] for r in range(len(rc)) if rc.is_bg[r]]
+        for c in np.unique(pseudo):
+            if not 1 <= c < 255:
+                continue
+            for is_obj, m in ((True, (pseudo == c) & (gt == c)), (False, (pseudo == c) & (gt != c))):
+                if m.sum() > 20:
+                    x = f[:, m].T
+                    parts.append((int(c), is_obj, (x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)).mean(0)))
+    b = np.stack(bg)
+    mean_bg = (b / np.linalg.norm(b, axis=1, keepdims=True)).mean(0)  # Eq 1 = (1 - v̂·mean_j b̂_j) / 2
+    out = {}
+    for c in sorted({c for c, _, _ in parts}):
+        d = {o: np.array([(1 - v @ mean_bg / np.linalg.norm(v)) / 2 for cc, oo, v in parts if cc == c and oo == o])
+             for o in (True, False)}
+        if len(d[True]) and len(d[False]):
+            out[c] = float((d[True][:, None] > d[False][None]).mean() + 0.5 * (d[True][:, None] == d[False][None]).mean())
+    return out
+
+
+def run_one(ablation: str, name: str, work: Path, smoke: bool) -> dict[str, Any]:
+    root = dataset_root(name, work, smoke)
+    t0 = time.perf_counter()
+    with ABLATIONS[ablation]():
+        source, info = QL.extractor("adaptive", root, 0, smoke)
+        res = debias_in_process(root, source, crf=DebiasConfig().crf_kwargs(), seed=0)
+        auc = eq1_auc(root, source)
+    row = {"ablation": ablation, "dataset": name, **res.row(), "dim": info.get("dim"),
+           "eq1_auc": {str(c): round(v, 3) for c, v in auc.items()},
+           "eq1_auc_min": min(auc.values()) if auc else float("nan"),
+           "seconds": round(time.perf_counter() - t0, 1)}
+    row["gain"] = row["debiased_miou"] - row["pseudo_miou"]
+    row["targets"] = QL.targets(row)
+    return row
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    out = ["| ablation | datasets | mean debiased mIoU | min gain | mean removal | min removal | mean retention | "
+           "min retention | Eq-1 AUC, worst class (mean) | targets met | datasets all met |", "|" + "---|" * 11]
+    for ab in dict.fromkeys(r["ablation"] for r in rows):
+        rs = [r for r in rows if r["ablation"] == ab]
+        v = lambda k: np.array([r[k] for r in rs], dtype=float)  # noqa: E731
+        met = sum(t == "✓" for r in rs for t in r["targets"])
+        out.append(
+            f"| {ab} | {len(rs)} | {100 * v('debiased_miou').mean():.1f} | {100 * v('gain').min():+.1f} | "
+            f"{v('removal_recall').mean():.3f} | {v('removal_recall').min():.2f} | {v('retention').mean():.3f} | "
+            f"{v('retention').min():.2f} | {np.nanmean(v('eq1_auc_min')):.2f} | {met}/{3 * len(rs)} | "
+            f"{sum(r['targets'] == '✓✓✓' for r in rs)}/{len(rs)} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ablations", default=",".join(ABLATIONS))
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mars_adaptive_ablation"))
+    ap.add_argument("--out", type=Path, default=None, help="write OUT.json (rows) and OUT.md (summary)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke-test", action="store_true", help="one small dataset, two ablations")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    ablations = ["shipped", "no-linear"] if a.smoke_test else [x for x in a.ablations.split(",") if x]
+    datasets = ["l:colour"] if a.smoke_test else [x for x in a.datasets.split(",") if x]
+    unknown = [x for x in ablations if x not in ABLATIONS]
+    if unknown:
+        ap.error(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
+    rows = []
+    for ab in ablations:
+        for name in datasets:
+            row = run_one(ab, name, a.work, a.smoke_test)
+            rows.append(row)
+            print(f"{ab:26s} {name:22s} pseudo {100 * row['pseudo_miou']:5.1f} debiased {100 * row['debiased_miou']:5.1f} "
+                  f"removal {row['removal_recall']:.2f} retention {row['retention']:.2f} "
+                  f"eq1-auc-min {row['eq1_auc_min']:.2f} {row['targets']}", flush=True)
+            if a.out:
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+                a.out.with_suffix(".md").write_text(
+                    "# adaptive_ablation\n\nOne change against the shipped adaptive USS per line; 19 datasets "
+                    "(8 quick quality_bench variants, 11 quality_lab sets incl. 2 hold-outs); targets: gain >= 8, "
+                    "removal >= 0.80, retention >= 0.90.\n\n" + summary(rows) + "\n")
+    print()
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    main()
