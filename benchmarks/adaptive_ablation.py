@@ -25,7 +25,7 @@ codebook pyramid), ``no-linear`` (codebook parts only, the whitened linear part 
 ``kmeans-restarts-codebook`` (best of 10 for the codebooks).
 
     python benchmarks/adaptive_ablation.py [--ablations a,b] [--datasets q:colour,l:holdout-A]
-        [--work DIR] [--out benchmarks/results/adaptive_ablation] [--smoke-test]
+        [--work DIR] [--out benchmarks/results/adaptive_ablation] [--seed N] [--smoke-test]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def dataset_root(name: str, work: Path, smoke: bool) -> Path:
     raise ValueError(f"dataset {name!r}: expected q:<quality_bench variant> or l:<quality_lab set>")
 
 
-def eq1_auc(root: Path, source: Callable[[str, np.ndarray], np.ndarray]) -> dict[int, float]:
+def eq1_auc(root: Path, source: Callable[[str, np.ndarray], np.ndarray], seed: int = 0) -> dict[int, float]:
     """Per class: AUC of Eq 1's distance ranking GT-object centroids above GT-context centroids of Y^b's regions."""
     ds = VOCDataset(root)
     bg, parts = [], []
@@ -140,7 +140,7 @@ def eq1_auc(root: Path, source: Callable[[str, np.ndarray], np.ndarray]) -> dict
         image, pseudo = read_image(ds.image_path(i)), read_label(root / "pseudo_labels" / f"{i}.png")
         gt = read_label(ds.gt_path(i))  # type: ignore[arg-type]
         f = source(i, image)
-        rc = cluster_regions(f, pseudo, k_fg=2, k_bg=2, max_pixels=20000, iters=20, seed=0)
+        rc = cluster_regions(f, pseudo, k_fg=2, k_bg=2, max_pixels=20000, iters=20, seed=seed)
         bg += [rc.vector[r] for r in range(len(rc)) if rc.is_bg[r]]
         for c in np.unique(pseudo):
             if not 1 <= c < 255:
@@ -160,14 +160,15 @@ def eq1_auc(root: Path, source: Callable[[str, np.ndarray], np.ndarray]) -> dict
     return out
 
 
-def run_one(ablation: str, name: str, work: Path, smoke: bool) -> dict[str, Any]:
+def run_one(ablation: str, name: str, work: Path, smoke: bool, seed: int = 0) -> dict[str, Any]:
     root = dataset_root(name, work, smoke)
     t0 = time.perf_counter()
     with ABLATIONS[ablation]():
-        source, info = QL.extractor("adaptive", root, 0, smoke)
-        res = debias_in_process(root, source, crf=DebiasConfig().crf_kwargs(), seed=0)
-        auc = eq1_auc(root, source)
-    row = {"ablation": ablation, "dataset": name, **res.row(), "dim": info.get("dim"),
+        source, info = QL.extractor("adaptive", root, seed, smoke)
+        res = debias_in_process(root, source, crf=DebiasConfig().crf_kwargs(), seed=seed)
+        auc = eq1_auc(root, source, seed)
+    row = {"ablation": ablation if seed == 0 else f"{ablation} (seed {seed})", "dataset": name, "seed": seed,
+           **res.row(), "dim": info.get("dim"),
            "eq1_auc": {str(c): round(v, 3) for c, v in auc.items()},
            "eq1_auc_min": min(auc.values()) if auc else float("nan"),
            "seconds": round(time.perf_counter() - t0, 1)}
@@ -198,6 +199,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mars_adaptive_ablation"))
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json (rows) and OUT.md (summary)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the adaptive fit and the K-means (features.seed / select.seed): how much a refit moves")
     ap.add_argument("--smoke-test", action="store_true", help="one small dataset, two ablations")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -209,7 +212,7 @@ def main() -> None:
     rows = []
     for ab in ablations:
         for name in datasets:
-            row = run_one(ab, name, a.work, a.smoke_test)
+            row = run_one(ab, name, a.work, a.smoke_test, a.seed)
             rows.append(row)
             print(f"{ab:26s} {name:22s} pseudo {100 * row['pseudo_miou']:5.1f} debiased {100 * row['debiased_miou']:5.1f} "
                   f"removal {row['removal_recall']:.2f} retention {row['retention']:.2f} "
