@@ -58,14 +58,16 @@ def _sq_dists(x: np.ndarray, c: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
     return np.maximum(d2, 0.0)
 
 
-def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """K-means (scikit-learn ``KMeans``: k-means++ seeding, one initialisation, Lloyd), deterministic by seed.
+def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0, n_init: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """K-means (scikit-learn ``KMeans``: k-means++ seeding, Lloyd), deterministic by seed.
 
     Args:
         x: points ``[n, d]`` (cast to float32).
         k: number of clusters, ``1 <= k <= n``.
         iters: at most this many Lloyd iterations; stops earlier once assignments stop changing.
         seed: ``random_state`` of the seeding.
+        n_init: initialisations, the lowest-inertia one kept (1 everywhere in the pipeline;
+            ``benchmarks/adaptive_ablation.py`` measures 10).
 
     Returns:
         ``(centroids [k, d] float32, labels [n] int64)``; ``labels`` are the nearest centroids. With
@@ -73,7 +75,7 @@ def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> tuple[np
         debug level).
 
     Raises:
-        ValueError: x is not 2-D, k < 1 or k > n, or iters < 1.
+        ValueError: x is not 2-D, k < 1 or k > n, or iters < 1 or n_init < 1.
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
@@ -83,11 +85,13 @@ def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0) -> tuple[np
         raise ValueError(f"kmeans needs 1 <= k <= n, got k={k}, n={n}")
     if iters < 1:
         raise ValueError(f"kmeans needs iters >= 1, got {iters}")
+    if n_init < 1:
+        raise ValueError(f"kmeans needs n_init >= 1, got {n_init}")
     # imported here: ``mars_ray.algo`` (hence ``engine``) must import on a GPU box with torch alone
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
-    km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd",
+    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, max_iter=iters, tol=0.0, algorithm="lloyd",
                 random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)

@@ -38,6 +38,20 @@ def test_kmeans_k_equals_n_and_duplicates():
     assert c.shape == (2, 2) and labels.shape == (4,)
 
 
+def test_kmeans_n_init_keeps_the_lowest_inertia_start():
+    from sklearn.cluster import KMeans
+
+    x = np.random.default_rng(5).normal(size=(400, 6)).astype(np.float32)
+    inertia = lambda c, l: float(((x - c[l]) ** 2).sum())  # noqa: E731
+    best = inertia(*kmeans(x, 5, seed=2, n_init=8))
+    ref = KMeans(n_clusters=5, init="k-means++", n_init=8, max_iter=20, tol=0.0, algorithm="lloyd", random_state=2).fit(x)
+    assert best == pytest.approx(float(ref.inertia_), rel=1e-4)
+    singles = [inertia(*kmeans(x, 5, seed=s)) for s in range(8)]
+    assert best <= max(singles) and best < np.mean(singles)
+    with pytest.raises(ValueError, match="n_init >= 1"):
+        kmeans(x, 5, n_init=0)
+
+
 @pytest.mark.parametrize("k", [0, 4])
 def test_kmeans_bad_k(k):
     with pytest.raises(ValueError, match=r"k=.*n=3"):
