@@ -526,16 +526,18 @@ class SegAugment:
         }
 
 
-def fit_crop(image: np.ndarray, size: int, rng: np.random.Generator, scale: Tuple[float, float] = (1.0, 1.5),
-             flip: bool = True) -> Tensor:
+def fit_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+             scale: Optional[Tuple[float, float]] = (1.0, 1.5), flip: bool = True) -> Tensor:
     """uint8 ``[H, W, 3]`` → float ``[3, size, size]`` in [0, 1]: short side resized to ``size·s``
     (s uniform in ``scale``), a random ``size²`` crop, a random horizontal flip.
 
     Whole-image context survives (unlike a fixed-scale crop of a large image): the crops of the
     label-free models (the CAM classifier, the USS), which see images without per-pixel labels.
+    ``scale=None``: the image keeps its own scale (resized only when its short side is below
+    ``size``, up to ``size``), for a model whose input scale must match inference.
     """
     h, w = image.shape[:2]
-    s = size / min(h, w) * float(rng.uniform(*scale))
+    s = max(1.0, size / min(h, w)) if scale is None else size / min(h, w) * float(rng.uniform(*scale))
     nh, nw = max(size, round(h * s)), max(size, round(w * s))
     if (nh, nw) != (h, w):
         image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))

@@ -163,7 +163,7 @@ def copy_run(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: settings switched on (wsss.crf borrows debias.crf_*, debias.crf, evaluate.flip)
 FULL_RUN = {
     "wsss.epochs": 2, "wsss.batch_size": 8, "wsss.crop_size": 48, "wsss.cam_scales": [1.0, 0.5], "wsss.crf": True,
-    "uss.ssl_epochs": 1, "uss.epochs": 2, "uss.batch_size": 8, "uss.crop_size": 48, "uss.dim": 16,
+    "uss.ssl_epochs": 1, "uss.epochs": 2, "uss.min_steps": 0, "uss.batch_size": 8, "uss.crop_size": 48, "uss.dim": 16,
     "debias.crf": True, "debias.crf_iters": 2,
     "train.epochs": 2, "train.batch_size": 4, "train.crop_size": 32, "train.crf_iters": 2, "train.checkpoint_every": 1,
     "evaluate.flip": True,

@@ -20,6 +20,12 @@ split are computed once (sharded over the workers, gathered), and each image's `
 images by cosine similarity form the table a training crop draws its partner from (as STEGO does).
 That is O(N·D) memory for N images; the table is part of the checkpoint, so a resumed run reuses it.
 
+Crops (``uss.crop_scale``, our choice): ``native`` (default) cuts them at the images' own scale, at most
+the split's median short side, because the features stage runs the frozen backbone at that scale and a
+backbone's features change with it (``benchmarks/variation_bench.py``); ``resize`` (until 2026-12)
+resized each image's short side to ``uss.crop_size`` × U(1, 1.5) first: on 64 px images a head distilled
+from ``adaptive`` then learned on 1.5-2.25× up-scaled textures (README "Debiasing quality across datasets").
+
 Ray Train: ``TorchTrainer`` over ``uss.num_workers`` (DDP via ``prepare_model``: over the backbone
 during SSL, over the head afterwards; GPU with ``uss.use_gpu``). Each worker reads its shard of the
 split's images from the dataset root (a shared file system on a cluster, as for every stage).
@@ -38,6 +44,7 @@ workers read them directly, Ray Train keeps its checkpoints under ``RUN/uss/ray`
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -70,20 +77,24 @@ _EXECUTION_KEYS = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures"}
 
 
 class _Crops(torch.utils.data.Dataset):
-    """Item i → ``{"image": 3 x S x S}`` (and with a k-NN table ``"knn"``: a crop of one of its neighbours)."""
+    """Item i → ``{"image": 3 x S x S}`` (and with a k-NN table ``"knn"``: a crop of one of its neighbours).
 
-    def __init__(self, paths: "tuple[str, ...]", size: int, seed: int, knn: Optional[Tensor] = None) -> None:
+    ``native``: crops at the image's own scale (``fit_crop(scale=None)``), else resized by 1-1.5×."""
+
+    def __init__(self, paths: "tuple[str, ...]", size: int, seed: int, knn: Optional[Tensor] = None,
+                 native: bool = False) -> None:
         self.paths, self.size, self.knn = paths, size, knn
+        self.scale = None if native else (1.0, 1.5)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        out = {"image": fit_crop(read_image(self.paths[i]), self.size, self.rng)}
+        out = {"image": fit_crop(read_image(self.paths[i]), self.size, self.rng, scale=self.scale)}
         if self.knn is not None:
             j = int(self.knn[i, int(self.rng.integers(0, self.knn.shape[1]))])
-            out["knn"] = fit_crop(read_image(self.paths[j]), self.size, self.rng)
+            out["knn"] = fit_crop(read_image(self.paths[j]), self.size, self.rng, scale=self.scale)
         return out
 
 
@@ -137,8 +148,11 @@ class _SslObjective(nn.Module):
 
 
 @torch.no_grad()
-def _knn_table(backbone: nn.Module, paths: list[str], size: int, k: int, device: torch.device) -> Tensor:
-    """Pooled features of every image (this rank's share, gathered) → N x k nearest-image indices."""
+def _knn_table(backbone: nn.Module, paths: list[str], size: int, k: int, device: torch.device,
+               native: bool = False) -> Tensor:
+    """Pooled features of every image (this rank's share, gathered) → N x k nearest-image indices.
+
+    Each image is seen as one ``size²`` crop: the whole image resized, or with ``native`` a crop at its own scale."""
     import torch.distributed as dist
 
     from mars_ray.models.stego import global_features, knn_table
@@ -151,7 +165,8 @@ def _knn_table(backbone: nn.Module, paths: list[str], size: int, k: int, device:
     backbone.eval()
     for start in range(0, len(mine), 16):
         idx = mine[start : start + 16]
-        batch = torch.stack([fit_crop(read_image(paths[i]), size, rng, scale=(1.0, 1.0), flip=False) for i in idx])
+        batch = torch.stack([fit_crop(read_image(paths[i]), size, rng, scale=None if native else (1.0, 1.0),
+                                      flip=False) for i in idx])
         for i, f in zip(idx, global_features(backbone, batch.to(device)).cpu()):
             feats[i] = f
     if world > 1:
@@ -177,11 +192,13 @@ class UssLoop:
     batch_size: int
     lr: float
     ssl_lr: float
-    crop_size: int
+    crop_size: int  # the crop side the workers use (loop_settings: native crops never exceed the median short side)
     knn: int
     n_samples: int
     seed: int
     stats: str = ""  # adaptive backbone: absolute path or URI of its fitted statistics
+    native: bool = True  # uss.crop_scale == "native": the STEGO phase crops the images at their own scale
+    min_steps: int = 0  # uss.min_steps: the STEGO phase runs more epochs than ``epochs`` until this many steps
 
 
 @dataclass(frozen=True)
@@ -222,7 +239,7 @@ def train_loop(s: UssLoop) -> None:
         state = _ssl_phase(s, w, net, head, state, restored)
     model = StegoModel(net, head).to(w.device)  # 2. frozen backbone → k-NN table (once) → STEGO head
     if state["knn"] is None:
-        state = {**state, "knn": _knn_table(model.backbone, list(s.paths), s.crop_size, s.knn, w.device)}
+        state = {**state, "knn": _knn_table(model.backbone, list(s.paths), s.crop_size, s.knn, w.device, s.native)}
     _stego_phase(s, w, model, state, restored, must_report=not trains_backbone)
 
 
@@ -249,7 +266,7 @@ def _optimizer(params: Any, lr: float, restored: dict[str, Any] | None, phase: s
 
 
 def _report(s: UssLoop, w: _Worker, state: dict[str, Any], phase: str, epoch: int, stats: dict[str, float],
-            net: nn.Module, head: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+            net: nn.Module, head: nn.Module, opt: torch.optim.Optimizer, epochs: int = 0) -> dict[str, Any]:
     """Report one epoch of ``phase`` (rank 0 with the new state as checkpoint); returns the new state.
 
     The backbone goes into the state only when trained here (given weights are reloaded from their file).
@@ -259,7 +276,7 @@ def _report(s: UssLoop, w: _Worker, state: dict[str, Any], phase: str, epoch: in
     state = {**state, _DONE[phase]: epoch, "step": step, "history": [*state["history"], entry],
              "backbone": None if s.backbone_weights else net.state_dict(), "head": head.state_dict(),
              "opt_phase": phase, "opt": opt.state_dict()}
-    report_epoch(entry, state if w.rank == 0 else None, epochs=s.ssl_epochs if phase == "ssl" else s.epochs)
+    report_epoch(entry, state if w.rank == 0 else None, epochs=s.ssl_epochs if phase == "ssl" else epochs)
     return state
 
 
@@ -283,24 +300,32 @@ def _ssl_phase(s: UssLoop, w: _Worker, net: nn.Module, head: nn.Module, state: d
 
 def _stego_phase(s: UssLoop, w: _Worker, model: nn.Module, state: dict[str, Any], restored: dict[str, Any] | None,
                  *, must_report: bool) -> None:
-    """The STEGO head on the frozen backbone, up to ``s.epochs``. ``must_report``: report the state
+    """The STEGO head on the frozen backbone, up to ``stego_epochs`` epochs. ``must_report``: report the state
     even when no epoch is left (a run resumed after its last epoch hands its state back)."""
     import ray.train.torch
 
     objective = ray.train.torch.prepare_model(_StegoObjective(model, s.n_samples, _shifts(s.backbone)))
     opt = _optimizer(model.head.parameters(), s.lr, restored, "stego")
-    crops = _Crops(s.paths, s.crop_size, worker_seed(s.seed, w.rank, stream="knn_crops"), knn=state["knn"])
+    crops = _Crops(s.paths, s.crop_size, worker_seed(s.seed, w.rank, stream="knn_crops"), knn=state["knn"],
+                   native=s.native)
     loader = sharded_loader(crops, s.batch_size, rank=w.rank, world=w.world, seed=s.seed)
-    for epoch in range(state["epochs_done"], s.epochs):
+    epochs = stego_epochs(s, len(loader))
+    for epoch in range(state["epochs_done"], epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
         batches = ({k: v.to(w.device) for k, v in b.items()} for b in loader)
         stats = train_one_epoch(lambda b: objective(b["image"], b["knn"]), batches, opt, log_every=0)
-        state = _report(s, w, state, "stego", epoch + 1, stats, model.backbone, model.head, opt)
+        state = _report(s, w, state, "stego", epoch + 1, stats, model.backbone, model.head, opt, epochs)
         must_report = False
-        logger.info("uss stego epoch %d/%d: loss %.4f", epoch + 1, s.epochs, stats["loss"])
+        logger.info("uss stego epoch %d/%d: loss %.4f", epoch + 1, epochs, stats["loss"])
     if must_report:
-        _report(s, w, state, "stego", state["epochs_done"], {"steps": 0.0}, model.backbone, model.head, opt)
+        _report(s, w, state, "stego", state["epochs_done"], {"steps": 0.0}, model.backbone, model.head, opt, epochs)
+
+
+def stego_epochs(s: UssLoop, steps_per_epoch: int) -> int:
+    """Epochs of the STEGO phase: ``s.epochs``, or more when that many epochs of ``steps_per_epoch`` steps
+    (each worker's, DDP steps in lockstep) fall short of ``s.min_steps``."""
+    return max(s.epochs, math.ceil(s.min_steps / max(1, steps_per_epoch)))
 
 
 def _shifts(backbone: str) -> Optional[tuple[float, ...]]:
@@ -314,15 +339,31 @@ def _shifts(backbone: str) -> Optional[tuple[float, ...]]:
     return (DEFAULT_SHIFT,) * 3
 
 
+def crop_side(cfg: C.Config, dataset: VOCDataset) -> int:
+    """The crop side of the workers: ``uss.crop_size``, and with ``uss.crop_scale=native`` at most the median
+    short side of (up to 256 sampled) images of the split (header reads), so that crops of small images are
+    not up-scaled: a frozen backbone's features change with the input scale (``benchmarks/variation_bench.py``
+    measured it for ``adaptive``) and the features stage runs it at the images' own scale."""
+    from mars_ray.data.label_io import label_size
+    from mars_ray.models.adaptive import fit_sample
+
+    u = cfg.uss
+    if u.crop_scale != "native":
+        return u.crop_size
+    ids = fit_sample(dataset.ids(cfg.data.split), seed=u.seed)
+    return max(1, min(u.crop_size, int(np.median([min(label_size(dataset.image_path(i))) for i in ids]))))
+
+
 def loop_settings(cfg: C.Config, dataset: VOCDataset, stats: str = "") -> UssLoop:
     """The :class:`UssLoop` of this config: paths made absolute for the workers (``stats``: the adaptive
     backbone's statistics file, absolute)."""
     u = cfg.uss
-    return UssLoop(stats=stats, 
+    return UssLoop(stats=stats,
         paths=tuple(_storage.absolute(dataset.image_path(i)) for i in dataset.ids(cfg.data.split)),
         backbone=u.backbone, backbone_weights=_storage.absolute(u.backbone_weights) if u.backbone_weights else "",
         ssl_epochs=u.ssl_epochs, epochs=u.epochs, dim=u.dim, batch_size=u.batch_size, lr=u.lr, ssl_lr=u.ssl_lr,
-        crop_size=u.crop_size, knn=u.knn, n_samples=u.n_samples, seed=u.seed,
+        crop_size=crop_side(cfg, dataset), knn=u.knn, n_samples=u.n_samples, seed=u.seed,
+        native=u.crop_scale == "native", min_steps=u.min_steps,
     )
 
 

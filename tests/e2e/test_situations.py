@@ -19,7 +19,7 @@ from tests.stages.test_external_features import texture_features, write_features
 
 pytestmark = [pytest.mark.timeout(400)]
 
-FAST = ["debias.crf=false", "uss.ssl_epochs=1", "uss.epochs=1", "uss.batch_size=8", "uss.crop_size=48",
+FAST = ["debias.crf=false", "uss.ssl_epochs=1", "uss.epochs=1", "uss.min_steps=0", "uss.batch_size=8", "uss.crop_size=48",
         "uss.dim=16", "wsss.epochs=1", "wsss.batch_size=8", "wsss.crop_size=48", "wsss.cam_scales=[1.0]",
         "wsss.cam_flip=false", "wsss.cam_eval_split=false"]
 

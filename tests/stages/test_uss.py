@@ -20,7 +20,7 @@ from mars_ray.stages import uss
 pytestmark = [pytest.mark.timeout(300)]
 
 TINY = {"uss.backbone": "small_cnn", "uss.ssl_epochs": 1, "uss.epochs": 3, "uss.batch_size": 8, "uss.crop_size": 48,
-        "uss.lr": 5e-3, "uss.dim": 16}
+        "uss.lr": 5e-3, "uss.dim": 16, "uss.min_steps": 0}
 
 
 def _cfg(data: Path, **over) -> C.Config:
@@ -90,14 +90,16 @@ def test_vit_with_dino_weights_resumes_the_step_counter(tiny_data: Path, tmp_pat
 @pytest.mark.ray
 @pytest.mark.slow
 def test_adaptive_backbone_distils_the_head(tiny_data: Path, tmp_path: Path, ray_local):
-    """The default backbone: statistics fitted on the split, no SSL phase, a checkpoint that embeds them."""
+    """The default backbone: statistics fitted on the split, no SSL phase, a checkpoint that embeds them;
+    uss.min_steps adds epochs (16 images in batches of 8: 2 steps an epoch, 5 steps need 3 epochs)."""
     from mars_ray.models.adaptive import AdaptiveStats
 
-    cfg = _cfg(tiny_data, **{"uss.backbone": "adaptive", "uss.epochs": 2})
+    cfg = _cfg(tiny_data, **{"uss.backbone": "adaptive", "uss.epochs": 2, "uss.min_steps": 5})
     run_dir = tmp_path / "run"
     uss.run(cfg, run_dir)
     history = json.loads((run_dir / "uss" / "history.json").read_text())
-    assert [h["phase"] for h in history] == ["stego", "stego"]  # nothing to pretrain
+    assert [h["phase"] for h in history] == ["stego"] * 3  # nothing to pretrain
+    assert history[-1]["step"] == 6
     m = json.loads((run_dir / "uss" / "manifest.json").read_text())
     assert AdaptiveStats.load(run_dir / "uss" / m["outputs"]["uss_stats"]).digest == m["outputs"]["uss_stats_digest"]
     ds = VOCDataset(tiny_data)
@@ -109,3 +111,41 @@ def test_adaptive_backbone_distils_the_head(tiny_data: Path, tmp_path: Path, ray
     (run_dir / "uss" / "uss_stats.npz").unlink()
     np.testing.assert_array_equal(FeatureSource(extractor="stego", extractor_kwargs={
         "checkpoint": str(run_dir / "uss" / uss.CHECKPOINT)})("x", image), f)
+
+
+def test_native_crops_keep_the_image_scale():
+    from mars_ray.engine import fit_crop
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((60, 80, 3), np.uint8)
+    image[:, ::2] = 255  # a 2 px period: any resize blurs it
+    crop = fit_crop(image, 48, rng, scale=None, flip=False)
+    assert crop.shape == (3, 48, 48)
+    assert set(np.unique(crop.numpy())) == {0.0, 1.0}  # pixels copied, not resampled
+    resized = fit_crop(image, 48, rng, flip=False)  # the default: short side resized to 48-72 px
+    assert len(np.unique(resized.numpy())) > 2
+    small = fit_crop(image[:40, :40], 48, rng, scale=None)  # smaller than the crop: up-scaled just enough
+    assert small.shape == (3, 48, 48)
+
+
+def test_native_crop_side_never_exceeds_the_median_short_side(tiny_data: Path):
+    ds = VOCDataset(tiny_data)
+    short = int(np.median([min(read_image(ds.image_path(i)).shape[:2]) for i in ds.ids("train")]))
+    native = uss.loop_settings(_cfg(tiny_data, **{"uss.crop_size": short + 40}), ds)
+    assert native.crop_size == short and native.native
+    resize = uss.loop_settings(_cfg(tiny_data, **{"uss.crop_size": short + 40, "uss.crop_scale": "resize"}), ds)
+    assert resize.crop_size == short + 40 and not resize.native
+    assert uss.loop_settings(_cfg(tiny_data, **{"uss.crop_size": 16}), ds).crop_size == 16
+    with pytest.raises(ValueError, match="uss.crop_scale must be"):
+        _cfg(tiny_data, **{"uss.crop_scale": "stretch"})
+
+
+def test_min_steps_extends_the_stego_epochs_of_a_small_split(tiny_data: Path):
+    ds = VOCDataset(tiny_data)
+    s = uss.loop_settings(_cfg(tiny_data, **{"uss.epochs": 20, "uss.min_steps": 300}), ds)
+    assert s.min_steps == 300
+    assert uss.stego_epochs(s, steps_per_epoch=2) == 150  # 20 epochs of 2 steps fall short: 150 epochs
+    assert uss.stego_epochs(s, steps_per_epoch=100) == 20  # enough steps already
+    assert uss.stego_epochs(uss.loop_settings(_cfg(tiny_data), ds), steps_per_epoch=2) == 3  # min_steps 0 (TINY)
+    with pytest.raises(ValueError, match="uss.min_steps must be"):
+        _cfg(tiny_data, **{"uss.min_steps": -1})
