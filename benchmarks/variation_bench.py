@@ -64,11 +64,6 @@ VARIATIONS = ("none", "scale", "aspect", "grey", "rot90")
 LABEL_DIRS = ("SegmentationClass", "pseudo_labels")
 
 
-def _files(root: Path, image_id: str) -> tuple[Path, list[Path]]:
-    ds = VOCDataset(root)
-    return Path(ds.image_path(image_id)), [root / d / f"{image_id}.png" for d in LABEL_DIRS]
-
-
 def perturb(src: Path, dst: Path, variation: str, seed: int = 0) -> Path:
     """Copy dataset ``src`` to ``dst`` with ``variation`` applied to its images and their label maps."""
     if dst.exists():
@@ -80,7 +75,8 @@ def perturb(src: Path, dst: Path, variation: str, seed: int = 0) -> Path:
     ids = [i for split in ("train", "val") for i in ds.ids(split)]
     for k, image_id in enumerate(ids):
         rng = np.random.default_rng([seed, k])
-        img_path, label_paths = _files(dst, image_id)
+        img_path = Path(ds.image_path(image_id))
+        label_paths = [dst / d / f"{image_id}.png" for d in LABEL_DIRS]
         im = Image.open(img_path).convert("RGB")
         labels = [Image.open(p) for p in label_paths]
         w, h = im.size

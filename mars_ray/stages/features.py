@@ -251,6 +251,13 @@ def fit_key(cfg: C.Config, dataset: VOCDataset) -> str:
     return C.slice_hash(spec, {"dataset": dataset.fingerprint(cfg.data.split)})
 
 
+def median_short_side(ds: VOCDataset, ids: list[str]) -> int:
+    """The median short side (px) of the images ``ids`` of ``ds``, from their headers (no pixel decode)."""
+    from mars_ray.data.label_io import label_size
+
+    return int(np.median([min(label_size(ds.image_path(i))) for i in ids]))
+
+
 def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int) -> Any:
     """Ray task body: fit :class:`AdaptiveStats` on ``fit_sample(ids)`` of the dataset (one torch thread).
 
@@ -258,7 +265,6 @@ def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int) -> Any:
     of fewer than ``MIN_FIT_IMAGES`` images is fitted anyway, with a warning. ``ValueError`` for an
     empty split or images without any variation.
     """
-    from mars_ray.data.label_io import label_size
     from mars_ray.models.adaptive import MIN_FIT_IMAGES, fit_adaptive_stats, fit_sample
 
     torch.set_num_threads(1)
@@ -271,7 +277,7 @@ def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int) -> Any:
             "features: the adaptive extractor is fitted on only %d image(s) (fewer than %d): its statistics describe "
             "these images rather than a dataset; fine when they are the images debiased, else use a larger split "
             "or features.extractor=texture", len(chosen), MIN_FIT_IMAGES)
-    short = int(np.median([min(label_size(ds.image_path(i))) for i in chosen]))
+    short = median_short_side(ds, chosen)
     return fit_adaptive_stats((read_image(ds.image_path(i)) for i in chosen), short_side=short, seed=seed,
                               min_images=1)
 

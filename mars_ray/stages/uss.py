@@ -344,14 +344,13 @@ def crop_side(cfg: C.Config, dataset: VOCDataset) -> int:
     short side of (up to 256 sampled) images of the split (header reads), so that crops of small images are
     not up-scaled: a frozen backbone's features change with the input scale (``benchmarks/variation_bench.py``
     measured it for ``adaptive``) and the features stage runs it at the images' own scale."""
-    from mars_ray.data.label_io import label_size
     from mars_ray.models.adaptive import fit_sample
+    from mars_ray.stages.features import median_short_side
 
     u = cfg.uss
     if u.crop_scale != "native":
         return u.crop_size
-    ids = fit_sample(dataset.ids(cfg.data.split), seed=u.seed)
-    return max(1, min(u.crop_size, int(np.median([min(label_size(dataset.image_path(i))) for i in ids]))))
+    return max(1, min(u.crop_size, median_short_side(dataset, fit_sample(dataset.ids(cfg.data.split), seed=u.seed))))
 
 
 def loop_settings(cfg: C.Config, dataset: VOCDataset, stats: str = "") -> UssLoop:
