@@ -35,6 +35,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +51,10 @@ import quality_lab as QL  # noqa: E402
 
 from mars_ray.algo.separation import SEPARATION_THRESHOLD  # noqa: E402
 from mars_ray.config import DebiasConfig  # noqa: E402
+from mars_ray.data.label_io import read_image, read_label  # noqa: E402
 from mars_ray.data.synthetic import make_biased_dataset  # noqa: E402
+from mars_ray.labels import MAX_CLASSES  # noqa: E402
+from mars_ray.stages.features import is_greyscale  # noqa: E402
 from mars_ray.data.voc import VOCDataset  # noqa: E402
 from mars_ray.quality import debias_in_process  # noqa: E402
 
@@ -120,14 +124,31 @@ def run_one(base: str, variation: str, extractor: str, work: Path, n: int, seed:
     if not (root / "classes.txt").is_file():
         perturb(base_root, root, variation, seed)
     t0 = time.perf_counter()
-    res = debias_in_process(root, source(extractor, root, seed), crf=DebiasConfig().crf_kwargs(), seed=seed)
-    row = {"base": base, "variation": variation, "extractor": extractor, **res.row(),
+    with tempfile.TemporaryDirectory() as labels:
+        res = debias_in_process(root, source(extractor, root, seed), crf=DebiasConfig().crf_kwargs(), seed=seed,
+                                write_dir=labels)
+        split = retention_grey_vs_colour(root, Path(labels)) if variation == "grey" else {}
+    row = {"base": base, "variation": variation, "extractor": extractor, **res.row(), **split,
            "flagged": sum(1 for s in res.separation.values() if np.isfinite(s["score"])
                           and s["score"] < SEPARATION_THRESHOLD),
            "classes": len(res.separation), "seconds": round(time.perf_counter() - t0, 1)}
     row["gain"] = row["debiased_miou"] - row["pseudo_miou"]
     row["targets"] = QL.targets(row)
     return row
+
+
+def retention_grey_vs_colour(root: Path, debiased: Path) -> dict[str, float]:
+    """Retention (pseudo-label foreground on its own GT class that Y^db keeps) on the train split's grey
+    images and on its colour ones, apart: ``retention_grey_images`` / ``retention_colour_images``."""
+    ds = VOCDataset(root)
+    kept = {True: [0, 0], False: [0, 0]}  # grey? -> [target pixels, kept]
+    for i in ds.ids("train"):
+        pseudo, gt = read_label(root / "pseudo_labels" / f"{i}.png"), read_label(ds.gt_path(i))
+        target = (pseudo >= 1) & (pseudo <= MAX_CLASSES) & (gt == pseudo)
+        n = kept[is_greyscale(read_image(ds.image_path(i)))]
+        n[0] += int(target.sum())
+        n[1] += int((target & (read_label(debiased / f"{i}.png") == pseudo)).sum())
+    return {f"retention_{'grey' if g else 'colour'}_images": (k / t if t else float("nan")) for g, (t, k) in kept.items()}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -138,6 +159,14 @@ def table(rows: list[dict[str, Any]]) -> str:
                    f"{100 * r['debiased_miou']:.1f} | {100 * r['gain']:+.1f} | {r['removal_recall']:.2f} | "
                    f"{r['retention']:.2f} | {r['target_ratio']:.2f} | {r['flagged']}/{r['classes']} | {r['targets']} |")
     return "\n".join(out)
+
+
+def grey_note(rows: list[dict[str, Any]]) -> str:
+    """The 'grey' rows' retention on the grey images and on the colour ones, apart (markdown lines)."""
+    lines = [f"* {r['base']}, {r['extractor']}: retention {r['retention_grey_images']:.2f} on the grey images, "
+             f"{r['retention_colour_images']:.2f} on the colour ones" for r in rows if "retention_grey_images" in r]
+    return ("\n'grey' rows, retention on the greyscale images and on the others:\n\n" + "\n".join(lines) + "\n"
+            if lines else "")
 
 
 def main() -> None:
@@ -173,9 +202,10 @@ def main() -> None:
                     a.out.with_suffix(".md").write_text(
                         "# variation_bench\n\nOne nuisance varied between the images of a dataset (module docstring); "
                         f"{n} training images per base; targets: gain >= 8, removal >= 0.80, retention >= 0.90.\n\n"
-                        + table(rows) + "\n")
+                        + table(rows) + "\n" + grey_note(rows))
     print()
     print(table(rows))
+    print(grey_note(rows), end="")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mars_ray.data.label_io import read_image, read_label
 from mars_ray.data.synthetic import make_biased_dataset
@@ -53,3 +54,20 @@ def test_rot90_and_grey_are_exact(base: Path, tmp_path: Path) -> None:
     assert np.ptp(grey[ids[1]][0].astype(int), axis=2).max() > 0
     with pytest.raises(ValueError, match="unknown variation"):
         VB.perturb(base, tmp_path / "bad", "blur")
+
+
+def test_retention_is_split_between_grey_and_colour_images(base: Path, tmp_path: Path) -> None:
+    root = VB.perturb(base, tmp_path / "grey", "grey")
+    ds = VOCDataset(root)
+    debiased = tmp_path / "debiased"
+    debiased.mkdir()
+    grey = set()
+    for i in ds.ids("train"):
+        pseudo = read_label(root / "pseudo_labels" / f"{i}.png")
+        if VB.is_greyscale(read_image(ds.image_path(i))):
+            grey.add(i)
+            pseudo = np.where((pseudo >= 1) & (pseudo <= 253), 254, pseudo).astype(np.uint8)  # all removed
+        Image.fromarray(pseudo).save(debiased / f"{i}.png")
+    assert grey and len(grey) < len(ds.ids("train"))
+    assert VB.retention_grey_vs_colour(root, debiased) == {"retention_grey_images": 0.0,
+                                                            "retention_colour_images": 1.0}

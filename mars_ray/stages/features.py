@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -259,11 +259,33 @@ def median_short_side(ds: VOCDataset, ids: list[str]) -> int:
 
 
 def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int) -> Any:
-    """Ray task body: fit :class:`AdaptiveStats` on ``fit_sample(ids)`` of the dataset (one torch thread).
+    """Fit :class:`AdaptiveStats` on ``fit_sample(ids)`` of the dataset in this process (one torch
+    thread) and log what :func:`fit_split_stats_task` reports; returns the statistics."""
+    stats, warnings = fit_split_stats_task(dataset, ids, seed)
+    for w in warnings:
+        logger.warning("%s", w)
+    return stats
+
+
+def fit_split_stats_remote(dataset: VOCDataset, ids: list[str], seed: int) -> Any:
+    """:func:`fit_split_stats` in a one-CPU Ray task; its warnings are logged here, in the driver, so
+    they reach the terminal (a worker's log lines go to the run's log file only)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fit_split_stats_task)
+    stats, warnings = ray.get(task.remote(dataset.spec(), ids, seed))
+    for w in warnings:
+        logger.warning("%s", w)
+    return stats
+
+
+def fit_split_stats_task(dataset: dict[str, Any], ids: list[str], seed: int) -> tuple[Any, list[str]]:
+    """Ray task body: ``(AdaptiveStats, warnings)`` fitted on ``fit_sample(ids)`` of the dataset.
 
     The Gabor wavelengths follow the median short side of the fitted images (header sizes). A split
-    of fewer than ``MIN_FIT_IMAGES`` images is fitted anyway, with a warning. ``ValueError`` for an
-    empty split or images without any variation.
+    of fewer than ``MIN_FIT_IMAGES`` images is fitted anyway, with a warning; so is one whose images
+    mix greyscale and colour (where a class differs from its context by colour, its targets are
+    removed in the grey images). ``ValueError`` for an empty split or images without any variation.
     """
     from mars_ray.models.adaptive import MIN_FIT_IMAGES, fit_adaptive_stats, fit_sample
 
@@ -272,14 +294,43 @@ def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int) -> Any:
     chosen = fit_sample(ids, seed=seed)
     if not chosen:
         raise ValueError(f"{ds.root}: split has no images to fit the adaptive extractor on")
+    warnings = []
     if len(chosen) < MIN_FIT_IMAGES:
-        logger.warning(
-            "features: the adaptive extractor is fitted on only %d image(s) (fewer than %d): its statistics describe "
-            "these images rather than a dataset; fine when they are the images debiased, else use a larger split "
-            "or features.extractor=texture", len(chosen), MIN_FIT_IMAGES)
+        warnings.append(
+            f"features: the adaptive extractor is fitted on only {len(chosen)} image(s) (fewer than {MIN_FIT_IMAGES}): "
+            "its statistics describe these images rather than a dataset; fine when they are the images debiased, "
+            "else use a larger split or features.extractor=texture")
     short = median_short_side(ds, chosen)
-    return fit_adaptive_stats((read_image(ds.image_path(i)) for i in chosen), short_side=short, seed=seed,
-                              min_images=1)
+    grey: list[str] = []
+
+    def images() -> Iterator[np.ndarray]:
+        for i in chosen:
+            image = read_image(ds.image_path(i))
+            if is_greyscale(image):
+                grey.append(i)
+            yield image
+
+    stats = fit_adaptive_stats(images(), short_side=short, seed=seed, min_images=1)
+    if 0 < len(grey) < len(chosen):
+        warnings.append(
+            f"features: {len(grey)} of the {len(chosen)} images the adaptive extractor was fitted on are greyscale "
+            f"(first: {grey[0]}), the others in colour: in those images its colour cue is missing, so where a class "
+            "differs from its context by colour, debiasing removes that class's targets there "
+            "(benchmarks/variation_bench.py, 'grey'); features that do not depend on colour avoid it "
+            "(features.extractor=texture, or --features-dir)")
+    return stats, warnings
+
+
+GREY_TOLERANCE = 2
+"""Largest channel difference (8-bit levels) of a pixel of a greyscale image read as RGB: some JPEG
+encoders store a grey picture as colour with ±1 rounding in R, G and B."""
+
+
+def is_greyscale(image: np.ndarray) -> bool:
+    """True when R, G and B of the ``uint8 [H, W, 3]`` image agree everywhere within ``GREY_TOLERANCE``."""
+    x = np.asarray(image, dtype=np.int16)
+    return bool(np.abs(x[..., 0] - x[..., 1]).max(initial=0) <= GREY_TOLERANCE
+                and np.abs(x[..., 1] - x[..., 2]).max(initial=0) <= GREY_TOLERANCE)
 
 
 def stored_stats(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset) -> tuple[AnyPath, str] | None:
@@ -334,11 +385,8 @@ def ensure_stats(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, fit: b
         return cached
     if not fit:
         return None, None
-    import ray
-
     ensure_ray(cfg.ray)
-    task = ray.remote(num_cpus=1)(fit_split_stats)
-    stats = ray.get(task.remote(dataset.spec(), dataset.ids(cfg.data.split), cfg.features.seed))
+    stats = fit_split_stats_remote(dataset, dataset.ids(cfg.data.split), cfg.features.seed)
     path = stats_cache_path(cfg, dataset)
     if path is not None:  # deterministic content: concurrent writers write the same bytes, atomically
         path.parent.mkdir(parents=True, exist_ok=True)

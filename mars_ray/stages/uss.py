@@ -425,18 +425,15 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None
 def _fit_stats(cfg: C.Config, dataset: VOCDataset, path: AnyPath) -> Any:
     """The adaptive backbone's statistics, fitted on the split as the ``features`` stage fits them (a
     one-thread Ray task, seed ``uss.seed``), reused from ``path`` when a resumed run already wrote them."""
-    import ray
-
     from mars_ray.models.adaptive import AdaptiveStats
-    from mars_ray.stages.features import fit_split_stats
+    from mars_ray.stages.features import fit_split_stats_remote
 
     if path.is_file():
         try:
             return AdaptiveStats.load(path)
         except ValueError:
             pass  # a damaged file of an interrupted run: fit again
-    task = ray.remote(num_cpus=1)(fit_split_stats)
-    stats = ray.get(task.remote(dataset.spec(), dataset.ids(cfg.data.split), cfg.uss.seed))
+    stats = fit_split_stats_remote(dataset, dataset.ids(cfg.data.split), cfg.uss.seed)
     stats.save(path)
     return stats
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mars_ray import config as C
 from mars_ray.data.label_io import read_image
@@ -85,6 +86,50 @@ def test_tiny_split_is_fitted_with_a_warning(tmp_path: Path, caplog: pytest.LogC
     assert "fitted on only 1 image(s)" in caplog.text
     with pytest.raises(ValueError, match="no images"):
         features.fit_split_stats(ds.spec(), [], 0)
+
+
+def test_a_split_mixing_grey_and_colour_images_is_fitted_with_a_warning(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture):
+    root = make_biased_dataset(tmp_path / "d", n_train=8, n_val=1, size=40, seed=4)
+    ds = VOCDataset(root)
+    ids = ds.ids("train")
+    with caplog.at_level(logging.WARNING, logger="mars_ray.stages.features"):
+        features.fit_split_stats(ds.spec(), ids, 0)
+    assert "greyscale" not in caplog.text  # all in colour: nothing to say
+    grey = Path(ds.image_path(ids[3]))
+    Image.open(grey).convert("L").convert("RGB").save(grey)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mars_ray.stages.features"):
+        features.fit_split_stats(ds.spec(), ids, 0)
+    assert f"1 of the 8 images the adaptive extractor was fitted on are greyscale (first: {ids[3]})" in caplog.text
+    for i in ids:  # all grey: there is no colour cue to miss anywhere, the fit adapts to it
+        p = Path(ds.image_path(i))
+        Image.open(p).convert("L").save(p)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mars_ray.stages.features"):
+        features.fit_split_stats(ds.spec(), ids, 0)
+    assert "greyscale" not in caplog.text
+    assert features.is_greyscale(read_image(ds.image_path(ids[0])))
+    near = np.full((4, 4, 3), 100, np.uint8)
+    near[0, 0] = (100, 102, 101)  # a JPEG encoder's rounding: still grey
+    assert features.is_greyscale(near)
+    near[0, 0] = (100, 104, 100)
+    assert not features.is_greyscale(near)
+
+
+@pytest.mark.ray
+def test_the_fit_tasks_warnings_are_logged_by_the_driver(tmp_path: Path, ray_local, caplog: pytest.LogCaptureFixture):
+    """A Ray worker's log lines reach only the run's log file: the task returns its warnings instead."""
+    root = make_biased_dataset(tmp_path / "d", n_train=2, n_val=1, size=40, seed=4)
+    ds = VOCDataset(root)
+    ids = ds.ids("train")
+    p = Path(ds.image_path(ids[0]))
+    Image.open(p).convert("L").save(p)
+    with caplog.at_level(logging.WARNING, logger="mars_ray.stages.features"):
+        stats = features.fit_split_stats_remote(ds, ids, 0)
+    assert stats.n_images == 2
+    msgs = [r.getMessage() for r in caplog.records if r.name == "mars_ray.stages.features"]
+    assert any("fitted on only 2 image(s)" in m for m in msgs) and any("1 of the 2 images" in m for m in msgs)
 
 
 def test_select_reports_the_separation_per_class(debiased_run: Path):
