@@ -12,6 +12,9 @@ hold-out generators included). Per (ablation, dataset) it runs ``mars_ray.qualit
   truth (not K-means), the smallest per-class AUC of Eq 1's distance ranking objects above their
   contexts — 1.0 when the features let Eq 1 tell every object from its context, 0.5 when they
   carry no such signal. It separates a feature-space failure (Eq 1) from a clustering one (K_fg).
+* ``eq1_auc_parts``: the same AUC for each part's term of Eq 1 (the linear part, each codebook):
+  Eq 1's cosine to the background mean is a sum over F's parts, so this shows which part ranks a
+  class's objects the wrong way (``OUT.md``'s second table, for each dataset's worst class).
 
 F of one dataset is held in memory while it is measured (computed once per image; about 1 GB for
 the largest set, hold-out B). One summary line per ablation (means and minima over the 19 datasets, targets met out of 57) goes
@@ -21,6 +24,7 @@ Ablations (``ABLATIONS``), each a change of one thing against ``shipped``:
 ``colour-sigma-3``/``-5`` (colour smoothing σ in px), ``energy-pool-0.6``/``-1.0`` (Gabor energy
 pooling σ per wavelength), ``codebooks-32-128``, ``codebooks-16-128``, ``codebooks-8-128`` (the
 codebook pyramid), ``no-linear`` (codebook parts only, the whitened linear part dropped),
+``linear-weight-0.7``/``-0.5`` (the linear part at 0.7 / 0.5 of its RMS norm, the codebooks unchanged),
 ``colour-only`` (diagnostic: the whitened colour group alone), ``kmeans-restarts-region``
 (best of 10 K-means initialisations in the per-region clustering) and
 ``kmeans-restarts-codebook`` (best of 10 for the codebooks).
@@ -85,6 +89,15 @@ def _no_linear(s: adaptive.AdaptiveStats) -> adaptive.AdaptiveStats:
     return dataclasses.replace(s, scales=scales)
 
 
+def _linear_weight(w: float) -> Callable[[adaptive.AdaptiveStats], adaptive.AdaptiveStats]:
+    """The linear part at ``w`` times its shipped RMS norm (the codebook parts unchanged)."""
+    def change(s: adaptive.AdaptiveStats) -> adaptive.AdaptiveStats:
+        scales = s.scales.copy()
+        scales[0] = scales[0] / w
+        return dataclasses.replace(s, scales=scales)
+    return change
+
+
 def _colour_only() -> contextlib.AbstractContextManager:
     whiten = adaptive._block_whitening
 
@@ -104,6 +117,8 @@ ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "codebooks-16-128": lambda: _codebooks((16, 32, 64, 128)),
     "codebooks-8-128": lambda: _codebooks((8, 16, 32, 64, 128)),
     "no-linear": lambda: _finish_with(_no_linear),
+    "linear-weight-0.7": lambda: _finish_with(_linear_weight(0.7)),
+    "linear-weight-0.5": lambda: _finish_with(_linear_weight(0.5)),
     "colour-only": _colour_only,
     "kmeans-restarts-region": lambda: mock.patch.object(clustering, "kmeans", partial(clustering.kmeans, n_init=10)),
     "kmeans-restarts-codebook": lambda: mock.patch.object(adaptive, "kmeans", partial(clustering.kmeans, n_init=10)),
@@ -119,10 +134,30 @@ def dataset_root(name: str, work: Path, smoke: bool) -> Path:
     raise ValueError(f"dataset {name!r}: expected q:<quality_bench variant> or l:<quality_lab set>")
 
 
-def eq1_auc(root: Path, source: Callable[[str, np.ndarray], np.ndarray], seed: int = 0) -> dict[int, float]:
-    """Per class: AUC of Eq 1's distance ranking GT-object centroids above GT-context centroids of Y^b's regions."""
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
+def feature_parts(stats: adaptive.AdaptiveStats) -> dict[str, slice]:
+    """The parts of the adaptive F: ``linear`` (the whitened cues), then ``c<K>`` per codebook."""
+    parts, start = {"linear": slice(0, stats.transform.shape[1])}, stats.transform.shape[1]
+    for p in stats.prototypes:
+        parts[f"c{p.shape[0]}"] = slice(start, start + p.shape[0])
+        start += p.shape[0]
+    return parts
+
+
+def eq1_auc(root: Path, source: Callable[[str, np.ndarray], np.ndarray], seed: int = 0,
+            parts: dict[str, slice] | None = None) -> dict[int, dict[str, float]]:
+    """Per class: AUC of Eq 1's distance ranking GT-object centroids above GT-context centroids of Y^b's regions.
+
+    Returns ``{class: {"F": auc, **{part: auc}}}``. ``"F"`` ranks by Eq 1 on the whole feature. Eq 1 is
+    ``(1 - v̂·m) / 2`` with m the mean of the unit background centroids, and ``v̂·m`` is the sum over the
+    parts of F (``parts``: name → slice of channels) of ``v[part]·m[part] / |v|``: each part's term is
+    ranked on its own too, which shows which part of F pulls Eq 1 the wrong way.
+    """
     ds = VOCDataset(root)
-    bg, parts = [], []
+    bg, regions = [], []
     for i in ds.ids("train"):
         image, pseudo = read_image(ds.image_path(i)), read_label(root / "pseudo_labels" / f"{i}.png")
         gt = read_label(ds.gt_path(i))  # type: ignore[arg-type]
@@ -135,22 +170,32 @@ def eq1_auc(root: Path, source: Callable[[str, np.ndarray], np.ndarray], seed: i
             for is_obj, m in ((True, (pseudo == c) & (gt == c)), (False, (pseudo == c) & (gt != c))):
                 if m.sum() > 20:
                     x = f[:, m].T
-                    parts.append((int(c), is_obj, (x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)).mean(0)))
+                    regions.append((int(c), is_obj, (x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)).mean(0)))
     b = np.stack(bg)
     mean_bg = (b / np.linalg.norm(b, axis=1, keepdims=True)).mean(0)  # Eq 1 = (1 - v̂·mean_j b̂_j) / 2
-    out = {}
-    for c in sorted({c for c, _, _ in parts}):
-        d = {o: np.array([(1 - v @ mean_bg / np.linalg.norm(v)) / 2 for cc, oo, v in parts if cc == c and oo == o])
-             for o in (True, False)}
-        if len(d[True]) and len(d[False]):
-            out[c] = float((d[True][:, None] > d[False][None]).mean() + 0.5 * (d[True][:, None] == d[False][None]).mean())
+    out: dict[int, dict[str, float]] = {}
+    for c in sorted({c for c, _, _ in regions}):
+        vs = {o: [v for cc, oo, v in regions if cc == c and oo == o] for o in (True, False)}
+        if not (vs[True] and vs[False]):
+            continue
+        terms = {"F": slice(None), **(parts or {})}  # a term of the distance: -v[part]·m[part] / |v|
+        out[c] = {name: _auc(*(np.array([-(v[sl] @ mean_bg[sl]) / np.linalg.norm(v) for v in vs[o]])
+                               for o in (True, False)))
+                  for name, sl in terms.items()}
     return out
 
 
 def run_one(ablation: str, name: str, work: Path, smoke: bool, seed: int = 0) -> dict[str, Any]:
     root = dataset_root(name, work, smoke)
     t0 = time.perf_counter()
-    with ABLATIONS[ablation]():
+    fitted: list[adaptive.AdaptiveStats] = []
+    fit = adaptive.fit_adaptive_stats
+
+    def keep_stats(*args: Any, **kwargs: Any) -> adaptive.AdaptiveStats:
+        fitted.append(fit(*args, **kwargs))
+        return fitted[-1]
+
+    with ABLATIONS[ablation](), mock.patch.object(adaptive, "fit_adaptive_stats", keep_stats):
         extract, info = QL.extractor("adaptive", root, seed, smoke)
         cache: dict[str, np.ndarray] = {}  # F of each image once: debias_in_process reads it twice, eq1_auc once more
 
@@ -160,11 +205,14 @@ def run_one(ablation: str, name: str, work: Path, smoke: bool, seed: int = 0) ->
             return cache[image_id]
 
         res = debias_in_process(root, source, crf=DebiasConfig().crf_kwargs(), seed=seed)
-        auc = eq1_auc(root, source, seed)
+        auc = eq1_auc(root, source, seed, parts=feature_parts(fitted[-1]))
+    worst = min(auc, key=lambda c: auc[c]["F"]) if auc else None
     row = {"ablation": ablation if seed == 0 else f"{ablation} (seed {seed})", "dataset": name, "seed": seed,
            **res.row(), "dim": info.get("dim"),
-           "eq1_auc": {str(c): round(v, 3) for c, v in auc.items()},
-           "eq1_auc_min": min(auc.values()) if auc else float("nan"),
+           "eq1_auc": {str(c): round(v["F"], 3) for c, v in auc.items()},
+           "eq1_auc_min": auc[worst]["F"] if auc else float("nan"),
+           "eq1_auc_parts": {str(c): {k: round(x, 3) for k, x in v.items() if k != "F"} for c, v in auc.items()},
+           "eq1_worst_class": worst,
            "seconds": round(time.perf_counter() - t0, 1)}
     row["gain"] = row["debiased_miou"] - row["pseudo_miou"]
     row["targets"] = QL.targets(row)
@@ -183,6 +231,19 @@ def summary(rows: list[dict[str, Any]]) -> str:
             f"{v('removal_recall').mean():.3f} | {v('removal_recall').min():.2f} | {v('retention').mean():.3f} | "
             f"{v('retention').min():.2f} | {np.nanmean(v('eq1_auc_min')):.2f} | {met}/{3 * len(rs)} | "
             f"{sum(r['targets'] == '✓✓✓' for r in rs)}/{len(rs)} |")
+    return "\n".join(out)
+
+
+def parts_table(rows: list[dict[str, Any]], below: float = 0.9) -> str:
+    """Per row whose worst class has an Eq-1 AUC below ``below``: that class's AUC on F and on each part of F."""
+    rs = [r for r in rows if r.get("eq1_worst_class") is not None and r["eq1_auc_min"] < below]
+    names = list(dict.fromkeys(k for r in rs for k in r["eq1_auc_parts"][str(r["eq1_worst_class"])]))
+    out = ["| ablation | dataset | worst class | F | " + " | ".join(names) + " |", "|" + "---|" * (4 + len(names))]
+    for r in rs:
+        c = str(r["eq1_worst_class"])
+        p = r["eq1_auc_parts"][c]
+        out.append(f"| {r['ablation']} | {r['dataset']} | {c} | {r['eq1_auc'][c]:.2f} | "
+                   + " | ".join(f"{p[k]:.2f}" if k in p else "–" for k in names) + " |")
     return "\n".join(out)
 
 
@@ -217,9 +278,13 @@ def main() -> None:
                 a.out.with_suffix(".md").write_text(
                     "# adaptive_ablation\n\nOne change against the shipped adaptive USS per line; 19 datasets "
                     "(8 quick quality_bench variants, 11 quality_lab sets incl. 2 hold-outs); targets: gain >= 8, "
-                    "removal >= 0.80, retention >= 0.90.\n\n" + summary(rows) + "\n")
+                    "removal >= 0.80, retention >= 0.90.\n\n" + summary(rows) + "\n\n"
+                    "Eq-1 AUC of each dataset's worst class, on F and on each part's term of Eq 1 (rows whose "
+                    "worst class is below 0.9):\n\n" + parts_table(rows) + "\n")
     print()
     print(summary(rows))
+    print()
+    print(parts_table(rows))
 
 
 if __name__ == "__main__":
