@@ -122,6 +122,7 @@ def _alternatives(run: Path, tmp: Path, tiny_data: Path) -> dict[str, Callable[[
         "debias.crf_unary": lambda v: "ratio" if v == "symmetric" else "symmetric",
         "uss.backbone": lambda _: "vit_tiny_test",
         "uss.backbone_weights": lambda _: _copy(run / "uss" / "checkpoint.pt", tmp / "weights.pth"),
+        "uss.crop_scale": lambda v: "resize" if v == "native" else "native",
     }
 
 

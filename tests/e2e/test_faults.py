@@ -329,6 +329,7 @@ def test_kill_9_matrix(stage: str, full_run: dict, tmp_path_factory):
     args = [stage, "--config", str(full_run["config"]), "--out", str(run)]
     kept: dict[str, tuple[int, int]] = {}
     stats = {"kills": 0, "shards_kept": 0, "files_checked": 0}
+    late = False  # the last polled kill landed after the stage completed (it may have released the lock)
     for point in points:
         label, when = (point, None) if isinstance(point, str) else (point[0], point[1](run))
         rc, out = mars(args, kill_at=label if when is None else "", kill_when=when)
@@ -336,6 +337,14 @@ def test_kill_9_matrix(stage: str, full_run: dict, tmp_path_factory):
             _count(fault="kill -9", stage=stage, point=label, injected=False)
             break
         assert rc == -signal.SIGKILL, f"{label}: exit {rc}\n{out[-3000:]}"
+        if when is not None and (read_manifest(run / stage) or {}).get("status") == "complete":
+            # a polled kill can land after the stage finished: the poll saw its shards, the manifest was
+            # written before the signal arrived (a small split's CAMs take well under the 0.2 s poll).
+            # Nothing was cut short; the rerun and the comparison with the reference below check the
+            # artifact it left. Seam kills (no ``when``) stay strict: they fire before the manifest.
+            _count(fault="kill -9", stage=stage, point=label, injected=False, landed="after the stage completed")
+            late = True
+            break
         stats["kills"] += 1
         _not_finished(run / stage)
         stats["files_checked"] += _whole(run / stage)
@@ -347,7 +356,7 @@ def test_kill_9_matrix(stage: str, full_run: dict, tmp_path_factory):
         _count(fault="kill -9", stage=stage, point=label, injected=True)
     rc, out = mars(args)
     assert rc == 0, out[-3000:]
-    assert "taking over the run-folder lock" in out or stats["kills"] == 0
+    assert "taking over the run-folder lock" in out or stats["kills"] == 0 or late
     if stage in SHARDS:
         folder, pattern = SHARDS[stage]
         now = _files(run / folder, pattern)
