@@ -237,9 +237,15 @@ def _sample(spec: dict, r: np.random.Generator, kind: str):
     return (img * 255).round().astype(np.uint8), gt, pseudo, sorted({c for c, *_ in objs})
 
 
-def make_holdout(root: str | Path, kind: str, *, n_train: int = 120, n_val: int = 40, seed: int = 0) -> Path:
-    """Write hold-out dataset ``kind`` ("A" or "B") to ``root``; returns ``root``."""
+def make_holdout(root: str | Path, kind: str, *, n_train: int = 120, n_val: int = 40, seed: int = 0,
+                 size: tuple[int, int] | None = None) -> Path:
+    """Write hold-out dataset ``kind`` ("A" or "B") to ``root``; returns ``root``.
+
+    ``size`` (height, width) replaces the kind's image size: shapes scale with it, texture periods
+    stay in pixels (what images of another resolution drawn by the same process look like)."""
     spec = _spec(kind)
+    if size is not None:
+        spec["size"] = tuple(size)
     root = Path(root)
     for sub in ("JPEGImages", "SegmentationClass", "pseudo_labels", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,11 @@ which only one nuisance changes:
 * ``aspect``: each image's width stretched by {0.7, 1, 1.4} (textures' orientations and periods
   change along one axis);
 * ``grey``: every fifth image converted to greyscale (then stored as RGB again);
-* ``rot90``: each image (and its labels) turned by 90° with probability ½ (lossless).
+* ``rot90``: each image (and its labels) turned by 90° with probability ½ (lossless);
+* ``sizes``: not a copy of the base but the base's generator drawing a third of the images at each
+  of 0.75, 1 and 1.5 × its 96 px side (``mixed_sizes``): image sizes vary, texture periods stay
+  in pixels and objects scale with the image — what a dataset of mixed resolutions drawn by one
+  process looks like, unlike ``scale``, which resamples textures.
 
 Base datasets: ``default`` (the built-in generator's texture cue, 4 classes, PNG), ``both-6-jpg``
 (``make-dataset --cue both --n-classes 6 --image-format jpg``) and ``holdout-A``
@@ -25,7 +29,7 @@ removal recall, retention, target-centroid ratio, and how many classes the groun
 separation warning (``select/report.json``, ``algo.separation``) flags — the warning a user sees.
 
     python benchmarks/variation_bench.py [--bases default,both-6-jpg,holdout-A]
-        [--variations none,scale,aspect,grey,rot90] [--extractors adaptive,texture]
+        [--variations none,scale,aspect,grey,rot90,sizes] [--extractors adaptive,texture]
         [--work DIR] [--out benchmarks/results/variation_bench] [--smoke-test]
 """
 
@@ -64,12 +68,23 @@ BASES: dict[str, Callable[[Path, int], Path]] = {
                                                       image_format="jpg", seed=7),
     "holdout-A": lambda root, n: __import__("holdout_data").make_holdout(root, "A", n_train=n, n_val=2),
 }
-VARIATIONS = ("none", "scale", "aspect", "grey", "rot90")
+#: each base drawn by its own generator at a given image side (px) and seed: the ``sizes`` variation
+BASES_AT: dict[str, Callable[[Path, int, int, int], Path]] = {
+    "default": lambda root, n, side, k: make_biased_dataset(root, n_train=n, n_val=1, size=side, seed=31 + 100 * k),
+    "both-6-jpg": lambda root, n, side, k: make_biased_dataset(root, n_train=n, n_val=1, size=side, cue="both",
+                                                               n_classes=6, image_format="jpg", seed=7 + 100 * k),
+    "holdout-A": lambda root, n, side, k: __import__("holdout_data").make_holdout(root, "A", n_train=n, n_val=1,
+                                                                                  seed=k, size=(side, side)),
+}
+SIZE_FACTORS = (0.75, 1.0, 1.5)
+VARIATIONS = ("none", "scale", "aspect", "grey", "rot90", "sizes")
 LABEL_DIRS = ("SegmentationClass", "pseudo_labels")
 
 
 def perturb(src: Path, dst: Path, variation: str, seed: int = 0) -> Path:
     """Copy dataset ``src`` to ``dst`` with ``variation`` applied to its images and their label maps."""
+    if variation == "sizes":
+        raise ValueError("variation 'sizes' draws new images rather than changing a copy: use mixed_sizes")
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
@@ -105,6 +120,39 @@ def perturb(src: Path, dst: Path, variation: str, seed: int = 0) -> Path:
     return dst
 
 
+def mixed_sizes(base: str, dst: Path, n: int, seed: int = 0) -> Path:
+    """Dataset ``dst``: a third of ``n`` images of ``base`` drawn at each of ``SIZE_FACTORS`` × its 96 px
+    side by its own generator (not resampled: texture periods stay in pixels, objects scale with the
+    image), ids prefixed ``s<k>_``, lists, image-level labels and classes merged."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    parts = []
+    for k, f in enumerate(SIZE_FACTORS):
+        part = dst.parent / f"{dst.name}.part{k}"
+        if part.exists():
+            shutil.rmtree(part)
+        parts.append(BASES_AT[base](part, max(1, n // len(SIZE_FACTORS)), round(96 * f), seed * 10 + k))
+    (dst / "ImageSets" / "Segmentation").mkdir(parents=True)
+    shutil.copy(parts[0] / "classes.txt", dst / "classes.txt")
+    labels: dict[str, Any] = {}
+    lists: dict[str, list[str]] = {"train": [], "val": []}
+    for k, part in enumerate(parts):
+        if (part / "classes.txt").read_text() != (dst / "classes.txt").read_text():
+            raise ValueError(f"{part}: classes differ from {parts[0]}")
+        for sub in ("JPEGImages", "SegmentationClass", "pseudo_labels"):
+            (dst / sub).mkdir(exist_ok=True)
+            for f in (part / sub).iterdir():
+                shutil.copy(f, dst / sub / f"s{k}_{f.name}")
+        for split in lists:
+            lists[split] += [f"s{k}_{i}" for i in (part / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()]
+        labels.update({f"s{k}_{i}": v for i, v in json.loads((part / "image_labels.json").read_text()).items()})
+        shutil.rmtree(part)
+    for split, ids in lists.items():
+        (dst / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    (dst / "image_labels.json").write_text(json.dumps(labels, sort_keys=True))
+    return dst
+
+
 def source(extractor: str, root: Path, seed: int) -> Callable[[str, np.ndarray], np.ndarray]:
     """The extractor as the pipeline builds it; ``adaptive`` fitted on the split at its median short side."""
     if extractor != "adaptive":
@@ -122,7 +170,10 @@ def run_one(base: str, variation: str, extractor: str, work: Path, n: int, seed:
         BASES[base](base_root, n)
     root = work / "var" / f"{base}-{variation}"
     if not (root / "classes.txt").is_file():
-        perturb(base_root, root, variation, seed)
+        if variation == "sizes":
+            mixed_sizes(base, root, n, seed)
+        else:
+            perturb(base_root, root, variation, seed)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as labels:
         res = debias_in_process(root, source(extractor, root, seed), crf=DebiasConfig().crf_kwargs(), seed=seed,

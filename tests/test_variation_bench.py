@@ -71,3 +71,16 @@ def test_retention_is_split_between_grey_and_colour_images(base: Path, tmp_path:
     assert grey and len(grey) < len(ds.ids("train"))
     assert VB.retention_grey_vs_colour(root, debiased) == {"retention_grey_images": 0.0,
                                                             "retention_colour_images": 1.0}
+
+
+def test_mixed_sizes_draws_each_third_at_its_own_size(tmp_path: Path) -> None:
+    root = VB.mixed_sizes("default", tmp_path / "sizes", 6)
+    maps = _maps(root)
+    sizes = {i: img.shape[:2] for i, (img, gt, pseudo) in maps.items()}
+    for i, (img, gt, pseudo) in maps.items():
+        assert img.shape[:2] == gt.shape == pseudo.shape
+    assert {sizes[i] for i in maps if i.startswith("s0_")} == {(72, 72)}
+    assert {sizes[i] for i in maps if i.startswith("s2_")} == {(144, 144)}
+    assert len(VOCDataset(root).ids("train")) == 6 and not list(tmp_path.glob("sizes.part*"))
+    with pytest.raises(ValueError, match="mixed_sizes"):
+        VB.perturb(root, tmp_path / "bad", "sizes")
