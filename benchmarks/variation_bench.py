@@ -57,10 +57,9 @@ from mars_ray.algo.separation import SEPARATION_THRESHOLD  # noqa: E402
 from mars_ray.config import DebiasConfig  # noqa: E402
 from mars_ray.data.label_io import read_image, read_label  # noqa: E402
 from mars_ray.data.synthetic import make_biased_dataset  # noqa: E402
-from mars_ray.labels import MAX_CLASSES  # noqa: E402
 from mars_ray.stages.features import is_greyscale  # noqa: E402
 from mars_ray.data.voc import VOCDataset  # noqa: E402
-from mars_ray.quality import debias_in_process  # noqa: E402
+from mars_ray.quality import LabelQuality, debias_in_process  # noqa: E402
 
 BASES: dict[str, Callable[[Path, int], Path]] = {
     "default": lambda root, n: make_biased_dataset(root, n_train=n, n_val=2, seed=31),
@@ -189,17 +188,15 @@ def run_one(base: str, variation: str, extractor: str, work: Path, n: int, seed:
 
 
 def retention_grey_vs_colour(root: Path, debiased: Path) -> dict[str, float]:
-    """Retention (pseudo-label foreground on its own GT class that Y^db keeps) on the train split's grey
-    images and on its colour ones, apart: ``retention_grey_images`` / ``retention_colour_images``."""
+    """Retention (``mars_ray.quality.LabelQuality``'s) on the train split's grey images and on its colour
+    ones, apart: ``retention_grey_images`` / ``retention_colour_images``."""
     ds = VOCDataset(root)
-    kept = {True: [0, 0], False: [0, 0]}  # grey? -> [target pixels, kept]
+    quality = {kind: LabelQuality(ds.num_classes) for kind in ("grey", "colour")}
     for i in ds.ids("train"):
-        pseudo, gt = read_label(root / "pseudo_labels" / f"{i}.png"), read_label(ds.gt_path(i))
-        target = (pseudo >= 1) & (pseudo <= MAX_CLASSES) & (gt == pseudo)
-        n = kept[is_greyscale(read_image(ds.image_path(i)))]
-        n[0] += int(target.sum())
-        n[1] += int((target & (read_label(debiased / f"{i}.png") == pseudo)).sum())
-    return {f"retention_{'grey' if g else 'colour'}_images": (k / t if t else float("nan")) for g, (t, k) in kept.items()}
+        kind = "grey" if is_greyscale(read_image(ds.image_path(i))) else "colour"
+        quality[kind].update(read_label(root / "pseudo_labels" / f"{i}.png"), read_label(debiased / f"{i}.png"),
+                             read_label(ds.gt_path(i)))
+    return {f"retention_{kind}_images": q.compute()["retention"] for kind, q in quality.items()}
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -261,10 +261,7 @@ def median_short_side(ds: VOCDataset, ids: list[str]) -> int:
 def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int) -> Any:
     """Fit :class:`AdaptiveStats` on ``fit_sample(ids)`` of the dataset in this process (one torch
     thread) and log what :func:`fit_split_stats_task` reports; returns the statistics."""
-    stats, warnings = fit_split_stats_task(dataset, ids, seed)
-    for w in warnings:
-        logger.warning("%s", w)
-    return stats
+    return _logged(*fit_split_stats_task(dataset, ids, seed))
 
 
 def fit_split_stats_remote(dataset: VOCDataset, ids: list[str], seed: int) -> Any:
@@ -273,7 +270,11 @@ def fit_split_stats_remote(dataset: VOCDataset, ids: list[str], seed: int) -> An
     import ray
 
     task = ray.remote(num_cpus=1)(fit_split_stats_task)
-    stats, warnings = ray.get(task.remote(dataset.spec(), ids, seed))
+    return _logged(*ray.get(task.remote(dataset.spec(), ids, seed)))
+
+
+def _logged(stats: Any, warnings: list[str]) -> Any:
+    """``stats``, once each of the fit's ``warnings`` is logged (in the calling process)."""
     for w in warnings:
         logger.warning("%s", w)
     return stats

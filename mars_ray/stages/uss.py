@@ -266,8 +266,9 @@ def _optimizer(params: Any, lr: float, restored: dict[str, Any] | None, phase: s
 
 
 def _report(s: UssLoop, w: _Worker, state: dict[str, Any], phase: str, epoch: int, stats: dict[str, float],
-            net: nn.Module, head: nn.Module, opt: torch.optim.Optimizer, epochs: int = 0) -> dict[str, Any]:
-    """Report one epoch of ``phase`` (rank 0 with the new state as checkpoint); returns the new state.
+            net: nn.Module, head: nn.Module, opt: torch.optim.Optimizer, epochs: int) -> dict[str, Any]:
+    """Report epoch ``epoch`` of the ``epochs`` of ``phase`` (rank 0 with the new state as checkpoint);
+    returns the new state.
 
     The backbone goes into the state only when trained here (given weights are reloaded from their file).
     """
@@ -276,7 +277,7 @@ def _report(s: UssLoop, w: _Worker, state: dict[str, Any], phase: str, epoch: in
     state = {**state, _DONE[phase]: epoch, "step": step, "history": [*state["history"], entry],
              "backbone": None if s.backbone_weights else net.state_dict(), "head": head.state_dict(),
              "opt_phase": phase, "opt": opt.state_dict()}
-    report_epoch(entry, state if w.rank == 0 else None, epochs=s.ssl_epochs if phase == "ssl" else epochs)
+    report_epoch(entry, state if w.rank == 0 else None, epochs=epochs)
     return state
 
 
@@ -293,7 +294,7 @@ def _ssl_phase(s: UssLoop, w: _Worker, net: nn.Module, head: nn.Module, state: d
         loader.sampler.set_epoch(epoch)
         batches = ({"image": b["image"].to(w.device)} for b in loader)
         stats = train_one_epoch(lambda b: objective(b["image"]), batches, opt, log_every=0)
-        state = _report(s, w, state, "ssl", epoch + 1, stats, net, head, opt)
+        state = _report(s, w, state, "ssl", epoch + 1, stats, net, head, opt, s.ssl_epochs)
         logger.info("uss ssl epoch %d/%d: dense_nce %.4f", epoch + 1, s.ssl_epochs, stats["loss"])
     return state
 
