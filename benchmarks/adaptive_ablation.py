@@ -27,10 +27,17 @@ codebook pyramid), ``no-linear`` (codebook parts only, the whitened linear part 
 ``linear-weight-0.7``/``-0.5`` (the linear part at 0.7 / 0.5 of its RMS norm, the codebooks unchanged),
 ``colour-only`` (diagnostic: the whitened colour group alone), ``kmeans-restarts-region``
 (best of 10 K-means initialisations in the per-region clustering) and
-``kmeans-restarts-codebook`` (best of 10 for the codebooks).
+``kmeans-restarts-codebook`` (best of 10 for the codebooks), ``codebooks-x2`` (each codebook fitted
+twice from different K-means seeds, each copy at 1/sqrt(2) of its RMS norm: an ensemble of two
+quantisations, the linear part's share of F unchanged).
+
+``--seeds 0,1,2`` runs every (ablation, dataset) once per seed (the adaptive fit's and the K-means'
+seed, as ``--seed``) and adds a third table to ``OUT.md``: per ablation, how far the debiased mIoU of
+a dataset moves between seeds (mean and largest range over the datasets) and the mean of each
+dataset's worst seed -- what a user who refits with another seed may get.
 
     python benchmarks/adaptive_ablation.py [--ablations a,b] [--datasets q:colour,l:holdout-A]
-        [--work DIR] [--out benchmarks/results/adaptive_ablation] [--seed N] [--smoke-test]
+        [--work DIR] [--out benchmarks/results/adaptive_ablation] [--seed N | --seeds 0,1,2] [--smoke-test]
 """
 
 from __future__ import annotations
@@ -83,6 +90,21 @@ def _finish_with(change: Callable[[adaptive.AdaptiveStats], adaptive.AdaptiveSta
     return mock.patch.object(adaptive.AdaptiveFitter, "finish", patched)
 
 
+def _ensemble(copies: int) -> contextlib.AbstractContextManager:
+    """Each shipped codebook size fitted ``copies`` times (K-means seeds differ by the codebook's index), each
+    copy divided by sqrt(copies) on top of its RMS norm: the copies of one size together weigh what one
+    codebook weighs, so only the quantisation is averaged and the linear part keeps its share of F."""
+    def change(s: adaptive.AdaptiveStats) -> adaptive.AdaptiveStats:
+        scales = s.scales.copy()
+        scales[1:] = scales[1:] * np.sqrt(copies)
+        return dataclasses.replace(s, scales=scales)
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(_codebooks(tuple(adaptive.CODEBOOK_SIZES) * copies))
+    stack.enter_context(_finish_with(change))
+    return stack
+
+
 def _no_linear(s: adaptive.AdaptiveStats) -> adaptive.AdaptiveStats:
     scales = s.scales.copy()
     scales[0] = 1e9  # the linear part divided to ~0: F = the codebook parts
@@ -122,6 +144,7 @@ ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "colour-only": _colour_only,
     "kmeans-restarts-region": lambda: mock.patch.object(clustering, "kmeans", partial(clustering.kmeans, n_init=10)),
     "kmeans-restarts-codebook": lambda: mock.patch.object(adaptive, "kmeans", partial(clustering.kmeans, n_init=10)),
+    "codebooks-x2": lambda: _ensemble(2),
 }
 
 
@@ -139,10 +162,13 @@ def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def feature_parts(stats: adaptive.AdaptiveStats) -> dict[str, slice]:
-    """The parts of the adaptive F: ``linear`` (the whitened cues), then ``c<K>`` per codebook."""
+    """The parts of the adaptive F: ``linear`` (the whitened cues), then ``c<K>`` per codebook (a second
+    codebook of the same size ``c<K>#2``, …)."""
     parts, start = {"linear": slice(0, stats.transform.shape[1])}, stats.transform.shape[1]
     for p in stats.prototypes:
-        parts[f"c{p.shape[0]}"] = slice(start, start + p.shape[0])
+        name = f"c{p.shape[0]}"
+        copy = sum(k == name or k.startswith(f"{name}#") for k in parts)
+        parts[name if copy == 0 else f"{name}#{copy + 1}"] = slice(start, start + p.shape[0])
         start += p.shape[0]
     return parts
 
@@ -234,6 +260,31 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def seed_spread(rows: list[dict[str, Any]]) -> str:
+    """Per ablation run at several seeds: how much a dataset's debiased mIoU moves between seeds.
+
+    Columns: seeds, datasets, mean debiased mIoU over all rows, mean and largest (max - min over seeds)
+    of a dataset, the dataset with that largest range, and the mean over datasets of the worst seed's
+    mIoU. Ablations run at one seed only are left out ("" when none has several)."""
+    groups: dict[str, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        base = r["ablation"].split(" (seed ")[0]
+        groups.setdefault(base, {}).setdefault(r["dataset"], {})[int(r.get("seed", 0))] = 100 * r["debiased_miou"]
+    out = ["| ablation | seeds | datasets | mean debiased mIoU | mean range over seeds | largest range (dataset) | "
+           "mean of the worst seed |", "|" + "---|" * 7]
+    for ab, per in groups.items():
+        seeds = sorted({s for v in per.values() for s in v})
+        full = {d: v for d, v in per.items() if len(v) == len(seeds)}
+        if len(seeds) < 2 or not full:
+            continue
+        ranges = {d: max(v.values()) - min(v.values()) for d, v in full.items()}
+        worst = max(ranges, key=lambda d: ranges[d])
+        out.append(f"| {ab} | {','.join(map(str, seeds))} | {len(full)} | "
+                   f"{np.mean([x for v in full.values() for x in v.values()]):.1f} | {np.mean(list(ranges.values())):.1f} | "
+                   f"{ranges[worst]:.1f} ({worst}) | {np.mean([min(v.values()) for v in full.values()]):.1f} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def parts_table(rows: list[dict[str, Any]], below: float = 0.9) -> str:
     """Per row whose worst class has an Eq-1 AUC below ``below``: that class's AUC on F and on each part of F."""
     rs = [r for r in rows if r.get("eq1_worst_class") is not None and r["eq1_auc_min"] < below]
@@ -256,6 +307,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the adaptive fit and the K-means (features.seed / select.seed): how much a refit moves")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds, each run in turn (overrides --seed); "
+                    "adds the seed-spread table")
     ap.add_argument("--smoke-test", action="store_true", help="one small dataset, two ablations")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -264,27 +317,37 @@ def main() -> None:
     unknown = [x for x in ablations if x not in ABLATIONS]
     if unknown:
         ap.error(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
+    seeds = [int(x) for x in a.seeds.split(",") if x] if a.seeds else [a.seed]
     rows = []
-    for ab in ablations:
-        for name in datasets:
-            row = run_one(ab, name, a.work, a.smoke_test, a.seed)
-            rows.append(row)
-            print(f"{ab:26s} {name:22s} pseudo {100 * row['pseudo_miou']:5.1f} debiased {100 * row['debiased_miou']:5.1f} "
-                  f"removal {row['removal_recall']:.2f} retention {row['retention']:.2f} "
-                  f"eq1-auc-min {row['eq1_auc_min']:.2f} {row['targets']}", flush=True)
-            if a.out:
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-                a.out.with_suffix(".md").write_text(
-                    "# adaptive_ablation\n\nOne change against the shipped adaptive USS per line; 19 datasets "
-                    "(8 quick quality_bench variants, 11 quality_lab sets incl. 2 hold-outs); targets: gain >= 8, "
-                    "removal >= 0.80, retention >= 0.90.\n\n" + summary(rows) + "\n\n"
-                    "Eq-1 AUC of each dataset's worst class, on F and on each part's term of Eq 1 (rows whose "
-                    "worst class is below 0.9):\n\n" + parts_table(rows) + "\n")
+    for seed in seeds:
+        for ab in ablations:
+            for name in datasets:
+                row = run_one(ab, name, a.work, a.smoke_test, seed)
+                rows.append(row)
+                print(f"{row['ablation']:26s} {name:22s} pseudo {100 * row['pseudo_miou']:5.1f} "
+                      f"debiased {100 * row['debiased_miou']:5.1f} removal {row['removal_recall']:.2f} "
+                      f"retention {row['retention']:.2f} eq1-auc-min {row['eq1_auc_min']:.2f} {row['targets']}", flush=True)
+                if a.out:
+                    write(a.out, rows)
     print()
-    print(summary(rows))
-    print()
-    print(parts_table(rows))
+    print(report(rows))
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """``OUT.md``'s tables: the summary, the seed spread (when several seeds ran), the Eq-1 AUC parts."""
+    spread = seed_spread(rows)
+    return ("One change against the shipped adaptive USS per line; 19 datasets (8 quick quality_bench variants, "
+            "11 quality_lab sets incl. 2 hold-outs); targets: gain >= 8, removal >= 0.80, retention >= 0.90.\n\n"
+            + summary(rows) + "\n\n"
+            + (f"How far a dataset's debiased mIoU moves between seeds (refits):\n\n{spread}\n\n" if spread else "")
+            + "Eq-1 AUC of each dataset's worst class, on F and on each part's term of Eq 1 (rows whose "
+            "worst class is below 0.9):\n\n" + parts_table(rows) + "\n")
+
+
+def write(out: Path, rows: list[dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".md").write_text("# adaptive_ablation\n\n" + report(rows))
 
 
 if __name__ == "__main__":
