@@ -50,7 +50,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from unittest import mock
 
 import numpy as np
@@ -90,7 +90,8 @@ def _finish_with(change: Callable[[adaptive.AdaptiveStats], adaptive.AdaptiveSta
     return mock.patch.object(adaptive.AdaptiveFitter, "finish", patched)
 
 
-def _ensemble(copies: int) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _ensemble(copies: int) -> Iterator[None]:
     """Each shipped codebook size fitted ``copies`` times (K-means seeds differ by the codebook's index), each
     copy divided by sqrt(copies) on top of its RMS norm: the copies of one size together weigh what one
     codebook weighs, so only the quantisation is averaged and the linear part keeps its share of F."""
@@ -99,10 +100,8 @@ def _ensemble(copies: int) -> contextlib.AbstractContextManager:
         scales[1:] = scales[1:] * np.sqrt(copies)
         return dataclasses.replace(s, scales=scales)
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(_codebooks(tuple(adaptive.CODEBOOK_SIZES) * copies))
-    stack.enter_context(_finish_with(change))
-    return stack
+    with _codebooks(tuple(adaptive.CODEBOOK_SIZES) * copies), _finish_with(change):
+        yield
 
 
 def _no_linear(s: adaptive.AdaptiveStats) -> adaptive.AdaptiveStats:
