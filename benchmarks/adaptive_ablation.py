@@ -29,7 +29,7 @@ codebook pyramid), ``no-linear`` (codebook parts only, the whitened linear part 
 (best of 10 K-means initialisations in the per-region clustering) and
 ``kmeans-restarts-codebook`` (best of 10 for the codebooks), ``codebooks-x2`` (each codebook fitted
 twice from different K-means seeds, each copy at 1/sqrt(2) of its RMS norm: an ensemble of two
-quantisations, the linear part's share of F unchanged).
+quantisations, the linear part's share of F unchanged; what ``features.codebook_copies=2`` selects).
 
 ``--seeds 0,1,2`` runs every (ablation, dataset) once per seed (the adaptive fit's and the K-means'
 seed, as ``--seed``) and adds a third table to ``OUT.md``: per ablation, how far the debiased mIoU of
@@ -50,7 +50,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from unittest import mock
 
 import numpy as np
@@ -73,13 +73,17 @@ from mars_ray.quality import debias_in_process  # noqa: E402
 DATASETS = [f"q:{n}" for n in QB.VARIANTS] + [f"l:{n}" for n in list(QL.VARIANTS) + list(QL.HOLDOUT)]
 
 
-def _codebooks(sizes: tuple[int, ...]) -> contextlib.AbstractContextManager:
+def _fitter_kwargs(**over: Any) -> contextlib.AbstractContextManager:
+    """Every ``AdaptiveFitter`` built with these keyword arguments (the shipped code, other settings)."""
     init = adaptive.AdaptiveFitter.__init__
 
     def patched(self: Any, *a: Any, **kw: Any) -> None:
-        kw["codebook_sizes"] = sizes
-        init(self, *a, **kw)
+        init(self, *a, **{**kw, **over})
     return mock.patch.object(adaptive.AdaptiveFitter, "__init__", patched)
+
+
+def _codebooks(sizes: tuple[int, ...]) -> contextlib.AbstractContextManager:
+    return _fitter_kwargs(codebook_sizes=sizes)
 
 
 def _finish_with(change: Callable[[adaptive.AdaptiveStats], adaptive.AdaptiveStats]) -> contextlib.AbstractContextManager:
@@ -88,20 +92,6 @@ def _finish_with(change: Callable[[adaptive.AdaptiveStats], adaptive.AdaptiveSta
     def patched(self: Any, **kw: Any) -> adaptive.AdaptiveStats:
         return change(finish(self, **kw))
     return mock.patch.object(adaptive.AdaptiveFitter, "finish", patched)
-
-
-@contextlib.contextmanager
-def _ensemble(copies: int) -> Iterator[None]:
-    """Each shipped codebook size fitted ``copies`` times (K-means seeds differ by the codebook's index), each
-    copy divided by sqrt(copies) on top of its RMS norm: the copies of one size together weigh what one
-    codebook weighs, so only the quantisation is averaged and the linear part keeps its share of F."""
-    def change(s: adaptive.AdaptiveStats) -> adaptive.AdaptiveStats:
-        scales = s.scales.copy()
-        scales[1:] = scales[1:] * np.sqrt(copies)
-        return dataclasses.replace(s, scales=scales)
-
-    with _codebooks(tuple(adaptive.CODEBOOK_SIZES) * copies), _finish_with(change):
-        yield
 
 
 def _no_linear(s: adaptive.AdaptiveStats) -> adaptive.AdaptiveStats:
@@ -143,7 +133,7 @@ ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "colour-only": _colour_only,
     "kmeans-restarts-region": lambda: mock.patch.object(clustering, "kmeans", partial(clustering.kmeans, n_init=10)),
     "kmeans-restarts-codebook": lambda: mock.patch.object(adaptive, "kmeans", partial(clustering.kmeans, n_init=10)),
-    "codebooks-x2": lambda: _ensemble(2),
+    "codebooks-x2": lambda: _fitter_kwargs(copies=2),  # features.codebook_copies=2
 }
 
 

@@ -56,6 +56,10 @@ class FeaturesConfig:
     max_pixels: int = 20000  # K-means is fitted on at most this many pixels of a region
     kmeans_iters: int = 20
     seed: int = 0
+    # our choice: the adaptive extractor fits each codebook size this many times (an ensemble; also the
+    # adaptive backbone of `--uss`). 2 halves how far a refit moves the labels for an F and a feature
+    # time about twice as large (benchmarks/adaptive_ablation.py, codebooks-x2); other extractors ignore it
+    codebook_copies: int = 1
     num_actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # a learned extractor on GPUs (fractions share one); ignored with data.features_dir
@@ -470,7 +474,8 @@ def _validate_ranges(cfg: Config) -> None:
         raise ValueError(f"select.alpha must be in (0, 1], got {cfg.select.alpha}")
     _at_least("select", cfg.select, ("chunk_rows",), 1)
     f = cfg.features
-    _at_least("features", f, ("k_fg", "k_bg", "max_pixels", "kmeans_iters", "num_actors", "batch_size"), 1)
+    _at_least("features", f, ("k_fg", "k_bg", "max_pixels", "kmeans_iters", "codebook_copies", "num_actors",
+                              "batch_size"), 1)
     _positive("features", f, ("cpus_per_actor",))
     _at_least("features", f, ("gpus_per_actor",), 0)
     d = cfg.debias

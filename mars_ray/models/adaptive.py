@@ -27,6 +27,9 @@ colour weight of 0.1 is such a fixed choice. Here every scale comes from statist
    background mean whatever cue makes it unique.
 4. F is the concatenation ``[z, c16, c32, c64]``, each part divided by its root-mean-square norm
    over the sample, so the four parts weigh alike. ``dim = rank(z) + 112``; stride 1.
+   ``features.codebook_copies = n`` (default 1) fits every codebook size n times from different K-means
+   seeds, each copy at 1/sqrt(n) of its RMS norm: an ensemble of quantisations, so the labels depend
+   less on the fit's seed, for an F with ``rank(z) + 112·n`` dimensions (README, "Debiasing quality").
 
 Constants that remain, and why (none is tuned to one dataset):
 
@@ -100,6 +103,7 @@ FORMAT = "mars_ray.adaptive/1"
 MIN_FIT_IMAGES = 8
 MAX_KMEANS_POINTS = 20000
 CODEBOOK_SIZES = (16, 32, 64)
+CODEBOOK_COPIES = 1  # features.codebook_copies: each codebook size fitted this many times (an ensemble)
 ORIENTATIONS = 4
 BASE_WAVELENGTH = 3.0
 FILTER_WAVELENGTH = 6.0  # longer wavelengths use this filter on a downsampled image
@@ -320,10 +324,13 @@ class AdaptiveFitter:
     """
 
     def __init__(self, short_side: int, *, seed: int = 0, pixels_per_image: int = 1024,
-                 codebook_sizes: tuple[int, ...] = CODEBOOK_SIZES) -> None:
+                 codebook_sizes: tuple[int, ...] = CODEBOOK_SIZES, copies: int = CODEBOOK_COPIES) -> None:
+        if int(copies) < 1:
+            raise ValueError(f"adaptive extractor: codebook copies must be >= 1, got {copies}")
         self.wavelengths = wavelengths_for(int(short_side))
         self.cues = _Cues(self.wavelengths, ORIENTATIONS).eval()
-        self.seed, self.pixels_per_image, self.codebook_sizes = int(seed), int(pixels_per_image), codebook_sizes
+        self.seed, self.pixels_per_image, self.copies = int(seed), int(pixels_per_image), int(copies)
+        self.codebook_sizes = tuple(codebook_sizes) * self.copies
         self._samples: list[np.ndarray] = []
 
     @torch.no_grad()
@@ -367,7 +374,9 @@ class AdaptiveFitter:
             a = _soft_assign(sub, protos, sigma)
             prototypes.append(protos)
             sigmas.append(sigma)
-            scales.append(float(np.sqrt((a * a).sum(1).mean())))
+            # copies of one size share one codebook's weight (RMS norm 1/sqrt(copies) each): the ensemble
+            # averages the quantisation, the linear part keeps its share of F
+            scales.append(float(np.sqrt((a * a).sum(1).mean() * self.copies)))
         f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
         stats = AdaptiveStats(
             wavelengths=self.wavelengths, orientations=ORIENTATIONS, mean=f32(mean), transform=f32(transform),
@@ -396,18 +405,20 @@ def fit_sample(ids: Sequence[str], *, max_images: int = MAX_FIT_IMAGES, seed: in
 
 
 def fit_adaptive_stats(images: Iterable[np.ndarray], *, short_side: Optional[int] = None, seed: int = 0,
-                       pixels_per_image: int = 1024, min_images: int = MIN_FIT_IMAGES) -> AdaptiveStats:
+                       pixels_per_image: int = 1024, min_images: int = MIN_FIT_IMAGES,
+                       copies: int = CODEBOOK_COPIES) -> AdaptiveStats:
     """Fit :class:`AdaptiveStats` on ``images`` (uint8 ``[H, W, 3]`` each, streamed once).
 
     ``short_side``: the images' typical short side, which fixes the Gabor wavelengths; None → the
-    first image's (give it when sizes vary). Raises ``ValueError`` for fewer than ``min_images``
-    images (default ``MIN_FIT_IMAGES``), a non-RGB image, or images without any variation.
+    first image's (give it when sizes vary). ``copies``: each codebook size fitted that many times
+    from different K-means seeds (``features.codebook_copies``). Raises ``ValueError`` for fewer than
+    ``min_images`` images (default ``MIN_FIT_IMAGES``), a non-RGB image, or images without any variation.
     """
     fitter: Optional[AdaptiveFitter] = None
     for image in images:
         if fitter is None:
             fitter = AdaptiveFitter(short_side or int(min(np.asarray(image).shape[:2])), seed=seed,
-                                    pixels_per_image=pixels_per_image)
+                                    pixels_per_image=pixels_per_image, copies=copies)
         fitter.add(image)
     if fitter is None:
         raise ValueError(f"adaptive extractor: no images to fit on, at least {MIN_FIT_IMAGES} needed")

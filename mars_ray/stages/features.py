@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from dataclasses import fields
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -228,7 +229,7 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, stats_digest: str | None = None) 
     slice_ = {
         "data": inputs.dataset_key(cfg, [cfg.data.split]),
         "pseudo_labels": storage.absolute(pseudo),
-        "features": {k: v for k, v in C.to_dict(cfg.features).items() if k not in _EXECUTION_KEYS},
+        "features": _features_slice(cfg, fitted),
         "source": source,
         "clustering": CLUSTERING,  # a new K-means gives other centroids: never "up to date" across it
     }
@@ -241,13 +242,26 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, stats_digest: str | None = None) 
     return StageDir(run_dir / "features", "features", C.slice_hash(slice_, fingerprints), slice_, fingerprints)
 
 
+def _features_slice(cfg: C.Config, fitted: bool) -> dict[str, Any]:
+    """The ``features`` settings in the stage key: all but the execution knobs, and ``codebook_copies``
+    only where the stage fits the adaptive extractor with more than one copy (elsewhere it is not read,
+    and at 1 it is left out so that artifacts made before the setting existed keep their keys)."""
+    skip = _EXECUTION_KEYS | {"codebook_copies"}  # (not read here: a setting read must be in the key)
+    out = {f.name: C.to_dict(getattr(cfg.features, f.name)) for f in fields(cfg.features) if f.name not in skip}
+    if fitted and cfg.features.codebook_copies != 1:
+        out["codebook_copies"] = cfg.features.codebook_copies
+    return out
+
+
 def fit_key(cfg: C.Config, dataset: VOCDataset) -> str:
-    """What a fit depends on: the split (ids, files' sizes and mtimes), the seed, the file format.
-    A stored fit with this key is reused instead of fitting again."""
+    """What a fit depends on: the split (ids, files' sizes and mtimes), the seed, the number of codebook
+    copies, the file format. A stored fit with this key is reused instead of fitting again."""
     from mars_ray.models.adaptive import FORMAT, MAX_FIT_IMAGES
 
     spec = {"data": inputs.dataset_key(cfg, [cfg.data.split]), "seed": cfg.features.seed, "format": FORMAT,
             "max_images": MAX_FIT_IMAGES}
+    if cfg.features.codebook_copies != 1:  # (absent at 1: the keys of fits made before the setting)
+        spec["codebook_copies"] = cfg.features.codebook_copies
     return C.slice_hash(spec, {"dataset": dataset.fingerprint(cfg.data.split)})
 
 
@@ -258,19 +272,19 @@ def median_short_side(ds: VOCDataset, ids: list[str]) -> int:
     return int(np.median([min(label_size(ds.image_path(i))) for i in ids]))
 
 
-def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int) -> Any:
+def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int, copies: int = 1) -> Any:
     """Fit :class:`AdaptiveStats` on ``fit_sample(ids)`` of the dataset in this process (one torch
     thread) and log what :func:`fit_split_stats_task` reports; returns the statistics."""
-    return _logged(*fit_split_stats_task(dataset, ids, seed))
+    return _logged(*fit_split_stats_task(dataset, ids, seed, copies))
 
 
-def fit_split_stats_remote(dataset: VOCDataset, ids: list[str], seed: int) -> Any:
+def fit_split_stats_remote(dataset: VOCDataset, ids: list[str], seed: int, copies: int = 1) -> Any:
     """:func:`fit_split_stats` in a one-CPU Ray task; its warnings are logged here, in the driver, so
     they reach the terminal (a worker's log lines go to the run's log file only)."""
     import ray
 
     task = ray.remote(num_cpus=1)(fit_split_stats_task)
-    return _logged(*ray.get(task.remote(dataset.spec(), ids, seed)))
+    return _logged(*ray.get(task.remote(dataset.spec(), ids, seed, copies)))
 
 
 def _logged(stats: Any, warnings: list[str]) -> Any:
@@ -280,8 +294,9 @@ def _logged(stats: Any, warnings: list[str]) -> Any:
     return stats
 
 
-def fit_split_stats_task(dataset: dict[str, Any], ids: list[str], seed: int) -> tuple[Any, list[str]]:
-    """Ray task body: ``(AdaptiveStats, warnings)`` fitted on ``fit_sample(ids)`` of the dataset.
+def fit_split_stats_task(dataset: dict[str, Any], ids: list[str], seed: int, copies: int = 1) -> tuple[Any, list[str]]:
+    """Ray task body: ``(AdaptiveStats, warnings)`` fitted on ``fit_sample(ids)`` of the dataset
+    (``copies``: ``features.codebook_copies``).
 
     The Gabor wavelengths follow the median short side of the fitted images (header sizes). A split
     of fewer than ``MIN_FIT_IMAGES`` images is fitted anyway, with a warning; so is one whose images
@@ -311,7 +326,7 @@ def fit_split_stats_task(dataset: dict[str, Any], ids: list[str], seed: int) -> 
                 grey.append(i)
             yield image
 
-    stats = fit_adaptive_stats(images(), short_side=short, seed=seed, min_images=1)
+    stats = fit_adaptive_stats(images(), short_side=short, seed=seed, min_images=1, copies=copies)
     if 0 < len(grey) < len(chosen):
         warnings.append(
             f"features: {len(grey)} of the {len(chosen)} images the adaptive extractor was fitted on are greyscale "
@@ -387,7 +402,8 @@ def ensure_stats(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset, *, fit: b
     if not fit:
         return None, None
     ensure_ray(cfg.ray)
-    stats = fit_split_stats_remote(dataset, dataset.ids(cfg.data.split), cfg.features.seed)
+    stats = fit_split_stats_remote(dataset, dataset.ids(cfg.data.split), cfg.features.seed,
+                                   cfg.features.codebook_copies)
     path = stats_cache_path(cfg, dataset)
     if path is not None:  # deterministic content: concurrent writers write the same bytes, atomically
         path.parent.mkdir(parents=True, exist_ok=True)

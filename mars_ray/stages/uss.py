@@ -416,6 +416,8 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None
         "data": inputs.dataset_key(cfg, [cfg.data.split]),
         "uss": {k: v for k, v in C.to_dict(cfg.uss).items() if k not in _EXECUTION_KEYS},
     }
+    if cfg.uss.backbone == ADAPTIVE and cfg.features.codebook_copies != 1:  # the backbone's fit reads it
+        slice_["codebook_copies"] = cfg.features.codebook_copies
     fingerprints = {
         "dataset": dataset.fingerprint(cfg.data.split),
         "backbone_weights": fingerprint_path(inputs.config_path(cfg.uss.backbone_weights)),
@@ -425,7 +427,8 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None
 
 def _fit_stats(cfg: C.Config, dataset: VOCDataset, path: AnyPath) -> Any:
     """The adaptive backbone's statistics, fitted on the split as the ``features`` stage fits them (a
-    one-thread Ray task, seed ``uss.seed``), reused from ``path`` when a resumed run already wrote them."""
+    one-thread Ray task, seed ``uss.seed``, ``features.codebook_copies``), reused from ``path`` when a
+    resumed run already wrote them."""
     from mars_ray.models.adaptive import AdaptiveStats
     from mars_ray.stages.features import fit_split_stats_remote
 
@@ -434,7 +437,7 @@ def _fit_stats(cfg: C.Config, dataset: VOCDataset, path: AnyPath) -> Any:
             return AdaptiveStats.load(path)
         except ValueError:
             pass  # a damaged file of an interrupted run: fit again
-    stats = fit_split_stats_remote(dataset, dataset.ids(cfg.data.split), cfg.uss.seed)
+    stats = fit_split_stats_remote(dataset, dataset.ids(cfg.data.split), cfg.uss.seed, cfg.features.codebook_copies)
     stats.save(path)
     return stats
 

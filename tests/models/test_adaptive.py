@@ -153,6 +153,27 @@ def test_features_are_centred_and_parts_balanced(images: list[np.ndarray], stats
     assert max(norms) / min(norms) < 1.3, norms
 
 
+def test_codebook_copies_fit_an_ensemble_at_one_codebooks_weight(images: list[np.ndarray],
+                                                                  stats: AdaptiveStats) -> None:
+    """``copies=2``: each codebook size twice, from other K-means starts; the two copies of a size weigh
+    together what one codebook weighs, so the linear part keeps its share of F; 1 is the default fit."""
+    assert fit_adaptive_stats(images, seed=0, copies=1).digest == stats.digest
+    two = fit_adaptive_stats(images, seed=0, copies=2)
+    assert [p.shape[0] for p in two.prototypes] == [16, 32, 64, 16, 32, 64]
+    assert two.dim == stats.dim + 16 + 32 + 64
+    np.testing.assert_array_equal(two.prototypes[0], stats.prototypes[0])  # the first copy is the default fit
+    assert not np.allclose(two.prototypes[3], two.prototypes[0])  # the second starts elsewhere
+    f = torch.cat([AdaptiveExtractor(two).eval()(_x(im)) for im in images]).permute(0, 2, 3, 1).reshape(-1, two.dim)
+    r = two.transform.shape[1]
+    bounds = np.cumsum([0, r, 16, 32, 64, 16, 32, 64])
+    ms = [float(f[:, a:b].norm(dim=1).pow(2).mean()) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert ms[0] == pytest.approx(1.0, rel=0.3)
+    for k in range(1, 4):  # a size's two copies: mean squared norm 1/2 each, 1 together
+        assert ms[k] == pytest.approx(0.5, rel=0.3) and ms[k + 3] == pytest.approx(0.5, rel=0.3)
+    with pytest.raises(ValueError, match="copies must be >= 1"):
+        fit_adaptive_stats(images, copies=0)
+
+
 def test_fit_sample() -> None:
     ids = [f"i{k:04d}" for k in range(1000)]
     assert fit_sample(ids[:10]) == ids[:10]

@@ -18,7 +18,7 @@ from mars_ray.data.synthetic import make_biased_dataset
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource
 from mars_ray.models.adaptive import AdaptiveStats, fit_adaptive_stats
-from mars_ray.stages import debias, features, inputs, select
+from mars_ray.stages import debias, features, inputs, select, uss
 
 
 def _cfg(root: Path, **over) -> C.Config:
@@ -75,6 +75,41 @@ def test_replaced_stats_are_refused_and_not_reused(debiased_run: Path, tiny_data
     assert features.stored_stats(cfg, run, ds) is None  # the features stage refits instead of trusting it
     # another seed is another fit: the stored one is not reused for it
     assert features.stored_stats(_cfg(tiny_data, **{"features.seed": 7}), debiased_run, ds) is None
+
+
+def test_codebook_copies_are_in_the_fit_key_and_the_stage_key(debiased_run: Path, tiny_data: Path):
+    cfg, two = _cfg(tiny_data), _cfg(tiny_data, **{"features.codebook_copies": 2})
+    ds = VOCDataset(tiny_data)
+    m = json.loads((debiased_run / "features" / "manifest.json").read_text())
+    one = features.stage_dir(cfg, debiased_run)
+    assert one.key == m["key"] and "codebook_copies" not in one.config["features"]  # at 1: keys as before
+    assert features.fit_key(two, ds) != features.fit_key(cfg, ds)
+    assert features.stored_stats(two, debiased_run, ds) is None  # a one-copy fit is not reused for two
+    assert features.stage_dir(two, debiased_run).key != one.key
+    # not read where nothing is fitted: the key of another extractor does not move with it
+    texture = _cfg(tiny_data, **{"features.extractor": "texture"})
+    assert features.stage_dir(C.merge(texture, {"features.codebook_copies": 2}), debiased_run).key == \
+        features.stage_dir(texture, debiased_run).key
+    assert uss.stage_dir(two, debiased_run, ds).key != uss.stage_dir(cfg, debiased_run, ds).key  # its backbone fit
+
+
+@pytest.mark.ray
+def test_features_stage_fits_the_copies_it_is_given(debiased_run: Path, tiny_data: Path, tmp_path: Path):
+    """``--set features.codebook_copies=2``: the stage fits six codebooks, stores them, and debias
+    computes its F from the same file (the dimension recorded by features)."""
+    run = Path(shutil.copytree(debiased_run, tmp_path / "run"))
+    cfg = _cfg(tiny_data, **{"features.codebook_copies": 2})
+    features.run(cfg, run)
+    m = json.loads((run / "features" / "manifest.json").read_text())
+    stats = AdaptiveStats.load(run / "features" / "uss_stats.npz")
+    assert [p.shape[0] for p in stats.prototypes] == [16, 32, 64, 16, 32, 64]
+    assert m["config"]["features"]["codebook_copies"] == 2 and m["outputs"]["dim"] == stats.dim
+    ds = VOCDataset(tiny_data)
+    image_id = ds.ids("train")[0]
+    f = FeatureSource(**inputs.feature_source_kwargs(cfg, run, absolute=True))(image_id,
+                                                                              read_image(ds.image_path(image_id)))
+    assert f.shape[0] == stats.dim
+    debias.check_adaptive_stats(cfg, run)
 
 
 def test_tiny_split_is_fitted_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
