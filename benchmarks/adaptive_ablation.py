@@ -29,7 +29,10 @@ codebook pyramid), ``no-linear`` (codebook parts only, the whitened linear part 
 (best of 10 K-means initialisations in the per-region clustering) and
 ``kmeans-restarts-codebook`` (best of 10 for the codebooks), ``codebooks-x2`` (each codebook fitted
 twice from different K-means seeds, each copy at 1/sqrt(2) of its RMS norm: an ensemble of two
-quantisations, the linear part's share of F unchanged; what ``features.codebook_copies=2`` selects).
+quantisations, the linear part's share of F unchanged; ``features.codebook_copies=2``, the shipped
+design since 2026-12-08) and ``one-copy`` (``features.codebook_copies=1``, the design before).
+The stored results written before 2026-12-08 (``benchmarks/results/adaptive_ablation*.json``) call
+the one-copy design ``shipped``; their other ablations are changes against it.
 
 ``--seeds 0,1,2`` runs every (ablation, dataset) once per seed (the adaptive fit's and the K-means'
 seed, as ``--seed``) and adds a third table to ``OUT.md``: per ablation, how far the debiased mIoU of
@@ -133,7 +136,8 @@ ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "colour-only": _colour_only,
     "kmeans-restarts-region": lambda: mock.patch.object(clustering, "kmeans", partial(clustering.kmeans, n_init=10)),
     "kmeans-restarts-codebook": lambda: mock.patch.object(adaptive, "kmeans", partial(clustering.kmeans, n_init=10)),
-    "codebooks-x2": lambda: _fitter_kwargs(copies=2),  # features.codebook_copies=2
+    "codebooks-x2": lambda: _fitter_kwargs(copies=2),  # features.codebook_copies=2: shipped since 2026-12-08
+    "one-copy": lambda: _fitter_kwargs(copies=1),  # the design before (the stored results' "shipped")
 }
 
 

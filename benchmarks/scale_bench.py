@@ -735,9 +735,10 @@ def merge_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
     the last run that has it; ``select`` and ``eq13`` rows combined by their (d, rows) / d, a later
     run's row replacing an earlier one's; ``machine`` from the first run, every run's machine, args
     and wall time under ``runs``; targets recomputed from the merged rows."""
-    skip = {"machine", "args", "wall_s", "targets", "targets_goal"}
-    out: dict[str, Any] = {"machine": runs[0]["machine"], "targets_goal": TARGETS,
-                           "runs": [{k: r.get(k) for k in ("machine", "args", "wall_s")} for r in runs]}
+    skip = {"machine", "args", "wall_s", "targets", "targets_goal", "runs"}
+    # a merged result's own runs stay listed (merging it again with a new run keeps the history)
+    listed = [x for r in runs for x in (r["runs"] if "runs" in r else [{k: r.get(k) for k in ("machine", "args", "wall_s")}])]
+    out: dict[str, Any] = {"machine": runs[0]["machine"], "targets_goal": TARGETS, "runs": listed}
     for r in runs:
         for k, v in r.items():
             if k in skip:

@@ -45,13 +45,17 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
     return [read_image(ds.image_path(i)) for i in ds.ids("train")]
 
 
-def test_codebook_ensemble_is_the_shipped_copies_setting(images: list[np.ndarray]) -> None:
-    """``codebooks-x2`` measures what ``features.codebook_copies=2`` ships (its weighting is tested in
-    tests/models/test_adaptive.py); ``feature_parts`` names the second copies."""
+def test_copy_ablations_fit_what_their_settings_ship(images: list[np.ndarray]) -> None:
+    """``codebooks-x2`` is ``features.codebook_copies=2`` (the shipped default), ``one-copy`` the design
+    before it (the stored results' ``shipped``); ``feature_parts`` names the second copies."""
     shipped = adaptive.fit_adaptive_stats(images)
     with AA.ABLATIONS["codebooks-x2"]():
         ens = adaptive.fit_adaptive_stats(images)
-    assert ens.digest == adaptive.fit_adaptive_stats(images, copies=2).digest != shipped.digest
+    with AA.ABLATIONS["one-copy"]():
+        one = adaptive.fit_adaptive_stats(images)
+    assert ens.digest == shipped.digest == adaptive.fit_adaptive_stats(images, copies=2).digest
+    assert one.digest == adaptive.fit_adaptive_stats(images, copies=1).digest != shipped.digest
+    assert list(AA.feature_parts(one))[1:] == ["c16", "c32", "c64"]
     parts = AA.feature_parts(ens)
     assert list(parts)[1:] == ["c16", "c32", "c64", "c16#2", "c32#2", "c64#2"]
     assert sum(s.stop - s.start for s in parts.values()) == ens.dim

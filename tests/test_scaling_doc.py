@@ -33,6 +33,8 @@ def test_merge_takes_each_row_from_its_run_and_recomputes_targets(bench):
     b = _run(6.0, eq13=[eq(70, 4.0)], targets=[])
     out = scale_bench.merge_results([a, b])
     assert [r["machine"]["load_avg_start"][0] for r in out["runs"]] == [0.5, 6.0]
+    again = scale_bench.merge_results([out, _run(9.0)])  # a merged result merged again keeps its runs
+    assert [r["machine"]["load_avg_start"][0] for r in again["runs"]] == [0.5, 6.0, 9.0]
     assert [(r["d"], r["wall_ratio"]) for r in out["eq13"]] == [(70, 4.0), (384, 9.0)]
     met = {t["target"]: t["met"] for t in out["targets"]}
     assert met == {"Ray Train / bare loop (steady images/s)": True,

@@ -162,8 +162,8 @@ def separation_warnings(scores: dict[int, dict[str, float]], class_names: list[s
     """One log line per class that does not separate (``class_names`` indexed by class id, background first).
 
     ``extractor``: the USS in use (a ``features.extractor`` name, or ``"external"``), which the line
-    then does not suggest; with ``"adaptive"`` the line also says how to see and reduce what a refit
-    changes (``features.seed``, ``features.codebook_copies``).
+    then does not suggest; with ``"adaptive"`` the line also says how to see what a refit changes
+    (``features.seed``).
 
     A class whose chosen centroids activate their own mean (``kept_chosen`` >= 0.5) but whose other
     centroids do too has nothing MARS can remove with these features (no bias, or a bias the features
@@ -183,8 +183,7 @@ def separation_warnings(scores: dict[int, dict[str, float]], class_names: list[s
         else:
             tail = f"; try another USS ({others}) or a different select.alpha"
         if extractor == "adaptive":  # its fit moves such a class's labels most (README, "When the features ...")
-            tail += ("; a rerun with another features.seed shows how stable its labels are, "
-                     "features.codebook_copies=2 makes them steadier")
+            tail += "; a rerun with another features.seed shows how stable its labels are"
         lines.append(head + tail)
     return lines
 

@@ -19,17 +19,19 @@ colour weight of 0.1 is such a fixed choice. Here every scale comes from statist
    norm (1) and within a group every direction counts alike. Features are zero-centred over the
    dataset, which is what makes cosine meaningful; no hand weight decides colour vs texture.
 3. **Kernel codebooks**, fitted on the same sample: K-means prototypes of the whitened pixels at
-   ``K`` = 16, 32 and 64, and per pixel the soft assignment ``softmax_k(-|z - p_k|² / 2σ²)``.
+   ``K`` = 16, 32 and 64, each size fitted twice from different K-means starts (an ensemble of two
+   quantisations), and per pixel the soft assignment ``softmax_k(-|z - p_k|² / 2σ²)``.
    A linear (whitened) feature space is additive: a context that shares one cue with its object
    (the same texture, another colour) stays similar to it, and Eq 1's background mean direction
    mixes unrelated appearances. A codebook encodes conjunctions of cues (this texture *and* this
    colour), so an object's appearance that never occurs in the background is far from the
    background mean whatever cue makes it unique.
-4. F is the concatenation ``[z, c16, c32, c64]``, each part divided by its root-mean-square norm
-   over the sample, so the four parts weigh alike. ``dim = rank(z) + 112``; stride 1.
-   ``features.codebook_copies = n`` (default 1) fits every codebook size n times from different K-means
-   seeds, each copy at 1/sqrt(n) of its RMS norm: an ensemble of quantisations, so the labels depend
-   less on the fit's seed, for an F with ``rank(z) + 112·n`` dimensions (README, "Debiasing quality").
+4. F is the concatenation ``[z, c16, c32, c64, c16', c32', c64']``, each part divided by its
+   root-mean-square norm over the sample and each codebook copy further by sqrt(2), so the linear
+   part and each codebook size weigh alike. ``dim = rank(z) + 224``; stride 1.
+   ``features.codebook_copies = n`` (default 2) sets the number of copies: n copies at 1/sqrt(n) each,
+   ``dim = rank(z) + 112·n``. One copy (the design until 2026-12-08) gives labels that move more
+   with the fit's seed (README, "Debiasing quality").
 
 Constants that remain, and why (none is tuned to one dataset):
 
@@ -48,6 +50,11 @@ Constants that remain, and why (none is tuned to one dataset):
   noticeable difference; weaker modulations are not texture.
 * Eigenvalues below ``1e-6`` of the largest in a group are dropped (numerical rank: a constant
   channel or an exactly dependent one would otherwise be amplified from rounding noise).
+* Two copies of each codebook: a K-means quantisation depends on its start, and Eq 1-3 amplify that
+  (one class's chosen centroids can flip between refits); averaging two quantisations halves how
+  far the labels move between refits (19 datasets x 3 seeds: mean range 2.2 against 3.7 points)
+  without a finer codebook, which would split one class's varied appearances (16-128 lost retention
+  on ``benchmarks/variation_bench.py``). More copies were not measured.
 * Codebook sizes 16, 32, 64: a pyramid of doubling sizes, so no single K has to match the unknown
   number of appearance types (a handful to a few dozen: classes × object/context + background
   kinds). σ = half the median distance of a sample pixel to its nearest prototype: assignments are
@@ -58,9 +65,10 @@ Constants that remain, and why (none is tuned to one dataset):
   ``MAX_KMEANS_POINTS`` (20000) of them: bounded memory, deterministic for a seed.
 
 ``benchmarks/adaptive_ablation.py`` measures the alternatives to these constants (other colour and
-energy smoothing, codebook pyramids, no linear part, K-means restarts) on 19 datasets and three
-seeds; none is clearly better: the closest, codebooks 16-128, raises the mean by trading retention
-for removal (README, "Debiasing quality across datasets").
+energy smoothing, codebook pyramids, no linear part, K-means restarts; measured when one codebook
+copy was the default) on 19 datasets and three seeds; besides the second copy none is clearly
+better: codebooks 16-128 raises the mean by trading retention for removal (README, "Debiasing
+quality across datasets").
 
 ``fit_adaptive_stats`` fits, ``AdaptiveStats.save``/``load`` store the fitted arrays with a content
 hash (``digest``) in one ``.npz``, and ``AdaptiveExtractor(stats)`` (registry name ``adaptive``,
@@ -103,7 +111,7 @@ FORMAT = "mars_ray.adaptive/1"
 MIN_FIT_IMAGES = 8
 MAX_KMEANS_POINTS = 20000
 CODEBOOK_SIZES = (16, 32, 64)
-CODEBOOK_COPIES = 1  # features.codebook_copies: each codebook size fitted this many times (an ensemble)
+CODEBOOK_COPIES = 2  # features.codebook_copies: each codebook size fitted this many times (an ensemble)
 ORIENTATIONS = 4
 BASE_WAVELENGTH = 3.0
 FILTER_WAVELENGTH = 6.0  # longer wavelengths use this filter on a downsampled image

@@ -67,7 +67,7 @@ def test_fit_is_deterministic_and_data_dependent(images: list[np.ndarray], stats
     assert again.digest == stats.digest
     assert fit_adaptive_stats(images[::-1], seed=0).digest != stats.digest
     assert fit_adaptive_stats(images, seed=1).digest != stats.digest
-    assert stats.n_images == 10 and stats.dim == stats.transform.shape[1] + 16 + 32 + 64
+    assert stats.n_images == 10 and stats.dim == stats.transform.shape[1] + 2 * (16 + 32 + 64)  # two copies
 
 
 def test_save_load_gives_identical_features(tmp_path: Path, images: list[np.ndarray], stats: AdaptiveStats) -> None:
@@ -143,33 +143,38 @@ def test_backbone_state_dict_carries_the_statistics(images: list[np.ndarray], st
 
 
 def test_features_are_centred_and_parts_balanced(images: list[np.ndarray], stats: AdaptiveStats) -> None:
-    """Over the split, the linear part is zero-mean and each of the four parts has a similar RMS norm."""
+    """Over the split, the linear part is zero-mean and the linear part and each codebook size (its two copies together) have similar RMS norms."""
     ext = AdaptiveExtractor(stats).eval()
     f = torch.cat([ext(_x(im)) for im in images]).permute(0, 2, 3, 1).reshape(-1, stats.dim)
     r = stats.transform.shape[1]
     assert f[:, :r].mean(0).abs().max() < 0.15
-    bounds = np.cumsum([0, r, 16, 32, 64])
-    norms = [float(f[:, a:b].norm(dim=1).pow(2).mean().sqrt()) for a, b in zip(bounds[:-1], bounds[1:])]
+    bounds = np.cumsum([0, r, 16, 32, 64, 16, 32, 64])
+    ms = [float(f[:, a:b].norm(dim=1).pow(2).mean()) for a, b in zip(bounds[:-1], bounds[1:])]
+    norms = np.sqrt([ms[0], *(np.add(ms[1:4], ms[4:7]))])  # the linear part, then each size's two copies
     assert max(norms) / min(norms) < 1.3, norms
 
 
 def test_codebook_copies_fit_an_ensemble_at_one_codebooks_weight(images: list[np.ndarray],
                                                                   stats: AdaptiveStats) -> None:
-    """``copies=2``: each codebook size twice, from other K-means starts; the two copies of a size weigh
-    together what one codebook weighs, so the linear part keeps its share of F; 1 is the default fit."""
-    assert fit_adaptive_stats(images, seed=0, copies=1).digest == stats.digest
-    two = fit_adaptive_stats(images, seed=0, copies=2)
-    assert [p.shape[0] for p in two.prototypes] == [16, 32, 64, 16, 32, 64]
-    assert two.dim == stats.dim + 16 + 32 + 64
-    np.testing.assert_array_equal(two.prototypes[0], stats.prototypes[0])  # the first copy is the default fit
-    assert not np.allclose(two.prototypes[3], two.prototypes[0])  # the second starts elsewhere
-    f = torch.cat([AdaptiveExtractor(two).eval()(_x(im)) for im in images]).permute(0, 2, 3, 1).reshape(-1, two.dim)
-    r = two.transform.shape[1]
-    bounds = np.cumsum([0, r, 16, 32, 64, 16, 32, 64])
-    ms = [float(f[:, a:b].norm(dim=1).pow(2).mean()) for a, b in zip(bounds[:-1], bounds[1:])]
-    assert ms[0] == pytest.approx(1.0, rel=0.3)
-    for k in range(1, 4):  # a size's two copies: mean squared norm 1/2 each, 1 together
-        assert ms[k] == pytest.approx(0.5, rel=0.3) and ms[k + 3] == pytest.approx(0.5, rel=0.3)
+    """The default (``features.codebook_copies=2``): each codebook size twice, from other K-means starts;
+    the two copies of a size weigh together what one codebook weighs, so the linear part keeps its
+    share of F. ``copies=1`` is the one-quantisation design, whose codebooks are the first copies."""
+    assert fit_adaptive_stats(images, seed=0, copies=2).digest == stats.digest
+    one = fit_adaptive_stats(images, seed=0, copies=1)
+    assert [p.shape[0] for p in stats.prototypes] == [16, 32, 64, 16, 32, 64]
+    assert [p.shape[0] for p in one.prototypes] == [16, 32, 64] and stats.dim == one.dim + 16 + 32 + 64
+    for i in range(3):
+        np.testing.assert_array_equal(stats.prototypes[i], one.prototypes[i])  # the first copy: one's fit
+        assert not np.allclose(stats.prototypes[i + 3], stats.prototypes[i])  # the second starts elsewhere
+    np.testing.assert_array_equal(stats.transform, one.transform)
+    for st, sizes in ((stats, [16, 32, 64] * 2), (one, [16, 32, 64])):
+        ext = AdaptiveExtractor(st).eval()
+        f = torch.cat([ext(_x(im)) for im in images]).permute(0, 2, 3, 1).reshape(-1, st.dim)
+        bounds = np.cumsum([0, stats.transform.shape[1], *sizes])
+        ms = [float(f[:, a:b].norm(dim=1).pow(2).mean()) for a, b in zip(bounds[:-1], bounds[1:])]
+        share = 1.0 / (len(sizes) // 3)  # each copy's mean squared norm: 1/2 with two copies, 1 with one
+        assert ms[0] == pytest.approx(1.0, rel=0.3)
+        assert all(m == pytest.approx(share, rel=0.3) for m in ms[1:]), ms
     with pytest.raises(ValueError, match="copies must be >= 1"):
         fit_adaptive_stats(images, copies=0)
 

@@ -78,32 +78,36 @@ def test_replaced_stats_are_refused_and_not_reused(debiased_run: Path, tiny_data
 
 
 def test_codebook_copies_are_in_the_fit_key_and_the_stage_key(debiased_run: Path, tiny_data: Path):
-    cfg, two = _cfg(tiny_data), _cfg(tiny_data, **{"features.codebook_copies": 2})
+    cfg, one = _cfg(tiny_data), _cfg(tiny_data, **{"features.codebook_copies": 1})
     ds = VOCDataset(tiny_data)
     m = json.loads((debiased_run / "features" / "manifest.json").read_text())
-    one = features.stage_dir(cfg, debiased_run)
-    assert one.key == m["key"] and "codebook_copies" not in one.config["features"]  # at 1: keys as before
-    assert features.fit_key(two, ds) != features.fit_key(cfg, ds)
-    assert features.stored_stats(two, debiased_run, ds) is None  # a one-copy fit is not reused for two
-    assert features.stage_dir(two, debiased_run).key != one.key
+    two = features.stage_dir(cfg, debiased_run)
+    assert two.key == m["key"] and two.config["features"]["codebook_copies"] == 2  # the default
+    # one copy (the design before 2026-12-08) is left out of the keys: artifacts made then keep theirs
+    assert "codebook_copies" not in features.stage_dir(one, debiased_run).config["features"]
+    assert features.fit_key(one, ds) != features.fit_key(cfg, ds)
+    assert features.stored_stats(one, debiased_run, ds) is None  # a two-copy fit is not reused for one
+    assert features.stage_dir(one, debiased_run).key != two.key
     # not read where nothing is fitted: the key of another extractor does not move with it
     texture = _cfg(tiny_data, **{"features.extractor": "texture"})
-    assert features.stage_dir(C.merge(texture, {"features.codebook_copies": 2}), debiased_run).key == \
+    assert features.stage_dir(C.merge(texture, {"features.codebook_copies": 1}), debiased_run).key == \
         features.stage_dir(texture, debiased_run).key
-    assert uss.stage_dir(two, debiased_run, ds).key != uss.stage_dir(cfg, debiased_run, ds).key  # its backbone fit
+    assert uss.stage_dir(one, debiased_run, ds).key != uss.stage_dir(cfg, debiased_run, ds).key  # its backbone fit
 
 
 @pytest.mark.ray
 def test_features_stage_fits_the_copies_it_is_given(debiased_run: Path, tiny_data: Path, tmp_path: Path):
-    """``--set features.codebook_copies=2``: the stage fits six codebooks, stores them, and debias
-    computes its F from the same file (the dimension recorded by features)."""
+    """``--set features.codebook_copies=1``: the stage fits three codebooks instead of the default six,
+    stores them, and debias computes its F from the same file (the dimension recorded by features)."""
+    before = AdaptiveStats.load(debiased_run / "features" / "uss_stats.npz")
+    assert [p.shape[0] for p in before.prototypes] == [16, 32, 64, 16, 32, 64]
     run = Path(shutil.copytree(debiased_run, tmp_path / "run"))
-    cfg = _cfg(tiny_data, **{"features.codebook_copies": 2})
+    cfg = _cfg(tiny_data, **{"features.codebook_copies": 1})
     features.run(cfg, run)
     m = json.loads((run / "features" / "manifest.json").read_text())
     stats = AdaptiveStats.load(run / "features" / "uss_stats.npz")
-    assert [p.shape[0] for p in stats.prototypes] == [16, 32, 64, 16, 32, 64]
-    assert m["config"]["features"]["codebook_copies"] == 2 and m["outputs"]["dim"] == stats.dim
+    assert [p.shape[0] for p in stats.prototypes] == [16, 32, 64] and stats.dim == before.dim - 112
+    assert m["outputs"]["dim"] == stats.dim
     ds = VOCDataset(tiny_data)
     image_id = ds.ids("train")[0]
     f = FeatureSource(**inputs.feature_source_kwargs(cfg, run, absolute=True))(image_id,
