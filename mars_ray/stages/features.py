@@ -272,13 +272,13 @@ def median_short_side(ds: VOCDataset, ids: list[str]) -> int:
     return int(np.median([min(label_size(ds.image_path(i))) for i in ids]))
 
 
-def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int, copies: int = 1) -> Any:
+def fit_split_stats(dataset: dict[str, Any], ids: list[str], seed: int, copies: int | None = None) -> Any:
     """Fit :class:`AdaptiveStats` on ``fit_sample(ids)`` of the dataset in this process (one torch
     thread) and log what :func:`fit_split_stats_task` reports; returns the statistics."""
     return _logged(*fit_split_stats_task(dataset, ids, seed, copies))
 
 
-def fit_split_stats_remote(dataset: VOCDataset, ids: list[str], seed: int, copies: int = 1) -> Any:
+def fit_split_stats_remote(dataset: VOCDataset, ids: list[str], seed: int, copies: int | None = None) -> Any:
     """:func:`fit_split_stats` in a one-CPU Ray task; its warnings are logged here, in the driver, so
     they reach the terminal (a worker's log lines go to the run's log file only)."""
     import ray
@@ -294,16 +294,17 @@ def _logged(stats: Any, warnings: list[str]) -> Any:
     return stats
 
 
-def fit_split_stats_task(dataset: dict[str, Any], ids: list[str], seed: int, copies: int = 1) -> tuple[Any, list[str]]:
+def fit_split_stats_task(dataset: dict[str, Any], ids: list[str], seed: int,
+                         copies: int | None = None) -> tuple[Any, list[str]]:
     """Ray task body: ``(AdaptiveStats, warnings)`` fitted on ``fit_sample(ids)`` of the dataset
-    (``copies``: ``features.codebook_copies``).
+    (``copies``: ``features.codebook_copies``; None: the extractor's default).
 
     The Gabor wavelengths follow the median short side of the fitted images (header sizes). A split
     of fewer than ``MIN_FIT_IMAGES`` images is fitted anyway, with a warning; so is one whose images
     mix greyscale and colour (where a class differs from its context by colour, its targets are
     removed in the grey images). ``ValueError`` for an empty split or images without any variation.
     """
-    from mars_ray.models.adaptive import MIN_FIT_IMAGES, fit_adaptive_stats, fit_sample
+    from mars_ray.models.adaptive import CODEBOOK_COPIES, MIN_FIT_IMAGES, fit_adaptive_stats, fit_sample
 
     torch.set_num_threads(1)
     ds = VOCDataset(**dataset)
@@ -326,7 +327,8 @@ def fit_split_stats_task(dataset: dict[str, Any], ids: list[str], seed: int, cop
                 grey.append(i)
             yield image
 
-    stats = fit_adaptive_stats(images(), short_side=short, seed=seed, min_images=1, copies=copies)
+    stats = fit_adaptive_stats(images(), short_side=short, seed=seed, min_images=1,
+                               copies=CODEBOOK_COPIES if copies is None else copies)
     if 0 < len(grey) < len(chosen):
         warnings.append(
             f"features: {len(grey)} of the {len(chosen)} images the adaptive extractor was fitted on are greyscale "

@@ -13,7 +13,9 @@ from mars_ray.data.synthetic import make_biased_dataset
 from mars_ray.data.voc import VOCDataset
 from mars_ray.features import FeatureSource
 from mars_ray.models import load_all
+from mars_ray.config import FeaturesConfig
 from mars_ray.models.adaptive import (
+    CODEBOOK_COPIES,
     MIN_FIT_IMAGES,
     AdaptiveExtractor,
     AdaptiveStats,
@@ -177,6 +179,7 @@ def test_codebook_copies_fit_an_ensemble_at_one_codebooks_weight(images: list[np
         assert all(m == pytest.approx(share, rel=0.3) for m in ms[1:]), ms
     with pytest.raises(ValueError, match="copies must be >= 1"):
         fit_adaptive_stats(images, copies=0)
+    assert FeaturesConfig().codebook_copies == CODEBOOK_COPIES == 2  # the stage's default is the extractor's
 
 
 def test_fit_sample() -> None:
