@@ -248,9 +248,7 @@ def _features_slice(cfg: C.Config, fitted: bool) -> dict[str, Any]:
     and at 1 it is left out so that artifacts made before the setting existed keep their keys)."""
     skip = _EXECUTION_KEYS | {"codebook_copies"}  # (not read here: a setting read must be in the key)
     out = {f.name: C.to_dict(getattr(cfg.features, f.name)) for f in fields(cfg.features) if f.name not in skip}
-    if fitted and cfg.features.codebook_copies != 1:
-        out["codebook_copies"] = cfg.features.codebook_copies
-    return out
+    return {**out, **(inputs.codebook_copies_key(cfg) if fitted else {})}
 
 
 def fit_key(cfg: C.Config, dataset: VOCDataset) -> str:
@@ -259,9 +257,7 @@ def fit_key(cfg: C.Config, dataset: VOCDataset) -> str:
     from mars_ray.models.adaptive import FORMAT, MAX_FIT_IMAGES
 
     spec = {"data": inputs.dataset_key(cfg, [cfg.data.split]), "seed": cfg.features.seed, "format": FORMAT,
-            "max_images": MAX_FIT_IMAGES}
-    if cfg.features.codebook_copies != 1:  # (absent at 1: the keys of fits made before the setting)
-        spec["codebook_copies"] = cfg.features.codebook_copies
+            "max_images": MAX_FIT_IMAGES, **inputs.codebook_copies_key(cfg)}
     return C.slice_hash(spec, {"dataset": dataset.fingerprint(cfg.data.split)})
 
 

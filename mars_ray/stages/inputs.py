@@ -79,6 +79,14 @@ def fits_adaptive_stats(cfg: C.Config) -> bool:
     return not cfg.data.features_dir and cfg.features.extractor == ADAPTIVE and not cfg.features.checkpoint
 
 
+def codebook_copies_key(cfg: C.Config) -> dict[str, int]:
+    """``{"codebook_copies": n}`` for the keys of whatever an adaptive fit produces (the fit itself, the
+    ``features`` artifact, the ``uss`` stage's adaptive backbone); empty at 1, so that artifacts made
+    before the setting existed (one copy) keep their keys."""
+    n = cfg.features.codebook_copies
+    return {} if n == 1 else {"codebook_copies": n}
+
+
 def adaptive_stats_path(run_dir: AnyPath) -> AnyPath:
     """``RUN/features/uss_stats.npz`` (through a features-cache link when there is one)."""
     from mars_ray.stages import cache
@@ -207,6 +215,6 @@ class ImageClasses:
 
 
 __all__ = ["ADAPTIVE", "USS_CHECKPOINT", "USS_STATS", "ImageClasses", "actor_source_kwargs", "adaptive_stats_path",
-           "config_path", "dataset_key", "describe_class_source", "feature_source_fingerprint",
+           "codebook_copies_key", "config_path", "dataset_key", "describe_class_source", "feature_source_fingerprint",
            "feature_source_kwargs", "fits_adaptive_stats", "image_class_source", "open_dataset",
            "pseudo_label_dir", "uss_checkpoint", "validate_inputs"]

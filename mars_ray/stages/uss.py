@@ -416,8 +416,8 @@ def stage_dir(cfg: C.Config, run_dir: AnyPath, dataset: VOCDataset | None = None
         "data": inputs.dataset_key(cfg, [cfg.data.split]),
         "uss": {k: v for k, v in C.to_dict(cfg.uss).items() if k not in _EXECUTION_KEYS},
     }
-    if cfg.uss.backbone == ADAPTIVE and cfg.features.codebook_copies != 1:  # the backbone's fit reads it
-        slice_["codebook_copies"] = cfg.features.codebook_copies
+    if cfg.uss.backbone == ADAPTIVE:  # the backbone's fit reads features.codebook_copies
+        slice_.update(inputs.codebook_copies_key(cfg))
     fingerprints = {
         "dataset": dataset.fingerprint(cfg.data.split),
         "backbone_weights": fingerprint_path(inputs.config_path(cfg.uss.backbone_weights)),
